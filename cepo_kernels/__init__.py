@@ -1,0 +1,27 @@
+"""cepo_kernels: fused Triton kernels for CEPO (Contrastive Evidence Policy Optimization) and GRPO.
+
+Public API (../shared/API.md): token_logprobs, linear_logprobs, group_advantages, cepo_advantages,
+cepo_loss, grpo_loss, linear_cepo_loss, linear_grpo_loss. Importing needs no GPU; on a machine
+without one, set TRITON_INTERPRET=1 before importing to run the kernels through Triton's interpreter.
+"""
+
+from cepo_kernels._params import CEPOOutput, LossParams
+from cepo_kernels.ops.linear import linear_cepo_loss, linear_grpo_loss, linear_logprobs, linear_teacher_logprobs
+from cepo_kernels.ops.logits import cepo_advantages, cepo_loss, grpo_loss, token_logprobs
+from cepo_kernels.rl.advantages import group_advantages
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "token_logprobs",
+    "linear_logprobs",
+    "linear_teacher_logprobs",
+    "group_advantages",
+    "cepo_advantages",
+    "cepo_loss",
+    "grpo_loss",
+    "linear_cepo_loss",
+    "linear_grpo_loss",
+    "CEPOOutput",
+    "LossParams",
+]

@@ -1,0 +1,242 @@
+"""The public boundary shared by every entry point: options, the output type and the input checks.
+
+Nothing here computes the method; it only validates and normalises what callers pass, so that the
+kernels and the reference (cepo_ref) reject the same bad input with the same message.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+REDUCTIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "sum", "none")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+LOG_RATIO_CLAMP = 20.0
+
+
+class CEPOOutput(NamedTuple):
+    """What every loss returns.
+
+    loss:       scalar (or [B, T] / [N] with reduction="none"), differentiable w.r.t. the policy inputs.
+    logp:       [B, T] (or [N]) fp32 policy log-probs of the targets, detached.
+    advantages: [B, T] (or [N]) fp32 A_hat (the reweighted advantage, zero at masked tokens), detached.
+    metrics:    dict of Python floats (see README, "Metrics").
+    """
+
+    loss: torch.Tensor
+    logp: torch.Tensor
+    advantages: torch.Tensor
+    metrics: dict
+
+
+@dataclass(frozen=True)
+class LossParams:
+    """Non-tensor options of the CEPO/GRPO losses, validated once."""
+
+    lam: float = 0.5
+    eps_w: float = 0.2
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    clip_dual: float | None = 3.0
+    temperature: float = 1.0
+    reduction: str = "token-mean"
+
+    def __post_init__(self):
+        check_number("lam", self.lam, lo=0.0, hi=1.0)
+        check_number("eps_w", self.eps_w, lo=0.0, hi=1.0, hi_open=True)
+        check_number("eps_low", self.eps_low, lo=0.0, hi=1.0, hi_open=True)
+        check_number("eps_high", self.eps_high, lo=0.0)
+        check_temperature(self.temperature)
+        if self.clip_dual is not None:
+            check_number("clip_dual", self.clip_dual)
+            if not self.clip_dual > 1.0 + self.eps_high:
+                raise ValueError(
+                    f"clip_dual: expected None or a number > 1 + eps_high = {1.0 + self.eps_high}, "
+                    f"got {self.clip_dual}"
+                )
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {self.reduction!r}")
+
+
+def check_number(name, value, lo=None, hi=None, hi_open=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    if lo is not None and value < lo:
+        raise ValueError(f"{name}: expected a value >= {lo}, got {value}")
+    if hi is not None and (value >= hi if hi_open else value > hi):
+        raise ValueError(f"{name}: expected a value {'<' if hi_open else '<='} {hi}, got {value}")
+
+
+def check_temperature(temperature):
+    check_number("temperature", temperature)
+    if temperature <= 0:
+        raise ValueError(f"temperature: expected a value > 0, got {temperature}")
+
+
+def check_tensor(name, t, *, dtypes=None, shape=None, device=None, ndim=None):
+    """Type, dtype, shape and device check of one tensor argument, with a message naming it."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dtypes == "float" and not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+    if dtypes == "int" and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        raise TypeError(f"{name}: expected an integer tensor (int64), got dtype {t.dtype}")
+    if isinstance(dtypes, tuple) and t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype in {dtypes}, got {t.dtype}")
+    if ndim is not None and t.dim() not in ndim:
+        raise ValueError(f"{name}: expected {' or '.join(f'{d}-D' for d in ndim)}, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (like the first input), got {t.device}")
+
+
+def check_logits_and_targets(logits, targets, name="logits"):
+    """logits [..., V] float, targets [...] integer on the same device."""
+    check_tensor(name, logits, dtypes="float")
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"{name}: expected shape [..., V] with V >= 1, got {tuple(logits.shape)}")
+    check_tensor("targets", targets, dtypes="int", shape=logits.shape[:-1], device=logits.device)
+
+
+def check_linear(hidden, weight, bias, name="hidden"):
+    """hidden [..., H] and weight [V, H] of the same float dtype; bias [V] or None."""
+    check_tensor(name, hidden, dtypes="float")
+    check_tensor("weight", weight, dtypes="float", ndim=(2,), device=hidden.device)
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{name}: expected shape [..., H] with H = weight.shape[1] = {weight.shape[1]}, "
+            f"got {tuple(hidden.shape)}"
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(
+            f"{name} and weight: expected the same dtype (the matmul runs in one dtype with fp32 "
+            f"accumulation; cast one of them, e.g. hidden.to(weight.dtype)), got {hidden.dtype} and {weight.dtype}"
+        )
+    if bias is not None:
+        check_tensor("bias", bias, dtypes="float", shape=(weight.shape[0],), device=hidden.device)
+
+
+def check_mask(mask, shape, device):
+    """mask: bool, or numeric with values in {0, 1}. Returns a bool tensor."""
+    check_tensor("mask", mask, shape=shape, device=device)
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex():
+        raise TypeError(f"mask: expected a bool or 0/1 tensor, got dtype {mask.dtype}")
+    if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("mask: expected a bool tensor or values in {0, 1}, got other values")
+    return mask != 0
+
+
+class Batch(NamedTuple):
+    """Loss inputs normalised to [B, T] (a flattened [N] input is one sequence: B = 1, T = N)."""
+
+    B: int
+    T: int
+    flat: bool
+    targets: torch.Tensor  # [B, T] int64
+    advantages: torch.Tensor  # [B, T] fp32 (per-sequence advantages broadcast along T)
+    mask: torch.Tensor  # [B, T] bool
+    old_logp: torch.Tensor | None  # [B, T] fp32
+    pos_logp: torch.Tensor | None  # [B, T] fp32, detached
+    neg_logp: torch.Tensor | None  # [B, T] fp32, detached
+
+
+def check_loss_inputs(lead, device, targets, advantages, mask, *, old_logp=None, pos=None, neg=None,
+                      pos_logp=None, neg_logp=None, num_tokens=None, reduction="token-mean",
+                      teacher_names=("pos_logits", "neg_logits")):
+    """Checks the per-token inputs of a loss against the policy's leading shape `lead` ([B, T] or [N]).
+
+    pos / neg are the teachers given as full inputs (logits or hidden states), checked by the caller;
+    here only the rule "each teacher exactly once, both or neither" is enforced.
+    """
+    lead = tuple(lead)
+    if len(lead) not in (1, 2):
+        raise ValueError(f"logits/hidden: expected [B, T, ...] or [N, ...] inputs, got leading shape {lead}")
+    check_tensor("targets", targets, dtypes="int", shape=lead, device=device)
+    flat = len(lead) == 1
+    B, T = (1, lead[0]) if flat else lead
+    check_tensor("advantages", advantages, dtypes="float", device=device)
+    if tuple(advantages.shape) == lead:
+        adv = advantages
+    elif not flat and tuple(advantages.shape) == (B,):
+        adv = advantages[:, None].expand(B, T)
+    else:
+        allowed = f"{lead}" if flat else f"({B},) or {lead}"
+        raise ValueError(f"advantages: expected shape {allowed}, got {tuple(advantages.shape)}")
+    mask_b = check_mask(mask, lead, device)
+    if old_logp is not None:
+        check_tensor("old_logp", old_logp, dtypes="float", shape=lead, device=device)
+    for name, full, lp in ((teacher_names[0], pos, pos_logp), (teacher_names[1], neg, neg_logp)):
+        lp_name = name.split("_")[0] + "_logp"
+        if full is not None and lp is not None:
+            raise ValueError(f"{name} and {lp_name}: expected at most one of them, got both")
+        if lp is not None:
+            check_tensor(lp_name, lp, dtypes="float", shape=lead, device=device)
+    has_pos = pos is not None or pos_logp is not None
+    has_neg = neg is not None or neg_logp is not None
+    if has_pos != has_neg:
+        raise ValueError(
+            "teachers: expected both the positive and the negative teacher (pos_* and neg_*) or neither, "
+            f"got only the {'positive' if has_pos else 'negative'} one"
+        )
+    if num_tokens is not None:
+        if reduction != "token-mean":
+            raise ValueError(f"num_tokens: only used with reduction='token-mean', got reduction={reduction!r}")
+        if isinstance(num_tokens, torch.Tensor):
+            if num_tokens.numel() != 1:
+                raise ValueError(f"num_tokens: expected a number or a 1-element tensor, got shape "
+                                 f"{tuple(num_tokens.shape)}")
+        else:
+            check_number("num_tokens", num_tokens, lo=0.0)
+
+    def as2d(t):
+        return None if t is None else t.reshape(B, T)
+
+    return Batch(
+        B, T, flat,
+        targets.reshape(B, T).long(),
+        adv.reshape(B, T).float(),
+        mask_b.reshape(B, T),
+        None if old_logp is None else as2d(old_logp).float(),
+        None if pos_logp is None else as2d(pos_logp).detach().float(),
+        None if neg_logp is None else as2d(neg_logp).detach().float(),
+    )
+
+
+def token_normaliser(num_tokens, n_valid):
+    """The token-mean denominator: num_tokens when given (gradient accumulation), else the valid count.
+
+    A zero denominator (empty or fully masked batch) becomes 1 so the loss is 0, not NaN.
+    """
+    denom = n_valid if num_tokens is None else num_tokens
+    if isinstance(denom, torch.Tensor):
+        return denom.float().reshape(()).clamp_min(1.0)
+    return max(float(denom), 1.0)
+
+
+def reduction_weights(mask, reduction, num_tokens=None):
+    """Per-token weights W [B, T] fp32 such that the reduced loss is sum(W * L) (not used for "none").
+
+    token-mean:              mask / (num_tokens or number of valid tokens)
+    seq-mean-token-mean:     mask / (valid tokens of the sequence) / B  (an empty sequence contributes 0)
+    seq-mean-token-sum-norm: mask / (B * T)
+    sum:                     mask
+    """
+    m = mask.float()
+    B, T = mask.shape
+    if reduction == "token-mean":
+        return m / token_normaliser(num_tokens, m.sum())
+    if reduction == "seq-mean-token-mean":
+        return m / m.sum(dim=1, keepdim=True).clamp_min(1.0) / max(B, 1)
+    if reduction == "seq-mean-token-sum-norm":
+        return m / max(B * T, 1)
+    if reduction in ("sum", "none"):
+        return m
+    raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")

@@ -1,0 +1,1 @@
+cepo_advantages = cepo_loss = grpo_loss = token_logprobs = None
