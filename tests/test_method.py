@@ -280,6 +280,11 @@ def test_flattened_inputs_match_batched(impl):
     torch.testing.assert_close(flat.loss, out.loss)
     torch.testing.assert_close(flat.logp, out.logp.reshape(24))
     assert flat.advantages.shape == (24,)
+    per_tok = impl.cepo_loss(logits.reshape(24, 11), targets.reshape(24), adv_tok.reshape(24), mask.reshape(24),
+                             reduction="none").loss
+    assert per_tok.shape == (24,)
+    with pytest.raises(ValueError, match="logits"):
+        impl.cepo_loss(logits[None], targets[None], adv_tok[None], mask[None])
 
 
 def test_linear_reference_matches_materialised_logits():
@@ -294,6 +299,29 @@ def test_linear_reference_matches_materialised_logits():
     torch.testing.assert_close(out.loss, ref.loss)
     torch.testing.assert_close(cepo_ref.linear_logprobs(h, W, t, bias=b),
                                cepo_ref.token_logprobs(h @ W.T + b, t))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_grpo_gradients_follow_the_chain_rule(impl):
+    """d/dhidden = G @ W, d/dW = G^T @ hidden, d/db = colsum(G), with G the gradient w.r.t. the logits."""
+    g = torch.Generator().manual_seed(6)
+    h, W, b = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((2, 5, 16), (19, 16), (19,)))
+    t = torch.randint(0, 19, (2, 5), generator=g)
+    adv, mask = torch.tensor([0.8, -1.1]), torch.rand(2, 5, generator=g) > 0.3
+    old = torch.randn(2, 5, generator=g, dtype=torch.float64) * 0.3 - 3.0
+    hh, WW, bb = (x.clone().float().requires_grad_() for x in (h, W, b))
+    out = impl.linear_grpo_loss(hh, WW, t, adv, mask, old_logp=old.float(), bias=bb)
+    out.loss.backward()
+    z = (h @ W.T + b).float().requires_grad_()
+    ref = impl.grpo_loss(z, t, adv, mask, old_logp=old.float())
+    ref.loss.backward()
+    G = z.grad.double()
+    torch.testing.assert_close(out.loss.double(), ref.loss.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hh.grad.double(), G @ W, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(WW.grad.double(), G.reshape(-1, 19).T @ h.reshape(-1, 16), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(bb.grad.double(), G.sum((0, 1)), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="hidden"):
+        impl.linear_grpo_loss(hh[None], WW, t[None], adv[None], mask[None])
 
 
 BAD_CASES = {
