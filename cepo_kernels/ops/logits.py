@@ -1,1 +1,463 @@
-cepo_advantages = cepo_loss = grpo_loss = token_logprobs = None
+"""Fused Triton kernels on logits: token log-probs (+ entropy) and the single-pass CEPO/GRPO loss.
+
+Forward: one program per token row streams the vocabulary in BLOCK_V tiles, reading the policy logits
+and, when given, both teachers' logits of the same token in the same loop (online logsumexp, fp32),
+then applies the per-token CEPO arithmetic (`cepo_token`). It saves only fp32 per-token values
+(lse, dL_t/dlp). Backward: dlogits = (g_lp (onehot - p) - g_H p (log p + H)) / T per row, written in
+the logits' dtype; a row with zero upstream coefficient (masked, clipped, A_hat = 0) writes zeros
+without reading its logits. With `inplace=True` the gradient overwrites the logits' storage.
+Derivation: docs/gradient.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from cepo_kernels._params import (
+    CEPOOutput,
+    LossParams,
+    check_logits_and_targets,
+    check_loss_inputs,
+    check_temperature,
+    check_tensor,
+)
+from cepo_kernels.ops._common import cepo_token, loss_metrics, lse_finish, lse_tile, reduce_loss
+
+
+@triton.jit
+def _fold_tile(x_ptrs, m_load, o_v, tgt, inv_temp, m_i, s_i, e_i, n_i, zt_i):
+    """Loads one vocabulary tile, folds it into the online logsumexp and picks the target's logit."""
+    b_z = tl.load(x_ptrs, mask=m_load, other=float("-inf")).to(tl.float32) * inv_temp  # [BLOCK_V]
+    m_i, s_i, e_i, n_i = lse_tile(b_z, m_i, s_i, e_i, n_i)
+    # the gather compares offsets with the target: an out-of-range target reads nothing
+    zt_i += tl.sum(tl.where(o_v == tgt, b_z, 0.0), axis=0)
+    return m_i, s_i, e_i, n_i, zt_i
+
+
+@triton.jit
+def _finish_row(m_i, s_i, e_i, n_i, zt_i, tgt, V):
+    lse, ent = lse_finish(m_i, s_i, e_i, n_i)
+    lp = tl.where((tgt >= 0) & (tgt < V), zt_i - lse, float("nan"))
+    return lp, lse, ent
+
+
+@triton.jit(do_not_specialize=["T", "V"])
+def _logprobs_fwd_kernel(logits, targets, lp, lse, ent, T, V, s_b, s_t, inv_temp, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    x_row = logits + b * s_b + (row - b * T) * s_t
+    tgt = tl.load(targets + row)
+    m_i = tl.full([], float("-inf"), tl.float32)
+    s_i = tl.zeros([], tl.float32)
+    e_i = tl.zeros([], tl.float32)
+    n_i = tl.zeros([], tl.int32)
+    zt_i = tl.zeros([], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        o_v = start + tl.arange(0, BLOCK_V)
+        m_i, s_i, e_i, n_i, zt_i = _fold_tile(x_row + o_v, o_v < V, o_v, tgt, inv_temp,
+                                              m_i, s_i, e_i, n_i, zt_i)
+    b_lp, b_lse, b_ent = _finish_row(m_i, s_i, e_i, n_i, zt_i, tgt, V)
+    tl.store(lp + row, b_lp)
+    tl.store(lse + row, b_lse)
+    tl.store(ent + row, b_ent)
+
+
+@triton.heuristics({
+    "HAS_POS_LOGITS": lambda a: a["pos_logits"] is not None,
+    "HAS_NEG_LOGITS": lambda a: a["neg_logits"] is not None,
+    "HAS_TEACHERS": lambda a: a["pos_logits"] is not None or a["pos_logp"] is not None,
+    "HAS_OLD": lambda a: a["old_logp"] is not None,
+})
+@triton.jit(do_not_specialize=["T", "V"])
+def _cepo_fwd_kernel(
+    logits, pos_logits, neg_logits, targets, adv, mask, old_logp, pos_logp, neg_logp,
+    lp, lse, a_hat, loss, coef, delta,
+    T, V, s_b, s_t, s_pb, s_pt, s_nb, s_nt,
+    inv_temp, lam, eps_w, eps_low, eps_high, clip_dual,
+    HAS_POS_LOGITS: tl.constexpr, HAS_NEG_LOGITS: tl.constexpr, HAS_TEACHERS: tl.constexpr,
+    HAS_OLD: tl.constexpr, HAS_DUAL: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    tgt = tl.load(targets + row)
+    valid = tl.load(mask + row) != 0
+    V_t = tl.where(valid, V, 0)  # teachers of masked tokens are not read: their A_hat is 0 whatever Delta is
+    # policy (x), positive (p) and negative (n) teacher: max, sum exp, sum p*z, NaN count, target logit
+    m_x = tl.full([], float("-inf"), tl.float32)
+    s_x = tl.zeros([], tl.float32)
+    e_x = tl.zeros([], tl.float32)
+    n_x = tl.zeros([], tl.int32)
+    z_x = tl.zeros([], tl.float32)
+    m_p, s_p, e_p, n_p, z_p = m_x, s_x, e_x, n_x, z_x
+    m_n, s_n, e_n, n_n, z_n = m_x, s_x, e_x, n_x, z_x
+    for start in range(0, V, BLOCK_V):
+        o_v = start + tl.arange(0, BLOCK_V)
+        m_v = o_v < V
+        m_x, s_x, e_x, n_x, z_x = _fold_tile(logits + b * s_b + t * s_t + o_v, m_v, o_v, tgt, inv_temp,
+                                             m_x, s_x, e_x, n_x, z_x)
+        if HAS_POS_LOGITS:
+            m_p, s_p, e_p, n_p, z_p = _fold_tile(pos_logits + b * s_pb + t * s_pt + o_v, o_v < V_t, o_v,
+                                                 tgt, inv_temp, m_p, s_p, e_p, n_p, z_p)
+        if HAS_NEG_LOGITS:
+            m_n, s_n, e_n, n_n, z_n = _fold_tile(neg_logits + b * s_nb + t * s_nt + o_v, o_v < V_t, o_v,
+                                                 tgt, inv_temp, m_n, s_n, e_n, n_n, z_n)
+    b_lp, b_lse, _ = _finish_row(m_x, s_x, e_x, n_x, z_x, tgt, V)
+    b_delta = 0.0
+    if HAS_TEACHERS:
+        if HAS_POS_LOGITS:
+            b_pos, _, _ = _finish_row(m_p, s_p, e_p, n_p, z_p, tgt, V)
+        else:
+            b_pos = tl.load(pos_logp + row)
+        if HAS_NEG_LOGITS:
+            b_neg, _, _ = _finish_row(m_n, s_n, e_n, n_n, z_n, tgt, V)
+        else:
+            b_neg = tl.load(neg_logp + row)
+        b_delta = tl.where(valid, b_pos - b_neg, 0.0)
+        tl.store(delta + row, b_delta)
+    b_old = b_lp
+    if HAS_OLD:
+        b_old = tl.load(old_logp + row)
+    b_a = tl.load(adv + row)
+    b_ahat, b_loss, b_coef = cepo_token(b_lp, b_old, b_a, b_delta, valid, lam, eps_w, eps_low, eps_high,
+                                        clip_dual, HAS_OLD, HAS_TEACHERS, HAS_DUAL)
+    b_coef = tl.where(b_loss != b_loss, b_loss, b_coef)  # a NaN loss gives a NaN gradient, not 0
+    tl.store(lp + row, b_lp)
+    tl.store(lse + row, b_lse)
+    tl.store(a_hat + row, b_ahat)
+    tl.store(loss + row, b_loss)
+    tl.store(coef + row, b_coef)
+
+
+@triton.heuristics({"HAS_GRAD_ENT": lambda a: a["grad_ent"] is not None})
+@triton.jit(do_not_specialize=["T", "V"])
+def _logprobs_bwd_kernel(
+    logits, dlogits, targets, lse, ent, grad_lp, grad_ent,
+    T, V, s_b, s_t, s_db, s_dt, inv_temp,
+    HAS_GRAD_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    x_row = logits + b * s_b + t * s_t
+    d_row = dlogits + b * s_db + t * s_dt
+    tgt = tl.load(targets + row)
+    g_lp = tl.load(grad_lp + row)
+    g_ent = 0.0
+    if HAS_GRAD_ENT:
+        g_ent = tl.load(grad_ent + row)
+    if (g_lp == 0.0) & (g_ent == 0.0):
+        # masked, clipped or A_hat = 0: zero gradient, the logits are not read
+        for start in range(0, V, BLOCK_V):
+            o_v = start + tl.arange(0, BLOCK_V)
+            tl.store(d_row + o_v, tl.zeros([BLOCK_V], tl.float32).to(dlogits.dtype.element_ty), mask=o_v < V)
+    else:
+        g_lp = tl.where((tgt < 0) | (tgt >= V), float("nan"), g_lp)  # the log-prob itself is NaN
+        b_lse = tl.load(lse + row)
+        b_ent = tl.load(ent + row)
+        for start in range(0, V, BLOCK_V):
+            o_v = start + tl.arange(0, BLOCK_V)
+            m_v = o_v < V
+            b_lp = tl.load(x_row + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temp - b_lse
+            b_p = tl.exp(b_lp)  # [BLOCK_V]
+            b_d = g_lp * (tl.where(o_v == tgt, 1.0, 0.0) - b_p)
+            if HAS_GRAD_ENT:
+                b_d -= g_ent * tl.where(b_p > 0, b_p * (b_lp + b_ent), 0.0)
+            tl.store(d_row + o_v, (b_d * inv_temp).to(dlogits.dtype.element_ty), mask=m_v)
+
+
+@triton.jit
+def _cepo_advantages_fwd_kernel(adv, pos_logp, neg_logp, mask, a_hat, N, lam, eps_w, BLOCK: tl.constexpr):
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = o < N
+    b_a = tl.load(adv + o, mask=m, other=0.0)
+    b_delta = tl.load(pos_logp + o, mask=m, other=0.0) - tl.load(neg_logp + o, mask=m, other=0.0)
+    valid = tl.load(mask + o, mask=m, other=0) != 0
+    b_ahat, _, _ = cepo_token(b_a * 0.0, b_a, b_a, b_delta, valid, lam, eps_w, 0.0, 0.0, 0.0,
+                              False, True, False)
+    tl.store(a_hat + o, b_ahat, mask=m)
+
+
+def _alloc(shape, dtype, device):
+    """Every output buffer comes from here (tests replace it with a NaN-filled one)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _config(x, kind):
+    """(BLOCK_V, num_warps): one fixed config per kernel; under Triton's CPU interpreter the cost is per
+    tile (not per element), so fewer, larger tiles run faster there."""
+    if x.device.type == "cpu":
+        return 2048, 1
+    return _GPU_CONFIG[kind]
+
+
+_GPU_CONFIG = {"fwd": (4096, 8), "bwd": (4096, 8)}
+
+
+def _autotuned(kernel, inplace=False):
+    """CEPO_KERNELS_AUTOTUNE=1 opts into autotuning BLOCK_V / num_warps (never for in-place writes)."""
+    if inplace or os.environ.get("CEPO_KERNELS_AUTOTUNE", "0") != "1":
+        return None
+    if kernel not in _AUTOTUNED:
+        configs = [triton.Config({"BLOCK_V": bv}, num_warps=nw) for bv in (1024, 2048, 4096, 8192)
+                   for nw in (4, 8, 16)]
+        _AUTOTUNED[kernel] = triton.autotune(configs, key=["V"])(kernel)
+    return _AUTOTUNED[kernel]
+
+
+_AUTOTUNED = {}
+
+
+def _launch(kernel, n, x, kind, *args, inplace=False, **kwargs):
+    if n == 0:
+        return
+    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError("cepo_kernels: CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 "
+                           "before importing triton/cepo_kernels, or move the inputs to a GPU")
+    tuned = _autotuned(kernel, inplace) if x.device.type == "cuda" else None
+    if tuned is not None:
+        tuned[(n,)](*args, **kwargs)
+    else:
+        block_v, num_warps = _config(x, kind)
+        kernel[(n,)](*args, **kwargs, BLOCK_V=block_v, num_warps=num_warps)
+
+
+def logprobs_fwd(logits, targets, temperature=1.0):
+    """logits [B, T, V] (last dim contiguous), targets [B*T] int64 -> (logp, lse, entropy), [B*T] fp32."""
+    B, T, V = logits.shape
+    lp, lse, ent = (_alloc((B * T,), torch.float32, logits.device) for _ in range(3))
+    _launch(_logprobs_fwd_kernel, B * T, logits, "fwd", logits, targets, lp, lse, ent, T, V,
+            logits.stride(0), logits.stride(1), 1.0 / temperature)
+    return lp, lse, ent
+
+
+def cepo_fwd(logits, targets, adv, mask, params, *, old_logp=None, pos_logits=None, neg_logits=None,
+             pos_logp=None, neg_logp=None):
+    """The loss forward on [B, T, V] logits (teachers: [B, T, V] logits or [B*T] log-probs).
+
+    targets [B*T] int64, adv [B*T] fp32, mask [B*T] uint8, old_logp [B*T] fp32 or None.
+    Returns (logp, lse, a_hat, loss_tok, coef = dloss_tok/dlogp, delta or None), each [B*T] fp32.
+    """
+    B, T, V = logits.shape
+    N = B * T
+    lp, lse, a_hat, loss, coef = (_alloc((N,), torch.float32, logits.device) for _ in range(5))
+    has_teachers = pos_logits is not None or pos_logp is not None
+    delta = _alloc((N,), torch.float32, logits.device) if has_teachers else None
+    pos_s = (0, 0) if pos_logits is None else pos_logits.stride()[:2]
+    neg_s = (0, 0) if neg_logits is None else neg_logits.stride()[:2]
+    p = params
+    _launch(_cepo_fwd_kernel, N, logits, "fwd",
+            logits, pos_logits, neg_logits, targets, adv, mask, old_logp, pos_logp, neg_logp,
+            lp, lse, a_hat, loss, coef, delta,
+            T, V, logits.stride(0), logits.stride(1), *pos_s, *neg_s,
+            1.0 / p.temperature, float(p.lam), float(p.eps_w), float(p.eps_low), float(p.eps_high),
+            float(p.clip_dual or 0.0), HAS_DUAL=p.clip_dual is not None)
+    return lp, lse, a_hat, loss, coef, delta
+
+
+def logprobs_bwd(logits, targets, lse, ent, grad_lp, grad_ent=None, temperature=1.0, inplace=False):
+    """dlogits [B, T, V] in the logits' dtype from the per-token upstream gradients grad_lp, grad_ent [B*T].
+
+    inplace=True writes into (and returns) `logits` itself.
+    """
+    B, T, V = logits.shape
+    dlogits = logits if inplace else _alloc(logits.shape, logits.dtype, logits.device)
+    _launch(_logprobs_bwd_kernel, B * T, logits, "bwd", logits, dlogits, targets, lse, ent,
+            grad_lp.float().contiguous(), None if grad_ent is None else grad_ent.float().contiguous(),
+            T, V, logits.stride(0), logits.stride(1), dlogits.stride(0), dlogits.stride(1),
+            1.0 / temperature, inplace=inplace)
+    return dlogits
+
+
+def cepo_bwd(logits, targets, lse, coef, grad_loss, temperature=1.0, inplace=False):
+    """dlogits from the upstream gradient of the per-token losses: dlp = grad_loss * coef."""
+    return logprobs_bwd(logits, targets, lse, lse, grad_loss.reshape(-1) * coef, None, temperature, inplace)
+
+
+def cepo_advantages_fwd(adv, pos_logp, neg_logp, mask, lam, eps_w):
+    """A_hat [N] fp32 from contiguous [N] fp32 adv, pos_logp, neg_logp and uint8 mask."""
+    N = adv.numel()
+    out = _alloc((N,), torch.float32, adv.device)
+    if N:
+        BLOCK = 1024
+        _cepo_advantages_fwd_kernel[(triton.cdiv(N, BLOCK),)](adv, pos_logp, neg_logp, mask, out, N,
+                                                               float(lam), float(eps_w), BLOCK=BLOCK)
+    return out
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, inplace):
+        lp, lse, ent = logprobs_fwd(logits, targets, temperature)
+        ctx.save_for_backward(logits, targets, lse, ent)
+        ctx.temperature, ctx.inplace = temperature, inplace
+        ctx.set_materialize_grads(False)
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, grad_lp, grad_ent):
+        logits, targets, lse, ent = ctx.saved_tensors
+        if grad_lp is None and grad_ent is None:
+            return None, None, None, None
+        if grad_lp is None:
+            grad_lp = torch.zeros_like(lse)
+        dlogits = logprobs_bwd(logits, targets, lse, ent, grad_lp.reshape(-1),
+                               None if grad_ent is None else grad_ent.reshape(-1), ctx.temperature,
+                               ctx.inplace)
+        return dlogits, None, None, None
+
+
+class _CEPOLoss(torch.autograd.Function):
+    """Per-token losses [B*T]; the reduction happens in torch, so backward receives dL/dL_t."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, params, inplace, tensors):
+        lp, lse, a_hat, loss, coef, delta = cepo_fwd(logits, targets, params=params, **tensors)
+        ctx.save_for_backward(logits, targets, lse, coef)
+        ctx.temperature, ctx.inplace = params.temperature, inplace
+        ctx.mark_non_differentiable(*(t for t in (lp, a_hat, delta) if t is not None))
+        return loss, lp, a_hat, delta
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        logits, targets, lse, coef = ctx.saved_tensors
+        dlogits = cepo_bwd(logits, targets, lse, coef, grad_loss, ctx.temperature, ctx.inplace)
+        return dlogits, None, None, None, None
+
+
+def _as_btv(x):
+    """A [B, T, V] view of [..., V] with a unit last stride (copies only when no such view exists)."""
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        x = x.contiguous()
+    lead = x.shape[:-1]
+    T = lead[-1] if len(lead) else 1
+    B = math.prod(lead[:-1])
+    try:
+        return x.view(B, T, x.shape[-1])
+    except RuntimeError:
+        return x.reshape(B, T, x.shape[-1])
+
+
+def token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False, inplace=False):
+    """log_softmax(logits / temperature)[targets] in one pass over the vocabulary, differentiable.
+
+    Args:
+        logits: [..., V] fp32/bf16/fp16; any strides, only the last dim should be contiguous.
+        targets: [...] int64 token ids. An id outside [0, V) gives a NaN log-prob (never an
+            out-of-bounds read).
+        temperature: > 0, the logits are divided by it.
+        return_entropy: also return the entropy of the tempered distribution (differentiable).
+        inplace: the backward writes dlogits into the logits' storage (no second [..., V] buffer);
+            the logits are clobbered and must not be used after backward.
+    Returns:
+        logp [...] fp32, or (logp, entropy) with return_entropy.
+    """
+    check_logits_and_targets(logits, targets)
+    check_temperature(temperature)
+    x = _as_btv(logits)
+    lp, ent = _TokenLogprobs.apply(x, targets.reshape(-1).long().contiguous(), float(temperature),
+                                   bool(inplace))
+    lp, ent = lp.reshape(targets.shape), ent.reshape(targets.shape)
+    return (lp, ent) if return_entropy else lp
+
+
+def cepo_loss(logits, targets, advantages, mask, *, old_logp=None, pos_logits=None, neg_logits=None,
+              pos_logp=None, neg_logp=None, lam=0.5, eps_w=0.2, eps_low=0.2, eps_high=0.28, clip_dual=3.0,
+              temperature=1.0, reduction="token-mean", num_tokens=None, inplace=False):
+    """The CEPO policy loss (PPO-clip on the contrastively reweighted advantage), fused over logits.
+
+    One pass over the vocabulary reads the policy logits and the teachers' logits of each token together.
+    Each teacher is given either as logits (read in that pass) or as log-probs (e.g. RLSD:
+    neg_logp=old_logp); no teachers -> GRPO. The gradient reaches only `logits`.
+
+    Args:
+        logits: [B, T, V] or [N, V] policy logits, fp32/bf16/fp16, last dim contiguous (any other strides).
+        targets: [B, T] / [N] int64 sampled tokens.
+        advantages: [B] (one per sequence) or [B, T] / [N], float.
+        mask: [B, T] / [N] bool or 0/1: the response tokens that count.
+        old_logp: [B, T] / [N] log-probs of the rollout policy; None -> on-policy (ratio 1).
+        pos_logits, neg_logits: teachers' logits shaped like `logits` (no gradient).
+        pos_logp, neg_logp: teachers' log-probs [B, T] / [N] instead (at most one form per teacher).
+        lam, eps_w: mixing weight in [0, 1] and weight clip in [0, 1).
+        eps_low, eps_high, clip_dual: PPO clip range and dual clip (None: off).
+        temperature: > 0; policy and teacher logits are divided by it.
+        reduction: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "sum" or "none".
+        num_tokens: token-mean denominator (gradient accumulation across micro-batches).
+        inplace: the backward writes dlogits into the logits' storage (no extra [N, V] buffer); the
+            logits are clobbered and must not be used after backward.
+    Returns:
+        CEPOOutput(loss: scalar ([B, T] / [N] for "none"), logp: fp32 detached, advantages: fp32 A_hat
+        detached, metrics: dict of floats).
+    """
+    check_logits_and_targets(logits, targets)
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits: expected [B, T, V] or [N, V], got shape {tuple(logits.shape)}")
+    params = LossParams(lam=lam, eps_w=eps_w, eps_low=eps_low, eps_high=eps_high, clip_dual=clip_dual,
+                        temperature=temperature, reduction=reduction)
+    for name, t in (("pos_logits", pos_logits), ("neg_logits", neg_logits)):
+        if t is not None:
+            check_tensor(name, t, dtypes="float", shape=logits.shape, device=logits.device)
+    batch = check_loss_inputs(logits.shape[:-1], logits.device, targets, advantages, mask,
+                              old_logp=old_logp, pos=pos_logits, neg=neg_logits, pos_logp=pos_logp,
+                              neg_logp=neg_logp, num_tokens=num_tokens, reduction=reduction)
+    B, T = batch.B, batch.T
+
+    def flat(t):
+        return None if t is None else t.detach().reshape(-1).float().contiguous()
+
+    tensors = dict(
+        adv=flat(batch.advantages), mask=batch.mask.reshape(-1).to(torch.uint8),
+        old_logp=flat(batch.old_logp),
+        pos_logits=None if pos_logits is None else _as_btv(pos_logits.detach()),
+        neg_logits=None if neg_logits is None else _as_btv(neg_logits.detach()),
+        pos_logp=flat(batch.pos_logp), neg_logp=flat(batch.neg_logp),
+    )
+    loss_tok, lp, a_hat, delta = _CEPOLoss.apply(_as_btv(logits), batch.targets.reshape(-1).contiguous(),
+                                                 params, bool(inplace), tensors)
+    loss_tok, lp, a_hat = loss_tok.reshape(B, T), lp.reshape(B, T), a_hat.reshape(B, T)
+    delta = None if delta is None else delta.detach().reshape(B, T)
+    loss = reduce_loss(loss_tok, batch.mask, reduction, num_tokens)
+    metrics = loss_metrics(lp, batch.old_logp, batch.advantages, a_hat, delta, batch.mask, params)
+    shape = (-1,) if batch.flat else (B, T)
+    if reduction == "none":
+        loss = loss.reshape(shape)
+    return CEPOOutput(loss, lp.reshape(shape), a_hat.reshape(shape), metrics)
+
+
+def grpo_loss(logits, targets, advantages, mask, *, old_logp=None, eps_low=0.2, eps_high=0.28, clip_dual=3.0,
+              temperature=1.0, reduction="token-mean", num_tokens=None, inplace=False):
+    """cepo_loss without teachers (A_hat = A): the fused PPO-clip GRPO loss. Same arguments and output."""
+    return cepo_loss(logits, targets, advantages, mask, old_logp=old_logp, eps_low=eps_low, eps_high=eps_high,
+                     clip_dual=clip_dual, temperature=temperature, reduction=reduction, num_tokens=num_tokens,
+                     inplace=inplace)
+
+
+@torch.no_grad()
+def cepo_advantages(advantages, pos_logp, neg_logp, mask, *, lam, eps_w=0.2):
+    """A_hat = A ((1 - lam) + lam clip(exp(sign(A) (pos - neg)), 1 - eps_w, 1 + eps_w)) * mask, in Triton.
+
+    Args:
+        advantages: [B] (one per sequence) or [B, T] float; pos_logp, neg_logp: [B, T] float;
+            mask: [B, T] bool or 0/1 (all may be flattened to [N]). RLSD: neg_logp = old student log-probs.
+        lam: in [0, 1]; eps_w: in [0, 1).
+    Returns:
+        A_hat shaped like pos_logp, fp32, exactly 0 at masked tokens.
+    """
+    check_tensor("pos_logp", pos_logp, dtypes="float")
+    lead = tuple(pos_logp.shape)
+    dummy_targets = torch.zeros(lead, dtype=torch.long, device=pos_logp.device)
+    batch = check_loss_inputs(lead, pos_logp.device, dummy_targets, advantages, mask, pos_logp=pos_logp,
+                              neg_logp=neg_logp)
+    LossParams(lam=lam, eps_w=eps_w)
+
+    def flat(t):
+        return t.reshape(-1).float().contiguous()
+
+    out = cepo_advantages_fwd(flat(batch.advantages), flat(batch.pos_logp), flat(batch.neg_logp),
+                              batch.mask.reshape(-1).to(torch.uint8), lam, eps_w)
+    return out.reshape(lead)
