@@ -1,4 +1,4 @@
-"""Fused linear path: log-probs and the CEPO/GRPO loss from hidden states and the lm_head, logits never stored.
+"""Fused linear path: log-probs and the CEPO/GRPO loss from hidden states + lm_head, logits never stored.
 
 Forward: `_linear_fwd_kernel` tiles z^T = weight @ hidden^T on the tensor cores (fp32 accumulation), folds
 each vocabulary tile into an online logsumexp (`lse_tile`) and picks the target logit by comparing offsets.
@@ -25,7 +25,7 @@ from cepo_kernels._params import (
     check_tensor,
 )
 from cepo_kernels.ops._common import cepo_token, loss_metrics, lse_tile, reduce_loss
-from cepo_kernels.ops.linear_bwd import linear_bwd, upcast_dot
+from cepo_kernels.ops.linear_bwd import alloc, linear_bwd, upcast_dot
 
 # per number of row sources: tile sizes (three fp32 accumulators need a narrower vocabulary tile)
 _FWD_CONFIG = {
@@ -90,7 +90,7 @@ def _linear_fwd_kernel(h0, h1, h2, weight, bias, targets, rows, stats,
     if N_SRC >= 3:
         m2, s2, t2, n2, y2 = zero + float("-inf"), zero, zero, zero.to(tl.int32), zero
     b_bias = None
-    for i in range(0, tiles_per_split):
+    for i in range(tiles_per_split):
         o_v = (split * tiles_per_split + i) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)  # [BLOCK_V]
         m_v = o_v < V
         a0 = tl.zeros([BLOCK_V, BLOCK_N], dtype=tl.float32)
@@ -104,7 +104,7 @@ def _linear_fwd_kernel(h0, h1, h2, weight, bias, targets, rows, stats,
             m_x = m_h[:, None] & m_n[None, :]
             b_w = tl.load(weight + o_v[:, None] * stride_wv + o_h[None, :], mask=m_v[:, None] & m_h[None, :],
                           other=0.0)  # [BLOCK_V, BLOCK_H], loaded once for every source
-            b_x = tl.load(h0 + r[None, :] * stride_h0 + o_h[:, None], mask=m_x, other=0.0)  # [BLOCK_H, BLOCK_N]
+            b_x = tl.load(h0 + r[None, :] * stride_h0 + o_h[:, None], mask=m_x, other=0.0)  # [BLOCK_H, BN]
             if UPCAST_DOT:
                 b_w = b_w.to(tl.float32)
                 b_x = b_x.to(tl.float32)
@@ -186,7 +186,7 @@ def linear_fwd(sources, weight, bias, targets, rows=None, *, temperature=1.0):
     n_tiles = triton.cdiv(V, cfg["BLOCK_V"])
     tiles_per_split = triton.cdiv(n_tiles, min(n_tiles, max(1, triton.cdiv(_FWD_PROGRAMS, n_rb))))
     n_split = triton.cdiv(n_tiles, tiles_per_split)
-    stats = torch.empty(S, 4, n_split, M, dtype=torch.float32, device=dev)
+    stats = alloc((S, 4, n_split, M), torch.float32, dev)
     h = list(sources) + [sources[0]] * (3 - S)
     _linear_fwd_kernel[(n_rb * n_split,)](
         h[0], h[1], h[2], weight, bias, targets, rows, stats, M, V, H, tiles_per_split, 1.0 / temperature,
@@ -209,12 +209,13 @@ def linear_fwd(sources, weight, bias, targets, rows=None, *, temperature=1.0):
 def token_fwd(logp, old, adv, delta, mask, params):
     """(a_hat, loss, coef) [N] fp32 from contiguous [N] inputs (old, delta may be None); no autograd."""
     N = logp.numel()
-    a_hat, loss, coef = (torch.empty_like(logp) for _ in range(3))
+    a_hat, loss, coef = (alloc(logp.shape, torch.float32, logp.device) for _ in range(3))
     if N:
         dual = params.clip_dual is not None
         _linear_token_fwd_kernel[(triton.cdiv(N, _TOKEN_BLOCK),)](
             logp, old, adv, delta, mask.to(torch.int8), a_hat, loss, coef, N, params.lam, params.eps_w,
-            params.eps_low, params.eps_high, params.clip_dual if dual else 0.0, HAS_DUAL=dual, BLOCK=_TOKEN_BLOCK)
+            params.eps_low, params.eps_high, params.clip_dual if dual else 0.0, HAS_DUAL=dual,
+            BLOCK=_TOKEN_BLOCK)
     return a_hat, loss, coef
 
 
@@ -240,7 +241,7 @@ def _policy_and_teachers(hidden, weight, bias, targets, spec, T):
         return sc.lse[0], sc.logp[0], sc.entropy[0], spec.pos_logp, spec.neg_logp, None
     # METHOD.md property 4: rows with A = 0 (or masked) get A_hat = 0, so their teachers are not scored
     scored = spec.mask & (spec.adv != 0)
-    lse, logp, ent = (torch.empty(N, dtype=torch.float32, device=hidden.device) for _ in range(3))
+    lse, logp, ent = (alloc((N,), torch.float32, hidden.device) for _ in range(3))
     t_logp = torch.zeros(len(teacher_h), N, dtype=torch.float32, device=hidden.device)
     for sel, srcs in ((scored, [hidden, *teacher_h]), (~scored, [hidden])):
         rows = sel.nonzero().squeeze(1)
@@ -286,8 +287,8 @@ class _LinearFn(torch.autograd.Function):
             g = g + g_loss.float() * coef
         if g_ent is not None:
             g_ent = g_ent.float().contiguous()
-        dh, dw, db = linear_bwd(hidden, weight, bias, targets, lse, g, ent if g_ent is not None else None, g_ent,
-                                temperature=ctx.temperature, needs=ctx.needs_input_grad[:3])
+        dh, dw, db = linear_bwd(hidden, weight, bias, targets, lse, g, None if g_ent is None else ent,
+                                g_ent, temperature=ctx.temperature, needs=ctx.needs_input_grad[:3])
         return dh, dw, db, None, None, None
 
 
@@ -337,7 +338,7 @@ def linear_cepo_loss(hidden, weight, targets, advantages, mask, *, old_logp=None
     """The CEPO loss (cepo_loss of API.md) from hidden states and the lm_head, logits never materialised.
 
     Args:
-        hidden: [B, T, H] or [N, H] policy hidden states (the weight's dtype); weight [V, H]; bias [V] or None.
+        hidden: [B, T, H] or [N, H] policy hidden states (the weight's dtype); weight [V, H]; bias [V]/None.
         targets: [B, T] / [N] integer. advantages: [B] (per sequence) or [B, T] / [N] float.
         mask: [B, T] / [N] bool or 0/1. old_logp: [B, T] / [N] float, or None (on-policy: ratio 1).
         pos_hidden, neg_hidden: teacher hidden states shaped like hidden (no gradient; scored with the same
@@ -359,7 +360,8 @@ def linear_cepo_loss(hidden, weight, targets, advantages, mask, *, old_logp=None
     neg_h = None if neg_hidden is None else _teacher2d("neg_hidden", neg_hidden, hidden, weight)
     b = check_loss_inputs(hidden.shape[:-1], hidden.device, targets, advantages, mask, old_logp=old_logp,
                           pos=pos_hidden, neg=neg_hidden, pos_logp=pos_logp, neg_logp=neg_logp,
-                          num_tokens=num_tokens, reduction=reduction, teacher_names=("pos_hidden", "neg_hidden"))
+                          num_tokens=num_tokens, reduction=reduction,
+                          teacher_names=("pos_hidden", "neg_hidden"))
 
     def flat(x):
         return None if x is None else x.reshape(-1).contiguous()
@@ -391,7 +393,8 @@ def linear_grpo_loss(hidden, weight, targets, advantages, mask, *, old_logp=None
 
 
 @torch.no_grad()
-def linear_teacher_logprobs(pos_hidden, neg_hidden, weight, targets, *, bias=None, temperature=1.0, rows=None):
+def linear_teacher_logprobs(pos_hidden, neg_hidden, weight, targets, *, bias=None, temperature=1.0,
+                            rows=None):
     """Both teachers' log-probs in one launch (each weight tile loaded once for both); no gradient.
 
     Args:
@@ -424,8 +427,8 @@ def linear_teacher_logprobs(pos_hidden, neg_hidden, weight, targets, *, bias=Non
             check_tensor("rows", rows, shape=lead)
             rows = rows.reshape(-1).nonzero().squeeze(1)
         elif rows.is_floating_point() or rows.is_complex() or rows.dim() != 1:
-            raise TypeError(f"rows: expected a bool mask of shape {tuple(lead)} or a 1-D integer index tensor, "
-                            f"got dtype {rows.dtype} and shape {tuple(rows.shape)}")
+            raise TypeError(f"rows: expected a bool mask of shape {tuple(lead)} or a 1-D integer index "
+                            f"tensor, got dtype {rows.dtype} and shape {tuple(rows.shape)}")
         else:
             rows = rows.long()
             if rows.numel() and not bool(((rows >= 0) & (rows < N)).all()):

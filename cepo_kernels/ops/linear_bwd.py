@@ -1,4 +1,4 @@
-"""Backward of the fused linear path: gradients of per-row log-probs (and entropies) w.r.t. hidden, weight, bias.
+"""Fused linear backward: gradients of per-row log-probs (and entropies) w.r.t. hidden, weight, bias.
 
 Only rows with a non-zero gradient are processed (an index gather first). The vocabulary is walked in
 chunks of at most `_G_CHUNK_BYTES` / (rows x element size) columns: for each chunk one kernel recomputes the
@@ -16,13 +16,22 @@ import torch
 import triton
 import triton.language as tl
 
-_G_CHUNK_BYTES = int(os.environ.get("CEPO_LINEAR_CHUNK_BYTES", 64 << 20))
+_G_CHUNK_BYTES = int(os.environ.get("CEPO_LINEAR_CHUNK_BYTES", str(64 << 20)))
 _G_CONFIG = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
 _MM_CONFIG = dict(BLOCK_P=128, BLOCK_Q=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
+def alloc(shape, dtype, device):
+    """Every uninitialised buffer of the linear path comes from here (tests swap in a NaN-filled one)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def upcast_dot(dtype):
-    """True under Triton's interpreter with bf16 operands, whose tl.dot is wrong there (STYLE.md)."""
+    """True under Triton's interpreter with bf16 operands, whose tl.dot is wrong there (STYLE.md).
+
+    The interpreter also truncates fp32 -> bf16 casts (a GPU rounds to nearest even), so there the bf16
+    outputs of the backward are written in fp32 and rounded by torch.
+    """
     return os.environ.get("TRITON_INTERPRET") == "1" and dtype == torch.bfloat16
 
 
@@ -50,8 +59,10 @@ def _linear_bwd_kernel(hidden, weight, bias, targets, lse, g_lp, ent, g_ent, gra
     for k in range(0, H, BLOCK_H):
         o_h = k + tl.arange(0, BLOCK_H).to(tl.int64)
         m_h = o_h < H
-        b_h = tl.load(hidden + o_n[:, None] * stride_hn + o_h[None, :], mask=m_n[:, None] & m_h[None, :], other=0.0)
-        b_w = tl.load(weight + o_v[None, :] * stride_wv + o_h[:, None], mask=m_h[:, None] & m_v[None, :], other=0.0)
+        b_h = tl.load(hidden + o_n[:, None] * stride_hn + o_h[None, :], mask=m_n[:, None] & m_h[None, :],
+                      other=0.0)  # [BLOCK_N, BLOCK_H]
+        b_w = tl.load(weight + o_v[None, :] * stride_wv + o_h[:, None], mask=m_h[:, None] & m_v[None, :],
+                      other=0.0)  # [BLOCK_H, BLOCK_V]
         if UPCAST_DOT:
             b_h = b_h.to(tl.float32)
             b_w = b_w.to(tl.float32)
@@ -90,10 +101,10 @@ def _linear_bwd_mm_kernel(a, b, c, P, Q, K,
     for k in range(0, K, BLOCK_K):
         o_k = k + tl.arange(0, BLOCK_K).to(tl.int64)
         m_k = o_k < K
-        b_a = tl.load(a + o_p[:, None] * stride_ap + o_k[None, :] * stride_ak, mask=m_p[:, None] & m_k[None, :],
-                      other=0.0)
-        b_b = tl.load(b + o_k[:, None] * stride_bk + o_q[None, :] * stride_bq, mask=m_k[:, None] & m_q[None, :],
-                      other=0.0)
+        b_a = tl.load(a + o_p[:, None] * stride_ap + o_k[None, :] * stride_ak,
+                      mask=m_p[:, None] & m_k[None, :], other=0.0)  # [BLOCK_P, BLOCK_K]
+        b_b = tl.load(b + o_k[:, None] * stride_bk + o_q[None, :] * stride_bq,
+                      mask=m_k[:, None] & m_q[None, :], other=0.0)  # [BLOCK_K, BLOCK_Q]
         if UPCAST_DOT:
             b_a = b_a.to(tl.float32)
             b_b = b_b.to(tl.float32)
@@ -130,19 +141,22 @@ def linear_bwd(hidden, weight, bias, targets, lse, g_lp, ent=None, g_ent=None, *
     rows = keep.nonzero().squeeze(1)
     M = rows.numel()
     grad_h = torch.zeros_like(hidden) if need_h else None
-    grad_w = (torch.zeros_like(weight) if M == 0 else torch.empty_like(weight)) if need_w else None
+    grad_w = None
+    if need_w:  # every row of grad_weight is written by one chunk below
+        grad_w = torch.zeros_like(weight) if M == 0 else alloc(weight.shape, weight.dtype, weight.device)
     grad_b = torch.zeros_like(bias) if need_b else None
     if M == 0 or not (need_h or need_w or need_b):
         return grad_h, grad_w, grad_b
     h_nz = hidden.index_select(0, rows)  # [M, H] contiguous
-    sel = [None if x is None else x.index_select(0, rows).contiguous() for x in (targets, lse, g_lp, ent, g_ent)]
+    sel = [None if x is None else x.index_select(0, rows).contiguous()
+           for x in (targets, lse, g_lp, ent, g_ent)]
     cfg = _G_CONFIG
     bv = cfg["BLOCK_V"]
     chunk = max(bv, min(triton.cdiv(V, bv) * bv, _G_CHUNK_BYTES // (M * hidden.element_size()) // bv * bv))
-    grad_z = torch.empty(M, chunk, dtype=hidden.dtype, device=hidden.device)  # one V-chunk of dL/dlogits
-    dh32 = torch.zeros(M, H, dtype=torch.float32, device=hidden.device) if need_h else None
-    db32 = torch.empty(V, dtype=torch.float32, device=hidden.device) if need_b else None
     upcast = upcast_dot(hidden.dtype)
+    grad_z = alloc((M, chunk), torch.float32 if upcast else hidden.dtype, hidden.device)  # dL/dlogits chunk
+    dh32 = torch.zeros(M, H, dtype=torch.float32, device=hidden.device) if need_h else None
+    db32 = alloc((V,), torch.float32, hidden.device) if need_b else None
     n_rb = triton.cdiv(M, cfg["BLOCK_N"])
     for v0 in range(0, V, chunk):
         v1 = min(V, v0 + chunk)
@@ -151,10 +165,17 @@ def linear_bwd(hidden, weight, bias, targets, lse, g_lp, ent=None, g_ent=None, *
         _linear_bwd_kernel[grid](h_nz, weight, bias, *sel, gz, M, v0, v1, H, 1.0 / temperature,
                                  h_nz.stride(0), weight.stride(0), 0 if bias is None else bias.stride(0),
                                  gz.stride(0), UPCAST_DOT=upcast, **cfg)
+        if upcast:
+            gz = gz.to(hidden.dtype)
         if need_h:
             _mm(gz, weight[v0:v1], dh32, True)  # [M, H] += [M, c] @ [c, H]
         if need_w:
-            _mm(gz.t(), h_nz, grad_w[v0:v1], False)  # [c, H] = [c, M] @ [M, H]
+            if upcast:
+                out = alloc((v1 - v0, H), torch.float32, hidden.device)
+                _mm(gz.t(), h_nz, out, False)
+                grad_w[v0:v1] = out
+            else:
+                _mm(gz.t(), h_nz, grad_w[v0:v1], False)  # [c, H] = [c, M] @ [M, H]
         if need_b:
             db32[v0:v1] = gz.sum(0, dtype=torch.float32)
     if need_h:
