@@ -25,7 +25,7 @@ from cepo_kernels._params import (
     check_tensor,
 )
 from cepo_kernels.ops._common import cepo_token, loss_metrics, lse_tile, reduce_loss
-from cepo_kernels.ops.linear_bwd import alloc, linear_bwd, upcast_dot
+from cepo_kernels.ops.linear_bwd import alloc, dot_precision, linear_bwd, upcast_dot
 
 # per number of row sources: tile sizes (three fp32 accumulators need a narrower vocabulary tile)
 _FWD_CONFIG = {
@@ -66,7 +66,7 @@ def _linear_fwd_kernel(h0, h1, h2, weight, bias, targets, rows, stats,
                        stride_h0, stride_h1, stride_h2, stride_wv, stride_b, stride_t,
                        stride_ss, stride_sk, stride_sp,
                        N_SRC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROWS: tl.constexpr,
-                       UPCAST_DOT: tl.constexpr,
+                       UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     """Partial logsumexp stats of rows `rows[j]` (or j) of h0..h{N_SRC-1} over one vocabulary split.
 
@@ -89,7 +89,6 @@ def _linear_fwd_kernel(h0, h1, h2, weight, bias, targets, rows, stats,
         m1, s1, t1, n1, y1 = zero + float("-inf"), zero, zero, zero.to(tl.int32), zero
     if N_SRC >= 3:
         m2, s2, t2, n2, y2 = zero + float("-inf"), zero, zero, zero.to(tl.int32), zero
-    b_bias = None
     for i in range(tiles_per_split):
         o_v = (split * tiles_per_split + i) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)  # [BLOCK_V]
         m_v = o_v < V
@@ -108,19 +107,21 @@ def _linear_fwd_kernel(h0, h1, h2, weight, bias, targets, rows, stats,
             if UPCAST_DOT:
                 b_w = b_w.to(tl.float32)
                 b_x = b_x.to(tl.float32)
-            a0 = tl.dot(b_w, b_x, a0)
+            a0 = tl.dot(b_w, b_x, a0, input_precision=PRECISION)
             if N_SRC >= 2:
                 b_x = tl.load(h1 + r[None, :] * stride_h1 + o_h[:, None], mask=m_x, other=0.0)
                 if UPCAST_DOT:
                     b_x = b_x.to(tl.float32)
-                a1 = tl.dot(b_w, b_x, a1)
+                a1 = tl.dot(b_w, b_x, a1, input_precision=PRECISION)
             if N_SRC >= 3:
                 b_x = tl.load(h2 + r[None, :] * stride_h2 + o_h[:, None], mask=m_x, other=0.0)
                 if UPCAST_DOT:
                     b_x = b_x.to(tl.float32)
-                a2 = tl.dot(b_w, b_x, a2)
+                a2 = tl.dot(b_w, b_x, a2, input_precision=PRECISION)
         if HAS_BIAS:
             b_bias = tl.load(bias + o_v * stride_b, mask=m_v, other=0.0).to(tl.float32)
+        else:
+            b_bias = tl.zeros([BLOCK_V], dtype=tl.float32)  # defined in the loop: not loop-carried
         m0, s0, t0, n0, y0 = _fold_tile(a0, b_bias, o_v, m_v, b_t, inv_temp, m0, s0, t0, n0, y0, HAS_BIAS)
         if N_SRC >= 2:
             m1, s1, t1, n1, y1 = _fold_tile(a1, b_bias, o_v, m_v, b_t, inv_temp, m1, s1, t1, n1, y1, HAS_BIAS)
@@ -147,8 +148,12 @@ def _linear_token_fwd_kernel(logp, old, adv, delta, mask, a_hat, loss, coef, N,
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     m = o < N
     b_lp = tl.load(logp + o, mask=m, other=0.0)
-    b_old = tl.load(old + o, mask=m, other=0.0) if HAS_OLD else b_lp
-    b_d = tl.load(delta + o, mask=m, other=0.0) if HAS_TEACHERS else b_lp
+    b_old = b_lp
+    if HAS_OLD:
+        b_old = tl.load(old + o, mask=m, other=0.0)
+    b_d = b_lp
+    if HAS_TEACHERS:
+        b_d = tl.load(delta + o, mask=m, other=0.0)
     b_adv = tl.load(adv + o, mask=m, other=0.0)
     b_valid = tl.load(mask + o, mask=m, other=0) != 0
     b_ahat, b_loss, b_coef = cepo_token(b_lp, b_old, b_adv, b_d, b_valid, lam, eps_w, eps_low, eps_high,
@@ -192,7 +197,7 @@ def linear_fwd(sources, weight, bias, targets, rows=None, *, temperature=1.0):
         h[0], h[1], h[2], weight, bias, targets, rows, stats, M, V, H, tiles_per_split, 1.0 / temperature,
         h[0].stride(0), h[1].stride(0), h[2].stride(0), weight.stride(0),
         0 if bias is None else bias.stride(0), targets.stride(0), *stats.stride()[:3],
-        N_SRC=S, UPCAST_DOT=upcast_dot(weight.dtype), **cfg)
+        N_SRC=S, UPCAST_DOT=upcast_dot(weight.dtype), PRECISION=dot_precision(weight.dtype), **cfg)
     # fixed-order combine of the splits: [S, n_split, M] -> [S, M]
     m, s, t, y = stats.unbind(1)
     mx = m.amax(1)  # NaN propagates

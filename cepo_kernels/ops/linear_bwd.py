@@ -26,6 +26,11 @@ def alloc(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def dot_precision(dtype):
+    """IEEE fp32 dots for fp32 inputs (the GPU default would be TF32); 16-bit inputs are unaffected."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def upcast_dot(dtype):
     """True under Triton's interpreter with bf16 operands, whose tl.dot is wrong there (STYLE.md).
 
@@ -44,6 +49,7 @@ def _linear_bwd_kernel(hidden, weight, bias, targets, lse, g_lp, ent, g_ent, gra
                        M, v0, v1, H, inv_temp,
                        stride_hn, stride_wv, stride_b, stride_gn,
                        HAS_BIAS: tl.constexpr, HAS_ENT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                       PRECISION: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     """grad_z[m, v - v0] = dL/dlogit for kept rows m < M and columns v0 <= v < v1 (logits recomputed).
 
@@ -66,7 +72,7 @@ def _linear_bwd_kernel(hidden, weight, bias, targets, lse, g_lp, ent, g_ent, gra
         if UPCAST_DOT:
             b_h = b_h.to(tl.float32)
             b_w = b_w.to(tl.float32)
-        acc = tl.dot(b_h, b_w, acc)  # [BLOCK_N, BLOCK_V]
+        acc = tl.dot(b_h, b_w, acc, input_precision=PRECISION)  # [BLOCK_N, BLOCK_V]
     if HAS_BIAS:
         acc += tl.load(bias + o_v * stride_b, mask=m_v, other=0.0).to(tl.float32)[None, :]
     b_lse = tl.load(lse + o_n, mask=m_n, other=0.0)
@@ -88,7 +94,7 @@ def _linear_bwd_kernel(hidden, weight, bias, targets, lse, g_lp, ent, g_ent, gra
 @triton.jit
 def _linear_bwd_mm_kernel(a, b, c, P, Q, K,
                           stride_ap, stride_ak, stride_bk, stride_bq, stride_cp, stride_cq,
-                          ACCUMULATE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                          ACCUMULATE: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
     """c[P, Q] (+)= a[P, K] @ b[K, Q] with an fp32 accumulator; each output tile owned by one program."""
     pid = tl.program_id(0).to(tl.int64)
@@ -108,7 +114,7 @@ def _linear_bwd_mm_kernel(a, b, c, P, Q, K,
         if UPCAST_DOT:
             b_a = b_a.to(tl.float32)
             b_b = b_b.to(tl.float32)
-        acc = tl.dot(b_a, b_b, acc)
+        acc = tl.dot(b_a, b_b, acc, input_precision=PRECISION)
     p_c = c + o_p[:, None] * stride_cp + o_q[None, :] * stride_cq
     m_c = m_p[:, None] & m_q[None, :]
     if ACCUMULATE:
@@ -123,7 +129,8 @@ def _mm(a, b, c, accumulate):
     cfg = _MM_CONFIG
     grid = (triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(Q, cfg["BLOCK_Q"]),)
     _linear_bwd_mm_kernel[grid](a, b, c, P, Q, K, *a.stride(), *b.stride(), *c.stride(),
-                                ACCUMULATE=accumulate, UPCAST_DOT=upcast_dot(a.dtype), **cfg)
+                                ACCUMULATE=accumulate, UPCAST_DOT=upcast_dot(b.dtype),
+                                PRECISION=dot_precision(b.dtype), **cfg)
 
 
 def linear_bwd(hidden, weight, bias, targets, lse, g_lp, ent=None, g_ent=None, *, temperature=1.0,
@@ -164,7 +171,8 @@ def linear_bwd(hidden, weight, bias, targets, lse, g_lp, ent=None, g_ent=None, *
         grid = (n_rb * triton.cdiv(v1 - v0, bv),)
         _linear_bwd_kernel[grid](h_nz, weight, bias, *sel, gz, M, v0, v1, H, 1.0 / temperature,
                                  h_nz.stride(0), weight.stride(0), 0 if bias is None else bias.stride(0),
-                                 gz.stride(0), UPCAST_DOT=upcast, **cfg)
+                                 gz.stride(0), UPCAST_DOT=upcast,
+                                 PRECISION=dot_precision(hidden.dtype), **cfg)
         if upcast:
             gz = gz.to(hidden.dtype)
         if need_h:
