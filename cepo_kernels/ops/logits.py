@@ -139,7 +139,7 @@ def _cepo_fwd_kernel(
 def _logprobs_bwd_kernel(
     logits, dlogits, targets, lse, ent, grad_lp, grad_ent,
     T, V, s_b, s_t, s_db, s_dt, inv_temp,
-    HAS_GRAD_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_GRAD_ENT: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
@@ -168,7 +168,13 @@ def _logprobs_bwd_kernel(
             b_d = g_lp * (tl.where(o_v == tgt, 1.0, 0.0) - b_p)
             if HAS_GRAD_ENT:
                 b_d -= g_ent * tl.where(b_p > 0, b_p * (b_lp + b_ent), 0.0)
-            tl.store(d_row + o_v, (b_d * inv_temp).to(dlogits.dtype.element_ty), mask=m_v)
+            b_d = b_d * inv_temp
+            if ROUND_BF16:
+                # Triton's interpreter truncates fp32 -> bf16; round to nearest even as a GPU does
+                b_bits = b_d.to(tl.uint32, bitcast=True)
+                b_bits = (b_bits + 0x7FFF + ((b_bits >> 16) & 1)) & 0xFFFF0000
+                b_d = tl.where(b_d == b_d, b_bits.to(tl.float32, bitcast=True), b_d)
+            tl.store(d_row + o_v, b_d.to(dlogits.dtype.element_ty), mask=m_v)
 
 
 @triton.jit
@@ -270,7 +276,8 @@ def logprobs_bwd(logits, targets, lse, ent, grad_lp, grad_ent=None, temperature=
     _launch(_logprobs_bwd_kernel, B * T, logits, "bwd", logits, dlogits, targets, lse, ent,
             grad_lp.float().contiguous(), None if grad_ent is None else grad_ent.float().contiguous(),
             T, V, logits.stride(0), logits.stride(1), dlogits.stride(0), dlogits.stride(1),
-            1.0 / temperature, inplace=inplace)
+            1.0 / temperature, ROUND_BF16=dlogits.device.type == "cpu" and dlogits.dtype == torch.bfloat16,
+            inplace=inplace)
     return dlogits
 
 
