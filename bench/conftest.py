@@ -1,0 +1,30 @@
+"""Shared benchmark fixtures (pytest-benchmark): the GPU requirement and the peak-extra-memory probe."""
+
+import pytest
+import torch
+
+GIB = 2**30
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="benchmarks time CUDA kernels: no GPU on this machine")
+    for item in items:
+        item.add_marker(skip)
+
+
+@pytest.fixture
+def peak_extra_gib():
+    """measure(fn) -> GiB allocated at peak during fn() beyond what was live before it (ANCHORS.md)."""
+
+    def measure(fn):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / GIB
+
+    return measure
