@@ -3,7 +3,7 @@ from setuptools import find_packages, setup
 setup(
     name="cepo_kernels",
     version="0.1.0",
-    description="Fused Triton kernels and a thin training loop for CEPO (Contrastive Evidence Policy Optimization)",
+    description="Fused Triton kernels and a training loop for CEPO (contrastive evidence RLVR)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",

@@ -6,7 +6,12 @@ without one, set TRITON_INTERPRET=1 before importing to run the kernels through 
 """
 
 from cepo_kernels._params import CEPOOutput, LossParams
-from cepo_kernels.ops.linear import linear_cepo_loss, linear_grpo_loss, linear_logprobs, linear_teacher_logprobs
+from cepo_kernels.ops.linear import (
+    linear_cepo_loss,
+    linear_grpo_loss,
+    linear_logprobs,
+    linear_teacher_logprobs,
+)
 from cepo_kernels.ops.logits import cepo_advantages, cepo_loss, grpo_loss, token_logprobs
 from cepo_kernels.rl.advantages import group_advantages
 

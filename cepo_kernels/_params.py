@@ -89,7 +89,8 @@ def check_tensor(name, t, *, dtypes=None, shape=None, device=None, ndim=None):
     if isinstance(dtypes, tuple) and t.dtype not in dtypes:
         raise TypeError(f"{name}: expected dtype in {dtypes}, got {t.dtype}")
     if ndim is not None and t.dim() not in ndim:
-        raise ValueError(f"{name}: expected {' or '.join(f'{d}-D' for d in ndim)}, got shape {tuple(t.shape)}")
+        expected = " or ".join(f"{d}-D" for d in ndim)
+        raise ValueError(f"{name}: expected {expected}, got shape {tuple(t.shape)}")
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
     if device is not None and t.device != device:
@@ -116,7 +117,8 @@ def check_linear(hidden, weight, bias, name="hidden"):
     if hidden.dtype != weight.dtype:
         raise TypeError(
             f"{name} and weight: expected the same dtype (the matmul runs in one dtype with fp32 "
-            f"accumulation; cast one of them, e.g. hidden.to(weight.dtype)), got {hidden.dtype} and {weight.dtype}"
+            "accumulation; cast one of them, e.g. hidden.to(weight.dtype)), "
+            f"got {hidden.dtype} and {weight.dtype}"
         )
     if bias is not None:
         check_tensor("bias", bias, dtypes="float", shape=(weight.shape[0],), device=hidden.device)
@@ -188,7 +190,9 @@ def check_loss_inputs(lead, device, targets, advantages, mask, *, old_logp=None,
         )
     if num_tokens is not None:
         if reduction != "token-mean":
-            raise ValueError(f"num_tokens: only used with reduction='token-mean', got reduction={reduction!r}")
+            raise ValueError(
+                f"num_tokens: only used with reduction='token-mean', got reduction={reduction!r}"
+            )
         if isinstance(num_tokens, torch.Tensor):
             if num_tokens.numel() != 1:
                 raise ValueError(f"num_tokens: expected a number or a 1-element tensor, got shape "

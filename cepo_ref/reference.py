@@ -104,7 +104,8 @@ def cepo_advantages(advantages, pos_logp, neg_logp, mask, *, lam, eps_w=0.2):
 def _reweight(adv, delta, mask, lam, eps_w):
     w = torch.exp(torch.sign(adv) * delta).clamp(1.0 - eps_w, 1.0 + eps_w)
     a_hat = adv * ((1.0 - lam) + lam * w)
-    return torch.where(mask, a_hat, torch.zeros_like(a_hat))
+    # A = 0 and masked tokens give exactly 0, whatever the teachers hold there (METHOD.md property 4)
+    return torch.where(mask & (adv != 0), a_hat, torch.zeros_like(a_hat))
 
 
 def _teacher_logp(logits, given_logp, targets, temperature):
@@ -195,7 +196,8 @@ def _metrics(lp, ratio, adv, a_hat, delta, mask, p):
     clip_low = (a_hat < 0) & (ratio < 1.0 - p.eps_low)
     dual = (a_hat < 0) & (ratio > p.clip_dual) if p.clip_dual is not None else torch.zeros_like(mask)
     log_ratio = torch.log(ratio)
-    d_valid = delta[mask].double()
+    used = mask & (adv != 0)  # Delta statistics over the tokens whose evidence is used
+    d_used = delta[used].double()
     return {
         "num_tokens": float(mask.sum()),
         "clip_frac": mean((clip_high | clip_low).float(), everywhere),
@@ -204,8 +206,8 @@ def _metrics(lp, ratio, adv, a_hat, delta, mask, p):
         "dual_clip_frac": mean(dual.float(), everywhere),
         "ratio_mean": mean(ratio, everywhere),
         "approx_kl": mean(-log_ratio, everywhere),
-        "delta_mean": mean(delta, everywhere),
-        "delta_std": float(d_valid.std()) if d_valid.numel() > 1 else 0.0,
+        "delta_mean": mean(delta, adv != 0),
+        "delta_std": float(d_used.std()) if d_used.numel() > 1 else 0.0,
         "delta_mean_pos": mean(delta, adv > 0),
         "delta_mean_neg": mean(delta, adv < 0),
         "frac_wrong_dir": mean((torch.sign(delta) * torch.sign(adv) < 0).float(), adv != 0),

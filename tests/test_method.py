@@ -21,7 +21,7 @@ def make_inputs(B=4, T=6, V=11, seed=0, dtype=torch.float32):
     targets = torch.randint(0, V, (B, T), generator=g)
     adv = torch.randn(B, generator=g)
     mask = torch.rand(B, T, generator=g) > 0.25
-    old = (torch.randn(B, T, generator=g) * 0.4 - 2.0)
+    old = torch.randn(B, T, generator=g) * 0.4 - 2.0
     pos = torch.randn(B, T, V, generator=g).to(dtype)
     neg = torch.randn(B, T, V, generator=g).to(dtype)
     return logits, targets, adv, mask, old, pos, neg
@@ -58,7 +58,9 @@ def test_cepo_advantages_values(impl):
     mask = torch.tensor([[1, 1], [1, 0]])
     out = impl.cepo_advantages(adv, pos, neg, mask, lam=0.5, eps_w=0.2)
     # w = exp(sign(A) Delta): 1, 2 -> 1.2 (clipped); exp(-0.5) = 0.607 -> 0.8; masked -> 0
-    expected = torch.tensor([[2.0 * (0.5 + 0.5 * 1.0), 2.0 * (0.5 + 0.5 * 1.2)], [-1.0 * (0.5 + 0.5 * 0.8), 0.0]])
+    expected = torch.tensor(
+        [[2.0 * (0.5 + 0.5 * 1.0), 2.0 * (0.5 + 0.5 * 1.2)], [-1.0 * (0.5 + 0.5 * 0.8), 0.0]]
+    )
     torch.testing.assert_close(out, expected)
 
 
@@ -67,8 +69,11 @@ def test_grpo_special_cases(impl):
     """Property 3: lam = 0, or r- = r+ (Delta = 0), gives the GRPO loss and gradient exactly."""
     logits, targets, adv, mask, old, pos, _ = make_inputs()
     results = []
-    for kwargs in ({}, {"pos_logits": pos, "neg_logits": pos.clone()},
-                   {"pos_logits": pos, "neg_logits": torch.randn_like(pos), "lam": 0.0}):
+    for kwargs in (
+        {},
+        {"pos_logits": pos, "neg_logits": pos.clone()},
+        {"pos_logits": pos, "neg_logits": torch.randn_like(pos), "lam": 0.0},
+    ):
         x = logits.clone().requires_grad_()
         fn = impl.cepo_loss if kwargs else impl.grpo_loss
         out = fn(x, targets, adv, mask, old_logp=old, **kwargs)
@@ -120,8 +125,9 @@ def test_gradient_closed_form(impl, temperature):
     old = lp - torch.linspace(-1.6, 1.6, T).expand(B, T)
     pos, neg = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
     x = logits.clone().requires_grad_()
-    out = impl.cepo_loss(x, targets, adv, mask, old_logp=old, pos_logp=pos, neg_logp=neg,
-                         temperature=temperature)
+    out = impl.cepo_loss(
+        x, targets, adv, mask, old_logp=old, pos_logp=pos, neg_logp=neg, temperature=temperature
+    )
     out.loss.backward()
     a_hat = out.advantages
     rho = torch.exp(lp - old)
@@ -151,9 +157,17 @@ def test_hand_worked_example(impl):
     targets = torch.tensor([[0, 0]])
     lp = torch.tensor([[math.log(1 / 3), math.log(1 / 2)]])
     old = lp + torch.tensor([[0.0, math.log(1 / 1.5)]])
-    out = impl.cepo_loss(logits, targets, torch.tensor([1.0]), torch.ones(1, 2, dtype=torch.bool),
-                         old_logp=old, pos_logp=torch.tensor([[-1.0, math.log(1.5) - 1.0]]),
-                         neg_logp=torch.tensor([[-1.0, -1.0]]), lam=0.5, eps_w=0.2)
+    out = impl.cepo_loss(
+        logits,
+        targets,
+        torch.tensor([1.0]),
+        torch.ones(1, 2, dtype=torch.bool),
+        old_logp=old,
+        pos_logp=torch.tensor([[-1.0, math.log(1.5) - 1.0]]),
+        neg_logp=torch.tensor([[-1.0, -1.0]]),
+        lam=0.5,
+        eps_w=0.2,
+    )
     out.loss.backward()
     torch.testing.assert_close(out.logp, lp)
     torch.testing.assert_close(out.advantages, torch.tensor([[1.0, 1.1]]))
@@ -198,8 +212,16 @@ def test_gradient_accumulation_with_num_tokens(impl):
     acc = logits.clone().requires_grad_()
     n = mask.sum()
     for sl in (slice(0, 2), slice(2, 4)):
-        impl.cepo_loss(acc[sl], targets[sl], adv[sl], mask[sl], old_logp=old[sl], pos_logits=pos[sl],
-                       neg_logits=neg[sl], num_tokens=n).loss.backward()
+        impl.cepo_loss(
+            acc[sl],
+            targets[sl],
+            adv[sl],
+            mask[sl],
+            old_logp=old[sl],
+            pos_logits=pos[sl],
+            neg_logits=neg[sl],
+            num_tokens=n,
+        ).loss.backward()
     torch.testing.assert_close(acc.grad, full.grad, rtol=1e-5, atol=1e-7)
 
 
@@ -211,8 +233,16 @@ def test_empty_and_fully_masked(impl, case):
     targets = torch.randint(0, 7, (B, 5))
     mask = torch.zeros(B, 5, dtype=torch.bool)
     for reduction in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "sum"):
-        out = impl.cepo_loss(logits, targets, torch.randn(B), mask, old_logp=torch.randn(B, 5),
-                             pos_logp=torch.randn(B, 5), neg_logp=torch.randn(B, 5), reduction=reduction)
+        out = impl.cepo_loss(
+            logits,
+            targets,
+            torch.randn(B),
+            mask,
+            old_logp=torch.randn(B, 5),
+            pos_logp=torch.randn(B, 5),
+            neg_logp=torch.randn(B, 5),
+            reduction=reduction,
+        )
         assert float(out.loss) == 0.0 and not math.isnan(float(out.loss))
         out.loss.backward()
         assert bool((logits.grad == 0).all())
@@ -259,15 +289,21 @@ def test_group_advantages_values():
         std = torch.tensor([1.0, 0.0, 1.0, 1.0]).std()
         torch.testing.assert_close(a[:4], (torch.tensor([1.0, 0.0, 1.0, 1.0]) - 0.75) / (std + 1e-6))
         assert bool((a[4:] == 0).all())
-        torch.testing.assert_close(impl.group_advantages(r, 4, scale="none")[:4], torch.tensor([0.25, -0.75, 0.25, 0.25]))
-        torch.testing.assert_close(impl.group_advantages(r, 4, scale="batch")[:4],
-                                   (torch.tensor([1.0, 0.0, 1.0, 1.0]) - 0.75) / (r.std() + 1e-6))
+        torch.testing.assert_close(
+            impl.group_advantages(r, 4, scale="none")[:4], torch.tensor([0.25, -0.75, 0.25, 0.25])
+        )
+        torch.testing.assert_close(
+            impl.group_advantages(r, 4, scale="batch")[:4],
+            (torch.tensor([1.0, 0.0, 1.0, 1.0]) - 0.75) / (r.std() + 1e-6),
+        )
         assert bool((impl.group_advantages(r, 1) == 0).all())
         g = torch.Generator().manual_seed(0)
         rr = torch.rand(24, generator=g)
         for scale in ("group", "batch", "none"):
-            torch.testing.assert_close(cepo_kernels.group_advantages(rr, 6, scale=scale),
-                                       cepo_ref.group_advantages(rr, 6, scale=scale))
+            torch.testing.assert_close(
+                cepo_kernels.group_advantages(rr, 6, scale=scale),
+                cepo_ref.group_advantages(rr, 6, scale=scale),
+            )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -275,13 +311,21 @@ def test_flattened_inputs_match_batched(impl):
     logits, targets, _, mask, old, pos, neg = make_inputs()
     adv_tok = torch.randn(4, 6)
     out = impl.cepo_loss(logits, targets, adv_tok, mask, old_logp=old, pos_logits=pos, neg_logits=neg)
-    flat = impl.cepo_loss(logits.reshape(24, 11), targets.reshape(24), adv_tok.reshape(24), mask.reshape(24),
-                          old_logp=old.reshape(24), pos_logits=pos.reshape(24, 11), neg_logits=neg.reshape(24, 11))
+    flat = impl.cepo_loss(
+        logits.reshape(24, 11),
+        targets.reshape(24),
+        adv_tok.reshape(24),
+        mask.reshape(24),
+        old_logp=old.reshape(24),
+        pos_logits=pos.reshape(24, 11),
+        neg_logits=neg.reshape(24, 11),
+    )
     torch.testing.assert_close(flat.loss, out.loss)
     torch.testing.assert_close(flat.logp, out.logp.reshape(24))
     assert flat.advantages.shape == (24,)
-    per_tok = impl.cepo_loss(logits.reshape(24, 11), targets.reshape(24), adv_tok.reshape(24), mask.reshape(24),
-                             reduction="none").loss
+    per_tok = impl.cepo_loss(
+        logits.reshape(24, 11), targets.reshape(24), adv_tok.reshape(24), mask.reshape(24), reduction="none"
+    ).loss
     assert per_tok.shape == (24,)
     with pytest.raises(ValueError, match="logits"):
         impl.cepo_loss(logits[None], targets[None], adv_tok[None], mask[None])
@@ -294,11 +338,13 @@ def test_linear_reference_matches_materialised_logits():
     t = torch.randint(0, 10, (3, 4), generator=g)
     adv, mask, old = torch.randn(3, generator=g), torch.ones(3, 4), torch.randn(3, 4, generator=g) - 2
     out = cepo_ref.linear_cepo_loss(h, W, t, adv, mask, old_logp=old, pos_hidden=ph, neg_hidden=nh, bias=b)
-    ref = cepo_ref.cepo_loss(h @ W.T + b, t, adv, mask, old_logp=old, pos_logits=ph @ W.T + b,
-                             neg_logits=nh @ W.T + b)
+    ref = cepo_ref.cepo_loss(
+        h @ W.T + b, t, adv, mask, old_logp=old, pos_logits=ph @ W.T + b, neg_logits=nh @ W.T + b
+    )
     torch.testing.assert_close(out.loss, ref.loss)
-    torch.testing.assert_close(cepo_ref.linear_logprobs(h, W, t, bias=b),
-                               cepo_ref.token_logprobs(h @ W.T + b, t))
+    torch.testing.assert_close(
+        cepo_ref.linear_logprobs(h, W, t, bias=b), cepo_ref.token_logprobs(h @ W.T + b, t)
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -318,7 +364,9 @@ def test_linear_grpo_gradients_follow_the_chain_rule(impl):
     G = z.grad.double()
     torch.testing.assert_close(out.loss.double(), ref.loss.double(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(hh.grad.double(), G @ W, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(WW.grad.double(), G.reshape(-1, 19).T @ h.reshape(-1, 16), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        WW.grad.double(), G.reshape(-1, 19).T @ h.reshape(-1, 16), rtol=1e-4, atol=1e-6
+    )
     torch.testing.assert_close(bb.grad.double(), G.sum((0, 1)), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="hidden"):
         impl.linear_grpo_loss(hh[None], WW, t[None], adv[None], mask[None])
@@ -333,12 +381,24 @@ BAD_CASES = {
     "adv-int": (lambda a: a.update(advantages=torch.ones(4, dtype=torch.long)), TypeError, "advantages"),
     "old-shape": (lambda a: a.update(old_logp=torch.randn(4, 5)), ValueError, "old_logp"),
     "logits-int": (lambda a: a.update(logits=torch.ones(4, 6, 11, dtype=torch.long)), TypeError, "logits"),
-    "pos-shape": (lambda a: a.update(pos_logits=torch.randn(4, 6, 10), neg_logits=torch.randn(4, 6, 11)),
-                  ValueError, "pos_logits"),
+    "pos-shape": (
+        lambda a: a.update(pos_logits=torch.randn(4, 6, 10), neg_logits=torch.randn(4, 6, 11)),
+        ValueError,
+        "pos_logits",
+    ),
     "only-pos": (lambda a: a.update(pos_logp=torch.randn(4, 6)), ValueError, "teachers"),
-    "both-forms": (lambda a: a.update(pos_logp=torch.randn(4, 6), pos_logits=torch.randn(4, 6, 11),
-                                      neg_logp=torch.randn(4, 6)), ValueError, "pos_logits"),
-    "device": (lambda a: a.update(mask=torch.ones(4, 6, dtype=torch.bool, device="meta")), ValueError, "mask"),
+    "both-forms": (
+        lambda a: a.update(
+            pos_logp=torch.randn(4, 6), pos_logits=torch.randn(4, 6, 11), neg_logp=torch.randn(4, 6)
+        ),
+        ValueError,
+        "pos_logits",
+    ),
+    "device": (
+        lambda a: a.update(mask=torch.ones(4, 6, dtype=torch.bool, device="meta")),
+        ValueError,
+        "mask",
+    ),
     "lam": (lambda a: a.update(lam=1.5), ValueError, "lam"),
     "eps_w": (lambda a: a.update(eps_w=1.0), ValueError, "eps_w"),
     "eps_low": (lambda a: a.update(eps_low=-0.1), ValueError, "eps_low"),
@@ -356,7 +416,9 @@ def test_bad_input(impl, case):
     edit, exc, name = BAD_CASES[case]
     edit(args)
     with pytest.raises(exc, match=name):
-        impl.cepo_loss(args.pop("logits"), args.pop("targets"), args.pop("advantages"), args.pop("mask"), **args)
+        impl.cepo_loss(
+            args.pop("logits"), args.pop("targets"), args.pop("advantages"), args.pop("mask"), **args
+        )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -366,11 +428,15 @@ def test_bad_input_other_functions(impl):
     with pytest.raises(TypeError, match="targets"):
         impl.token_logprobs(torch.randn(3, 5), torch.zeros(3))
     with pytest.raises(TypeError, match="hidden and weight"):
-        impl.linear_logprobs(torch.randn(3, 8), torch.randn(5, 8, dtype=torch.float16), torch.zeros(3, dtype=torch.long))
+        impl.linear_logprobs(
+            torch.randn(3, 8), torch.randn(5, 8, dtype=torch.float16), torch.zeros(3, dtype=torch.long)
+        )
     with pytest.raises(ValueError, match="hidden"):
         impl.linear_logprobs(torch.randn(3, 7), torch.randn(5, 8), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="bias"):
-        impl.linear_logprobs(torch.randn(3, 8), torch.randn(5, 8), torch.zeros(3, dtype=torch.long), bias=torch.randn(4))
+        impl.linear_logprobs(
+            torch.randn(3, 8), torch.randn(5, 8), torch.zeros(3, dtype=torch.long), bias=torch.randn(4)
+        )
     with pytest.raises(ValueError, match="lam"):
         impl.cepo_advantages(torch.randn(2), torch.randn(2, 3), torch.randn(2, 3), torch.ones(2, 3), lam=-0.1)
     with pytest.raises(ValueError, match="group_size"):

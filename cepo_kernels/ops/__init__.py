@@ -1,1 +1,4 @@
-"""Triton kernels, one file per input form: logits.py (policy/teacher logits), linear.py (hidden states + lm_head)."""
+"""Triton kernels, one file per input form.
+
+logits.py: policy/teacher logits; linear.py (+ linear_bwd.py): hidden states and the lm_head weight.
+"""

@@ -63,7 +63,8 @@ def cepo_token(lp, old, adv, delta, valid, lam, eps_w, eps_low, eps_high, clip_d
     sgn = tl.where(adv > 0, 1.0, tl.where(adv < 0, -1.0, 0.0))
     if HAS_TEACHERS:
         w = clamp_keep_nan(tl.exp(sgn * delta), 1.0 - eps_w, 1.0 + eps_w)
-        a_hat = adv * ((1.0 - lam) + lam * w)
+        # A = 0 gives exactly 0 whatever the teachers say (their rows may be skipped, METHOD.md prop. 4)
+        a_hat = tl.where(adv == 0, 0.0, adv * ((1.0 - lam) + lam * w))
     else:
         a_hat = adv
     if HAS_OLD:
@@ -114,10 +115,16 @@ def loss_metrics(lp, old_logp, adv, a_hat, delta, mask, params):
     ratio = torch.where(mask, ratio, torch.ones_like(ratio))  # masked tokens may hold NaN
     clip_high = (a_hat > 0) & (ratio > 1.0 + params.eps_high)
     clip_low = (a_hat < 0) & (ratio < 1.0 - params.eps_low)
-    dual = (a_hat < 0) & (ratio > params.clip_dual) if params.clip_dual is not None else torch.zeros_like(mask)
-    d = torch.zeros_like(lp) if delta is None else torch.where(mask, delta, torch.zeros_like(delta))
-    d_mean = mean(d)
-    d_var = ((d - d_mean) ** 2 * m).sum() / (n - 1).clamp_min(1.0)
+    if params.clip_dual is None:
+        dual = torch.zeros_like(mask)
+    else:
+        dual = (a_hat < 0) & (ratio > params.clip_dual)
+    # Delta statistics over the tokens whose evidence is used (A != 0): rows with A = 0 may be unscored
+    used = mask & (adv != 0)
+    d = torch.zeros_like(lp) if delta is None else torch.where(used, delta, torch.zeros_like(delta))
+    n_used = used.sum()
+    d_mean = mean(d, used)
+    d_var = ((d - d_mean) ** 2 * used.float()).sum() / (n_used - 1).clamp_min(1.0)
     wrong = (torch.sign(d) * torch.sign(adv)) < 0
     safe_lp = torch.where(mask, lp, torch.zeros_like(lp))
     values = torch.stack([
@@ -129,7 +136,7 @@ def loss_metrics(lp, old_logp, adv, a_hat, delta, mask, params):
         mean(ratio),
         mean(-torch.log(ratio)),
         d_mean,
-        torch.where(n > 1, d_var.sqrt(), torch.zeros_like(d_var)),
+        torch.where(n_used > 1, d_var.sqrt(), torch.zeros_like(d_var)),
         mean(d, adv > 0),
         mean(d, adv < 0),
         mean(wrong, adv != 0),

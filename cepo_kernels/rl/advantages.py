@@ -17,7 +17,9 @@ def check_group_inputs(rewards, group_size, scale, eps):
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size: expected a positive int, got {group_size!r}")
     if rewards.numel() % group_size:
-        raise ValueError(f"rewards: expected a length divisible by group_size={group_size}, got {rewards.numel()}")
+        raise ValueError(
+            f"rewards: expected a length divisible by group_size={group_size}, got {rewards.numel()}"
+        )
     if scale not in SCALES:
         raise ValueError(f"scale: expected one of {SCALES}, got {scale!r}")
     check_number("eps", eps, lo=0.0)
