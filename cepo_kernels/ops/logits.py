@@ -148,10 +148,12 @@ def _logprobs_bwd_kernel(
     d_row = dlogits + b * s_db + t * s_dt
     tgt = tl.load(targets + row)
     g_lp = tl.load(grad_lp + row)
+    skip = g_lp == 0.0
     g_ent = 0.0
     if HAS_GRAD_ENT:
         g_ent = tl.load(grad_ent + row)
-    if (g_lp == 0.0) & (g_ent == 0.0):
+        skip = skip & (g_ent == 0.0)
+    if skip:
         # masked, clipped or A_hat = 0: zero gradient, the logits are not read
         for start in range(0, V, BLOCK_V):
             o_v = start + tl.arange(0, BLOCK_V)
