@@ -350,6 +350,7 @@ def test_nan_propagates_but_masked_garbage_does_not():
     for t in (x, case["pos"], case["neg"]):
         t[masked_row[0], masked_row[1], :7] = float("nan")
     old[masked_row[0], masked_row[1]] = float("nan")
+    case["pos"][0] = float("nan")  # sequence 0 has A = 0: its teachers may be unscored and are ignored
     out = cepo_kernels.cepo_loss(x, tg, adv, mask, old_logp=old, pos_logits=case["pos"],
                                  neg_logits=case["neg"])
     torch.testing.assert_close(out.loss, clean, rtol=0, atol=0)

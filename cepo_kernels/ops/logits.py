@@ -87,7 +87,9 @@ def _cepo_fwd_kernel(
     t = row - b * T
     tgt = tl.load(targets + row)
     valid = tl.load(mask + row) != 0
-    V_t = tl.where(valid, V, 0)  # teachers of masked tokens are not read: their A_hat is 0 whatever Delta is
+    b_a = tl.load(adv + row)
+    used = valid & (b_a != 0)
+    V_t = tl.where(used, V, 0)  # teachers of masked or A = 0 tokens are not read: A_hat = 0 whatever Delta is
     # policy (x), positive (p) and negative (n) teacher: max, sum exp, sum p*z, NaN count, target logit
     m_x = tl.full([], float("-inf"), tl.float32)
     s_x = tl.zeros([], tl.float32)
@@ -118,12 +120,11 @@ def _cepo_fwd_kernel(
             b_neg, _, _ = _finish_row(m_n, s_n, e_n, n_n, z_n, tgt, V)
         else:
             b_neg = tl.load(neg_logp + row)
-        b_delta = tl.where(valid, b_pos - b_neg, 0.0)
+        b_delta = tl.where(used, b_pos - b_neg, 0.0)
         tl.store(delta + row, b_delta)
     b_old = b_lp
     if HAS_OLD:
         b_old = tl.load(old_logp + row)
-    b_a = tl.load(adv + row)
     b_ahat, b_loss, b_coef = cepo_token(b_lp, b_old, b_a, b_delta, valid, lam, eps_w, eps_low, eps_high,
                                         clip_dual, HAS_OLD, HAS_TEACHERS, HAS_DUAL)
     b_coef = tl.where(b_loss != b_loss, b_loss, b_coef)  # a NaN loss gives a NaN gradient, not 0
