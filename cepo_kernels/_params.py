@@ -152,11 +152,12 @@ class Batch(NamedTuple):
 
 def check_loss_inputs(lead, device, targets, advantages, mask, *, old_logp=None, pos=None, neg=None,
                       pos_logp=None, neg_logp=None, num_tokens=None, reduction="token-mean",
-                      teacher_names=("pos_logits", "neg_logits")):
+                      teacher_names=("pos_logits", "neg_logits"), float_dtype=torch.float32):
     """Checks the per-token inputs of a loss against the policy's leading shape `lead` ([B, T] or [N]).
 
     pos / neg are the teachers given as full inputs (logits or hidden states), checked by the caller;
-    here only the rule "each teacher exactly once, both or neither" is enforced.
+    here only the rule "each teacher exactly once, both or neither" is enforced. Float inputs come back
+    as float_dtype (fp32 for the kernels; the reference passes fp64 for fp64 inputs).
     """
     lead = tuple(lead)
     if len(lead) not in (1, 2):
@@ -206,11 +207,11 @@ def check_loss_inputs(lead, device, targets, advantages, mask, *, old_logp=None,
     return Batch(
         B, T, flat,
         targets.reshape(B, T).long(),
-        adv.reshape(B, T).float(),
+        adv.reshape(B, T).to(float_dtype),
         mask_b.reshape(B, T),
-        None if old_logp is None else as2d(old_logp).float(),
-        None if pos_logp is None else as2d(pos_logp).detach().float(),
-        None if neg_logp is None else as2d(neg_logp).detach().float(),
+        None if old_logp is None else as2d(old_logp).to(float_dtype),
+        None if pos_logp is None else as2d(pos_logp).detach().to(float_dtype),
+        None if neg_logp is None else as2d(neg_logp).detach().to(float_dtype),
     )
 
 

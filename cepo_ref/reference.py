@@ -24,14 +24,14 @@ from cepo_kernels.rl.advantages import check_group_inputs
 
 
 def token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False):
-    """logp = log_softmax(logits / temperature)[target], in fp32.
+    """logp = log_softmax(logits / temperature)[target], in fp32 (fp64 for fp64 logits).
 
     entropy = -sum_v p_v log p_v of the same tempered distribution. A target outside [0, V) gives a
     NaN log-prob (never an out-of-bounds read).
     """
     check_logits_and_targets(logits, targets)
     check_temperature(temperature)
-    z = logits.float() / temperature
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     logsm = torch.log_softmax(z, dim=-1)
     V = logits.shape[-1]
     valid = (targets >= 0) & (targets < V)
@@ -95,7 +95,7 @@ def cepo_advantages(advantages, pos_logp, neg_logp, mask, *, lam, eps_w=0.2):
     lead = tuple(pos_logp.shape)
     batch = check_loss_inputs(lead, device, torch.zeros(lead, dtype=torch.long, device=device),
                               advantages, mask, pos_logp=pos_logp, neg_logp=neg_logp,
-                              teacher_names=("pos_logits", "neg_logits"))
+                              float_dtype=torch.promote_types(pos_logp.dtype, torch.float32))
     LossParams(lam=lam, eps_w=eps_w)  # validates lam and eps_w
     a_hat = _reweight(batch.advantages, batch.pos_logp - batch.neg_logp, batch.mask, lam, eps_w)
     return a_hat.reshape(lead)
@@ -138,7 +138,8 @@ def cepo_loss(logits, targets, advantages, mask, *, old_logp=None, pos_logits=No
             check_tensor(name, t, dtypes="float", shape=logits.shape, device=logits.device)
     batch = check_loss_inputs(logits.shape[:-1], logits.device, targets, advantages, mask,
                               old_logp=old_logp, pos=pos_logits, neg=neg_logits, pos_logp=pos_logp,
-                              neg_logp=neg_logp, num_tokens=num_tokens, reduction=reduction)
+                              neg_logp=neg_logp, num_tokens=num_tokens, reduction=reduction,
+                              float_dtype=torch.promote_types(logits.dtype, torch.float32))
     lp = token_logprobs(logits, targets, temperature=temperature).reshape(batch.B, batch.T)
     has_teachers = pos_logits is not None or pos_logp is not None
     if has_teachers:
