@@ -28,3 +28,12 @@ def peak_extra_gib():
         return (torch.cuda.max_memory_allocated() - base) / GIB
 
     return measure
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Records the card and the versions with every result file."""
+    import triton
+
+    machine_info["torch"] = torch.__version__
+    machine_info["triton"] = triton.__version__
+    machine_info["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
