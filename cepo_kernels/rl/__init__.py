@@ -1,1 +1,1 @@
-"""The thin RLVR training loop around the fused kernels (advantages, teacher contexts, rollouts, trainer, CLI)."""
+"""The thin RLVR training loop around the fused kernels: teacher contexts, rollouts, trainer, CLI."""

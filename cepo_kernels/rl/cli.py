@@ -1,0 +1,70 @@
+"""`cepo-train` (also `python -m cepo_kernels.rl.cli`): RLVR training with CEPO / RLSD / GRPO.
+
+With no arguments it trains the embedded tiny model on the embedded arithmetic task. Without a GPU the
+Triton kernels run through Triton's interpreter, which must be switched on before triton is imported:
+importing this module already imports cepo_kernels (and triton), so main() re-executes the process with
+TRITON_INTERPRET=1 when it is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+
+def _ensure_interpreter(argv: list[str]):
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    if "triton" not in sys.modules:  # nothing imported triton yet: setting the variable is enough
+        os.environ.update(env)
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "cepo_kernels.rl.cli", *argv], env)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    _ensure_interpreter(argv)
+    from cepo_kernels.rl.config import parse_args
+    from cepo_kernels.rl.trainer import NaNLossError, Trainer
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = parse_args(argv)
+        trainer = Trainer(cfg)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"cepo-train: error: {e}", file=sys.stderr)
+        return 2
+    what = cfg.model or "embedded tiny Qwen2 (random init + supervised warm-up)"
+    data = cfg.data or "embedded arithmetic task"
+    print(
+        f"cepo-train: algo={cfg.algo} model={what} data={data} device={trainer.device} "
+        f"({'Triton interpreter' if os.environ.get('TRITON_INTERPRET') == '1' else 'GPU kernels'})"
+    )
+    print(
+        f"cepo-train: {len(trainer.train_set)} training / {len(trainer.eval_set)} held-out problems, "
+        f"{cfg.steps} steps of {cfg.prompts_per_step} prompts x {cfg.group_size} responses; "
+        f"run dir {trainer.out}"
+        + (f" (resuming at step {trainer.step_idx})" if cfg.resume else "")
+    )
+    try:
+        summary = trainer.train()
+    except NaNLossError as e:
+        print(f"cepo-train: aborted: {e}", file=sys.stderr)
+        return 3
+    print("cepo-train: done: " + json.dumps(summary))
+    print(
+        f"cepo-train: metrics in {trainer.metrics_path}; checkpoints in {trainer.out / 'checkpoints'}"
+        + (f"; final model in {trainer.out / 'final_model'}" if trainer.step_idx >= cfg.steps else "")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""The training configuration: one dataclass, its checks, and the command-line flags generated from it.
+
+Every field is a flag (`--prompts-per-step 8`, booleans as `--flag/--no-flag`); `--config file.json|yaml`
+loads a dict of fields first, and flags given on the command line override it. Unknown keys are rejected
+with the list of valid ones. The defaults run the embedded arithmetic task on a CPU in a few minutes; the
+README gives the paper's recipe for a real model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+ALGOS = ("cepo", "rlsd", "grpo")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ADV_SCALES = ("group", "batch", "none")
+
+
+@dataclass
+class TrainConfig:
+    """All options of a run. Field comments are the flags' help text."""
+
+    # model: a local Hugging Face causal-LM directory; None -> the embedded tiny Qwen2 model
+    model: str | None = None
+    # LoRA rank; 0 -> full fine-tuning
+    lora_rank: int = 0
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    # comma-separated module names LoRA adapts
+    lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    gradient_checkpointing: bool = False
+    # auto -> bfloat16 on a GPU, float32 on a CPU
+    dtype: str = "auto"
+    # auto -> cuda when available, else cpu
+    device: str = "auto"
+
+    # data: a JSONL file with one problem per line; None -> the embedded arithmetic task
+    data: str | None = None
+    # held-out JSONL for the greedy evaluation; None -> the last eval_size problems of the data
+    eval_data: str | None = None
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    system_prompt: str | None = None
+    # appended to every prompt (e.g. an instruction to put the answer in \boxed{})
+    prompt_suffix: str = ""
+    eval_size: int = 64
+    # "module:function" called as fn(response_text, reference_answer) -> float; None -> \boxed{} match
+    reward_fn: str | None = None
+
+    # rollouts
+    prompts_per_step: int = 16
+    group_size: int = 8
+    max_new_tokens: int = 8
+    max_prompt_tokens: int = 1024
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    # the method (METHOD.md): lambda(step) = max(0, lam0 * (1 - step / t_warm))
+    algo: str = "cepo"
+    lam0: float = 0.5
+    t_warm: int = 25
+    eps_w: float = 0.2
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    # dual-clip constant; <= 0 disables it
+    clip_dual: float = 3.0
+    reduction: str = "token-mean"
+    adv_scale: str = "group"
+    # text inserted between the templated prompt and the response in the teacher contexts; "{answer}" is
+    # replaced by r+ or r-. With "{question}" in it, it replaces the user message instead (re-templated).
+    teacher_template: str = " {answer}"
+
+    # optimisation: one optimizer update per mini-batch, gradient accumulation over micro-batches
+    steps: int = 40
+    lr: float = 3e-4
+    # linear warm-up of the learning rate (steps), then cosine decay to min_lr_ratio * lr
+    lr_warmup_steps: int = 2
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0
+    # prompts per optimizer update (their groups stay whole); 0 -> the whole rollout batch (one update)
+    mini_batch_prompts: int = 4
+    # sequences per forward/backward pass
+    micro_batch_size: int = 64
+    ppo_epochs: int = 1
+    # consecutive steps with a NaN/inf loss tolerated before the run aborts
+    max_nan_steps: int = 3
+
+    # embedded task only: supervised warm-up steps on the answer format before RL (0 -> none)
+    sft_steps: int = 150
+    sft_lr: float = 3e-3
+    sft_batch_size: int = 64
+    # fraction of deliberately wrong warm-up demonstrations (unboxed or off by one)
+    sft_noise: float = 0.3
+
+    # run
+    out_dir: str | None = None
+    seed: int = 0
+    eval_every: int = 10
+    save_every: int = 10
+    keep_last: int = 2
+    resume: str | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        check_config(self)
+
+    @property
+    def lora_targets(self) -> list[str]:
+        return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def lam_at(step: int, lam0: float, t_warm: int) -> float:
+    """lambda of the step with 0-based index `step`; a pure function, so a resumed run continues it."""
+    if t_warm <= 0:
+        return 0.0
+    return max(0.0, lam0 * (1.0 - step / t_warm))
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning-rate multiplier of a 0-based step: linear warm-up, then cosine decay to min_ratio."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(total - warmup, 1)
+    progress = min(max(step - warmup, 0) / span, 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _positive(cfg, *names, allow_zero=False):
+    for name in names:
+        v = getattr(cfg, name)
+        if v < 0 or (v == 0 and not allow_zero):
+            raise ValueError(
+                f"{name}: expected a {'non-negative' if allow_zero else 'positive'} value, got {v}"
+            )
+
+
+def check_config(cfg: TrainConfig):
+    """Type and range checks of every field, with the field's name in the message."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        base, optional = _base_type(hints[f.name])
+        if value is None and optional:
+            continue
+        if base is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+            setattr(cfg, f.name, value)
+        if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+            raise TypeError(
+                f"{f.name}: expected {base.__name__}{' or None' if optional else ''}, "
+                f"got {type(value).__name__} {value!r}"
+            )
+    for name, allowed in (("algo", ALGOS), ("dtype", DTYPES), ("adv_scale", ADV_SCALES)):
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name}: expected one of {allowed}, got {getattr(cfg, name)!r}")
+    _positive(
+        cfg,
+        "prompts_per_step",
+        "group_size",
+        "max_new_tokens",
+        "max_prompt_tokens",
+        "steps",
+        "micro_batch_size",
+        "ppo_epochs",
+        "max_nan_steps",
+        "sft_batch_size",
+        "temperature",
+        "lr",
+        "keep_last",
+        "eval_size",
+    )
+    _positive(
+        cfg,
+        "lora_rank",
+        "lr_warmup_steps",
+        "weight_decay",
+        "max_grad_norm",
+        "mini_batch_prompts",
+        "sft_steps",
+        "sft_lr",
+        "t_warm",
+        "eval_every",
+        "save_every",
+        "lora_dropout",
+        allow_zero=True,
+    )
+    if not 0.0 < cfg.top_p <= 1.0:
+        raise ValueError(f"top_p: expected a value in (0, 1], got {cfg.top_p}")
+    if not 0.0 <= cfg.lam0 <= 1.0:
+        raise ValueError(f"lam0: expected a value in [0, 1], got {cfg.lam0}")
+    for name in ("eps_w", "eps_low"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ValueError(f"{name}: expected a value in [0, 1), got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.sft_noise <= 1.0:
+        raise ValueError(f"sft_noise: expected a value in [0, 1], got {cfg.sft_noise}")
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise ValueError(f"min_lr_ratio: expected a value in [0, 1], got {cfg.min_lr_ratio}")
+    if "{answer}" not in cfg.teacher_template:
+        raise ValueError(
+            f"teacher_template: expected a string containing '{{answer}}', got {cfg.teacher_template!r}"
+        )
+    if cfg.reward_fn is not None and ":" not in cfg.reward_fn:
+        raise ValueError(f"reward_fn: expected 'module:function', got {cfg.reward_fn!r}")
+
+
+def _base_type(hint):
+    """(type, optional) of a field annotation such as `int`, `str | None`."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        non_none = [a for a in args if a is not type(None)]
+        return non_none[0], len(non_none) < len(args)
+    return hint, False
+
+
+def valid_keys() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]
+
+
+def config_from_dict(values: dict, source: str = "config") -> TrainConfig:
+    """A TrainConfig from a dict; keys may use '-' or '_'. Unknown keys raise, listing the valid ones."""
+    if not isinstance(values, dict):
+        raise TypeError(
+            f"{source}: expected a mapping of option names to values, got {type(values).__name__}"
+        )
+    clean = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(clean) - set(valid_keys()))
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown option(s) {unknown}; valid options are: {', '.join(valid_keys())}"
+        )
+    return TrainConfig(**clean)
+
+
+def load_config_file(path: str | Path) -> dict:
+    """A dict of options from a .json or .yaml/.yml file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config: file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"config: {path}: invalid YAML: {e}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config: {path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    return {} if data is None else data
+
+
+def _field_help() -> dict[str, str]:
+    """The comment lines above each field in this file, as help text."""
+    import inspect
+
+    helps, pending = {}, []
+    for line in inspect.getsource(TrainConfig).splitlines():
+        s = line.strip()
+        if s.startswith("#"):
+            pending.append(s.lstrip("# "))
+        elif ":" in s and not s.startswith(("def", '"""', "@")):
+            helps[s.split(":")[0]] = " ".join(pending)
+            pending = []
+        else:
+            pending = []
+    return helps
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cepo-train",
+        description="RLVR training with CEPO / RLSD / GRPO on fused Triton kernels. With no arguments: the "
+        "embedded arithmetic task on a tiny model, runnable on a CPU in a few minutes.",
+    )
+    parser.add_argument("--config", help="a .json or .yaml file of options (flags override it)")
+    hints = typing.get_type_hints(TrainConfig)
+    helps = _field_help()
+    for f in fields(TrainConfig):
+        base, _ = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        text = f"{helps.get(f.name, '')} (default: {f.default!r})".strip()
+        if base is bool:
+            parser.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text
+            )
+        else:
+            choices = {"algo": ALGOS, "dtype": DTYPES, "adv_scale": ADV_SCALES}.get(f.name)
+            parser.add_argument(flag, dest=f.name, type=base, default=None, choices=choices, help=text)
+    return parser
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """The config of a command line: defaults < --config file < flags. With --resume, the resumed
+    checkpoint's config replaces the defaults, so `cepo-train --resume DIR` alone continues the same run."""
+    args = vars(build_parser().parse_args(argv))
+    path = args.pop("config")
+    values = load_config_file(path) if path else {}
+    if path:
+        config_from_dict(values, source=f"config file {path}")  # reject unknown keys before merging
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    values.update({k: v for k, v in args.items() if v is not None})
+    if values.get("resume"):
+        from cepo_kernels.rl.checkpoint import read_state, resolve_checkpoint
+
+        saved = read_state(resolve_checkpoint(values["resume"]))["config"]
+        values = {**{k: v for k, v in saved.items() if k in valid_keys()}, **values}
+    return config_from_dict(values)
+
+
+__all__ = [
+    "TrainConfig",
+    "lam_at",
+    "lr_factor",
+    "config_from_dict",
+    "load_config_file",
+    "parse_args",
+    "build_parser",
+    "valid_keys",
+]

@@ -1,0 +1,107 @@
+"""The policy model: loading (embedded or a local Hugging Face directory), LoRA, and the two pieces the
+fused loss needs: the last hidden states (without the lm_head) and the lm_head's weight and bias."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cepo_kernels.rl.task import build_tiny_model, build_tokenizer
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_model_and_tokenizer(cfg, device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer): the embedded tiny model when cfg.model is None, else AutoModelForCausalLM and
+    AutoTokenizer from the local directory cfg.model (no downloads)."""
+    if cfg.model is None:
+        tokenizer = build_tokenizer()
+        model = build_tiny_model(tokenizer, seed=cfg.seed)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(cfg.model)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model: {str(path)!r} is not a local Hugging Face model directory "
+                f"(no config.json there; hub downloads are not used)"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    model.to(device=device, dtype=dtype)
+    if cfg.lora_rank > 0:
+        model = apply_lora(model, cfg)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model, tokenizer
+
+
+def apply_lora(model, cfg):
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.split(".")[-1] for n, _ in model.named_modules()}
+    targets = [t for t in cfg.lora_targets if t in names]
+    if not targets:
+        raise ValueError(
+            f"lora_target_modules: none of {cfg.lora_targets} is a module of this model "
+            f"(linear modules: {sorted(n for n in names if n.endswith('proj'))})"
+        )
+    lora = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def base_model(model):
+    """The transformers model under a peft wrapper (LoRA layers stay injected in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [V, H], bias [V] or None) of the output projection."""
+    head = base_model(model).get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def response_hidden(model, packed, rows=None) -> torch.Tensor:
+    """Last hidden states [b, R, H] at the positions that predict the response tokens.
+
+    Runs the decoder only (no lm_head, so no [b, T, V] logits); column start - 1 + t predicts token t.
+    """
+    ids, attn, pos = packed.input_ids, packed.attention_mask, packed.position_ids
+    if rows is not None:
+        ids, attn, pos = ids[rows], attn[rows], pos[rows]
+    decoder = base_model(model).get_decoder()
+    hidden = decoder(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
+    R = packed.targets.shape[1]
+    return hidden[:, packed.start - 1 : packed.start - 1 + R]  # [b, R, H]
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def export_model(model, tokenizer, out: Path):
+    """save_pretrained of the model (a peft adapter under LoRA) and the tokenizer, for later loading."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
