@@ -69,7 +69,7 @@ def pack(
 def fallback_answer(text: str, max_chars: int = FALLBACK_CHARS) -> str:
     """r- of a rejected rollout without an extractable answer: its first max_chars characters, whitespace
     collapsed ("" for an empty response). Never the string "None" (the bug of the authors' str(None))."""
-    return " ".join(str(text).split())[:max_chars]
+    return "" if text is None else " ".join(str(text).split())[:max_chars]
 
 
 def negative_answer(

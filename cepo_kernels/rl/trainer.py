@@ -12,6 +12,7 @@ import math
 import random
 import resource
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -325,7 +326,9 @@ class Trainer:
         t2 = time.perf_counter()
 
         upd = self._update(packed, adv, old_logp, pos_logp, neg_logp, lam)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # when every update was skipped (NaN), the schedule still advances
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
         t3 = time.perf_counter()
 
         mask = packed.mask

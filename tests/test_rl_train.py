@@ -1,0 +1,161 @@
+"""End-to-end runs of the training loop on the embedded task (tiny settings), resume, real checkpoints."""
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cepo_kernels.rl.trainer as trainer_mod
+from cepo_kernels.rl.cli import main
+from cepo_kernels.rl.config import TrainConfig, lam_at, parse_args
+from cepo_kernels.rl.task import build_tiny_model, build_tokenizer
+from cepo_kernels.rl.trainer import NaNLossError, Trainer
+
+TINY = dict(steps=3, prompts_per_step=2, group_size=4, max_new_tokens=6, micro_batch_size=8,
+            mini_batch_prompts=1, sft_steps=30, sft_batch_size=32, eval_every=3, eval_size=8, progress=False,
+            lr=3e-4, t_warm=4, save_every=0)
+METRIC_KEYS = ["step", "lambda", "lr", "reward_mean", "accuracy", "reward_errors", "delta_mean", "delta_std",
+               "delta_mean_pos", "delta_mean_neg", "frac_wrong_dir", "clip_frac", "adv_abs_mean",
+               "adv_hat_abs_mean", "entropy", "response_len_mean", "teacher_rows", "r_minus_fallbacks", "loss",
+               "grad_norm", "tokens_per_s", "peak_mem_mb", "time_rollout", "time_teachers", "time_update"]
+
+
+def tiny(tmp_path, name="run", **kw):
+    return TrainConfig(**{**TINY, "out_dir": str(tmp_path / name), **kw})
+
+
+def read_metrics(path):
+    return [json.loads(line) for line in open(path)]
+
+
+@pytest.mark.parametrize("algo", ["cepo", "rlsd", "grpo"])
+def test_three_steps_write_metrics(tmp_path, algo):
+    cfg = tiny(tmp_path, algo=algo)
+    summary = Trainer(cfg).train()
+    out = tmp_path / "run"
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        for k in METRIC_KEYS:
+            assert k in r, k
+            assert isinstance(r[k], (int, float)) and math.isfinite(r[k]), (k, r[k])
+        assert 0.0 <= r["reward_mean"] <= 1.0 and 0.0 <= r["accuracy"] <= 1.0
+        assert 0.0 <= r["clip_frac"] <= 1.0 and 0.0 <= r["frac_wrong_dir"] <= 1.0
+        assert r["response_len_mean"] > 0 and r["time_update"] > 0 and r["peak_mem_mb"] > 0
+        assert r["skipped"] is False and r["reward_errors"] == 0
+    expected_lam = [lam_at(s, 0.5, 4) for s in range(3)] if algo != "grpo" else [0.0] * 3
+    assert [r["lambda"] for r in rows] == pytest.approx(expected_lam)
+    assert expected_lam[:2] == ([0.5, 0.375] if algo != "grpo" else [0.0, 0.0])
+    if algo == "grpo":  # no teachers: no evidence, A_hat = A
+        assert all(r["teacher_rows"] == 0 and r["delta_std"] == 0.0 for r in rows)
+        assert all(r["adv_hat_abs_mean"] == pytest.approx(r["adv_abs_mean"]) for r in rows)
+    if algo != "grpo" and any(r["teacher_rows"] for r in rows):
+        assert any(r["delta_std"] > 0 for r in rows if r["teacher_rows"])
+    assert "eval_accuracy" in rows[-1] and 0.0 <= rows[-1]["eval_accuracy"] <= 1.0
+    assert summary["steps_done"] == 3 and summary["reward_last"] == rows[-1]["reward_mean"]
+    assert (out / "final_model" / "config.json").is_file()
+    assert (out / "checkpoints" / "step_000003" / "trainer_state.json").is_file()
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = Trainer(tiny(tmp_path, "straight", steps=4, eval_every=2))
+    straight.train()
+    a = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+
+    first = Trainer(tiny(tmp_path, "split", steps=4, eval_every=2, keep_last=1))
+    first.train(stop_after=2)
+    assert not (tmp_path / "split" / "final_model").exists()
+    ckpts = sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir())
+    assert ckpts == ["step_000002"]  # atomic rename: no temporary directory is left behind
+    cfg = parse_args(["--resume", str(tmp_path / "split")])  # the CLI path: the saved config comes back
+    assert cfg == tiny(tmp_path, "split", steps=4, eval_every=2, keep_last=1, resume=str(tmp_path / "split"))
+    resumed = Trainer(cfg)
+    assert resumed.step_idx == 2
+    resumed.train()
+    b = read_metrics(tmp_path / "split" / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b, strict=True):
+        for k in ("loss", "lambda", "lr", "reward_mean", "delta_mean", "clip_frac", "entropy", "grad_norm"):
+            assert ra[k] == rb[k], (ra["step"], k, ra[k], rb[k])
+    assert a[-1]["eval_accuracy"] == b[-1]["eval_accuracy"]
+    for (n, p), (_, q) in zip(straight.model.named_parameters(), resumed.model.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+
+
+def test_nan_loss_skips_then_aborts(tmp_path, monkeypatch, caplog):
+    real = trainer_mod.linear_cepo_loss
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return out._replace(loss=out.loss * float("nan"))
+
+    monkeypatch.setattr(trainer_mod, "linear_cepo_loss", poisoned)
+    tr = Trainer(tiny(tmp_path, steps=5, max_nan_steps=2, sft_steps=0, eval_every=0))
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    with caplog.at_level(logging.WARNING, logger="cepo_kernels.rl"), pytest.raises(NaNLossError, match="2 steps"):
+        tr.train()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert len(rows) == 2 and all(r["skipped"] and r["nan_updates"] == 2 for r in rows)
+    assert "non-finite loss" in caplog.text
+    assert all(torch.equal(before[n], p) for n, p in tr.model.named_parameters())  # no update applied
+
+
+def test_raising_reward_counts_errors(tmp_path):
+    calls = {"n": 0}
+
+    def flaky(text, ref):
+        calls["n"] += 1
+        if calls["n"] % 2:
+            raise KeyError("grader crashed")
+        return float(text.strip().endswith(ref + "}"))
+
+    Trainer(tiny(tmp_path, steps=1, eval_every=0), reward_fn=flaky).train()
+    (row,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert row["reward_errors"] == 4  # half of the 2 x 4 rollouts
+
+
+def test_real_checkpoint_lora_jsonl(tmp_path, monkeypatch, capsys):
+    """The --model / --data path: a Hugging Face directory written with save_pretrained, LoRA, custom keys."""
+    tok = build_tokenizer()
+    model_dir = tmp_path / "hf-model"
+    build_tiny_model(tok, seed=3).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{a}+{b}=", "solution": a + b}) + "\n"
+                            for a in range(4) for b in range(4)))
+    (tmp_path / "myreward.py").write_text(
+        "def reward(text, ref):\n    return float(len(text) % 2)\n")  # a dense signal so teachers run
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "lora-run"
+    rc = main(["--model", str(model_dir), "--data", str(data), "--prompt-key", "question", "--answer-key",
+               "solution", "--lora-rank", "4", "--lora-target-modules", "q_proj,v_proj", "--steps", "2",
+               "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "5", "--eval-every", "2",
+               "--eval-size", "4", "--reward-fn", "myreward:reward", "--out-dir", str(out), "--no-progress",
+               "--gradient-checkpointing", "--lr", "1e-2"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "cepo-train: done" in printed and str(out / "metrics.jsonl") in printed
+    rows = read_metrics(out / "metrics.jsonl")
+    assert len(rows) == 2 and sum(r["teacher_rows"] for r in rows) > 0
+    assert (out / "final_model" / "adapter_config.json").is_file()
+    saved = torch.load(out / "checkpoints" / "step_000002" / "model_state.pt", weights_only=True)
+    assert saved and all("lora_" in k for k in saved)  # LoRA on a model from disk: adapters only
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in saved.items() if "lora_B" in k)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only interpreter switch")
+def test_cli_switches_on_the_interpreter_by_itself(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cepo_kernels.rl.cli", "--steps", "1", "--prompts-per-step", "1", "--group-size",
+         "2", "--sft-steps", "0", "--eval-every", "0", "--max-new-tokens", "3", "--no-progress", "--out-dir",
+         str(out)], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Triton interpreter" in proc.stdout
+    assert len(read_metrics(out / "metrics.jsonl")) == 1
