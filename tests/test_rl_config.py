@@ -28,7 +28,8 @@ def test_lambda_is_a_pure_function_of_the_step():
 def test_flags_are_generated_from_the_fields():
     cfg = parse_args(["--algo", "rlsd", "--lam0", "0.3", "--no-progress", "--lora-rank", "8",
                       "--system-prompt", "Be brief."])
-    assert (cfg.algo, cfg.lam0, cfg.progress, cfg.lora_rank, cfg.system_prompt) == ("rlsd", 0.3, False, 8, "Be brief.")
+    assert (cfg.algo, cfg.lam0, cfg.progress, cfg.lora_rank) == ("rlsd", 0.3, False, 8)
+    assert cfg.system_prompt == "Be brief."
     with pytest.raises(SystemExit):
         parse_args(["--algo", "ppo"])
     with pytest.raises(SystemExit):
@@ -47,7 +48,8 @@ def test_config_file_json_and_yaml_with_flag_override(tmp_path):
 
 
 def test_unknown_config_keys_list_the_valid_ones(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['learning_rate'\]; valid options are: model, "):
+    msg = r"unknown option\(s\) \['learning_rate'\]; valid options are: model, "
+    with pytest.raises(ValueError, match=msg):
         config_from_dict({"learning_rate": 1e-3})
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"stepz": 3}))
@@ -87,7 +89,8 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"d.jsonl:3: invalid JSON"):
         load_jsonl(f)
     f.write_text('{"prompt": "1+1=", "answer": "2"}\n{"question": "2+2=", "answer": "4"}\n')
-    with pytest.raises(ValueError, match=r"d.jsonl:2: missing key 'prompt' \(keys present: \['answer', 'question'\]"):
+    msg = r"d.jsonl:2: missing key 'prompt' \(keys present: \['answer', 'question'\]"
+    with pytest.raises(ValueError, match=msg):
         load_jsonl(f)
     f.write_text('[1, 2]\n')
     with pytest.raises(ValueError, match=r"d.jsonl:1: expected a JSON object"):

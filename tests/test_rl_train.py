@@ -21,8 +21,9 @@ TINY = dict(steps=3, prompts_per_step=2, group_size=4, max_new_tokens=6, micro_b
             lr=3e-4, t_warm=4, save_every=0)
 METRIC_KEYS = ["step", "lambda", "lr", "reward_mean", "accuracy", "reward_errors", "delta_mean", "delta_std",
                "delta_mean_pos", "delta_mean_neg", "frac_wrong_dir", "clip_frac", "adv_abs_mean",
-               "adv_hat_abs_mean", "entropy", "response_len_mean", "teacher_rows", "r_minus_fallbacks", "loss",
-               "grad_norm", "tokens_per_s", "peak_mem_mb", "time_rollout", "time_teachers", "time_update"]
+               "adv_hat_abs_mean", "entropy", "response_len_mean", "teacher_rows", "r_minus_fallbacks",
+               "loss", "grad_norm", "tokens_per_s", "peak_mem_mb", "time_rollout", "time_teachers",
+               "time_update"]
 
 
 def tiny(tmp_path, name="run", **kw):
@@ -83,7 +84,8 @@ def test_resume_continues_exactly(tmp_path):
         for k in ("loss", "lambda", "lr", "reward_mean", "delta_mean", "clip_frac", "entropy", "grad_norm"):
             assert ra[k] == rb[k], (ra["step"], k, ra[k], rb[k])
     assert a[-1]["eval_accuracy"] == b[-1]["eval_accuracy"]
-    for (n, p), (_, q) in zip(straight.model.named_parameters(), resumed.model.named_parameters(), strict=True):
+    params = zip(straight.model.named_parameters(), resumed.model.named_parameters(), strict=True)
+    for (n, p), (_, q) in params:
         assert torch.equal(p, q), n
 
 
@@ -97,8 +99,9 @@ def test_nan_loss_skips_then_aborts(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(trainer_mod, "linear_cepo_loss", poisoned)
     tr = Trainer(tiny(tmp_path, steps=5, max_nan_steps=2, sft_steps=0, eval_every=0))
     before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
-    with caplog.at_level(logging.WARNING, logger="cepo_kernels.rl"), pytest.raises(NaNLossError, match="2 steps"):
-        tr.train()
+    with caplog.at_level(logging.WARNING, logger="cepo_kernels.rl"):
+        with pytest.raises(NaNLossError, match="2 steps"):
+            tr.train()
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert len(rows) == 2 and all(r["skipped"] and r["nan_updates"] == 2 for r in rows)
     assert "non-finite loss" in caplog.text
@@ -152,10 +155,9 @@ def test_real_checkpoint_lora_jsonl(tmp_path, monkeypatch, capsys):
 def test_cli_switches_on_the_interpreter_by_itself(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "cli"
-    proc = subprocess.run(
-        [sys.executable, "-m", "cepo_kernels.rl.cli", "--steps", "1", "--prompts-per-step", "1", "--group-size",
-         "2", "--sft-steps", "0", "--eval-every", "0", "--max-new-tokens", "3", "--no-progress", "--out-dir",
-         str(out)], env=env, capture_output=True, text=True, timeout=240)
+    args = "--steps 1 --prompts-per-step 1 --group-size 2 --sft-steps 0 --eval-every 0 --max-new-tokens 3"
+    cmd = [sys.executable, "-m", "cepo_kernels.rl.cli", *args.split(), "--no-progress", "--out-dir", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Triton interpreter" in proc.stdout
     assert len(read_metrics(out / "metrics.jsonl")) == 1
