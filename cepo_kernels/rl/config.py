@@ -100,6 +100,8 @@ class TrainConfig:
     sft_batch_size: int = 64
     # fraction of deliberately wrong warm-up demonstrations (unboxed or off by one)
     sft_noise: float = 0.3
+    # also show every warm-up demonstration in the teachers' context (prompt + answer), see rl/sft.py
+    sft_hints: bool = True
 
     # run
     out_dir: str | None = None

@@ -8,16 +8,25 @@ import random
 import torch
 
 from cepo_kernels.rl.task import sft_texts
-from cepo_kernels.rl.teacher import pack
+from cepo_kernels.rl.teacher import pack, teacher_prefix
 
 
 def supervised_warmup(model, tokenizer, problems, cfg, device) -> list[float]:
     """cfg.sft_steps AdamW steps of next-token cross-entropy on "\\boxed{answer}" + eos; returns the losses.
 
-    Each demonstration is fixed once (cfg.sft_noise of them wrong, see task.sft_texts). Plain PyTorch
-    (the logits of a ~60-token vocabulary are tiny); batches drawn with a seeded generator.
+    Each demonstration is fixed once (cfg.sft_noise of them wrong, see task.sft_texts). With cfg.sft_hints,
+    every demonstration also appears in the teachers' context (prompt + teacher_template with the answer
+    the demonstration gives), so that, like a pretrained LLM, the model learns to use an answer placed in
+    its context and the teachers' evidence Delta carries signal. Plain PyTorch (the logits of a ~60-token
+    vocabulary are tiny); batches drawn with a seeded generator.
     """
-    data = sft_texts(tokenizer, problems, cfg.system_prompt, cfg.prompt_suffix, cfg.sft_noise, cfg.seed)
+    demos = sft_texts(tokenizer, problems, cfg.system_prompt, cfg.prompt_suffix, cfg.sft_noise, cfg.seed)
+    data = [(prompt, target) for prompt, target, _ in demos]
+    if cfg.sft_hints:
+        for p, (prompt, target, shown) in zip(problems, demos, strict=True):
+            question = p.prompt + cfg.prompt_suffix
+            template, system = cfg.teacher_template, cfg.system_prompt
+            data.append((teacher_prefix(tokenizer, question, prompt, shown, template, system), target))
     rng = random.Random(cfg.seed + 1)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.sft_lr)
     model.train()

@@ -157,8 +157,8 @@ def encode(tokenizer, text: str) -> list[int]:
 
 def sft_texts(
     tokenizer, problems: list[Problem], system_prompt=None, suffix="", noise: float = 0.0, seed: int = 0
-) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, target ids) of the embedded task's supervised warm-up: "\\boxed{answer}" + eos.
+) -> list[tuple[list[int], list[int], str]]:
+    """(prompt ids, target ids, answer shown) of the embedded task's warm-up: "\\boxed{answer}" + eos.
 
     A fraction `noise` of the demonstrations is deliberately wrong (half unboxed, half off by one), so the
     warmed-up policy is right only part of the time and RL has something to fix within minutes.
@@ -168,10 +168,12 @@ def sft_texts(
     for p in problems:
         prompt = encode(tokenizer, render_prompt(tokenizer, p.prompt + suffix, system_prompt))
         text = f"{BOX_TOKEN}{p.answer}}}"
+        shown = p.answer
         if rng.random() < noise:
             wrong = (
                 str(int(p.answer) + rng.choice((-1, 1))) if p.answer.lstrip("-").isdigit() else p.answer + "0"
             )
             text = p.answer if rng.random() < 0.5 else f"{BOX_TOKEN}{wrong}}}"
-        out.append((prompt, encode(tokenizer, text) + [tokenizer.eos_token_id]))
+            shown = p.answer if text == p.answer else wrong
+        out.append((prompt, encode(tokenizer, text) + [tokenizer.eos_token_id], shown))
     return out
