@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import cepo_kernels.rl.trainer as trainer_mod
+from cepo_kernels.rl.checkpoint import resolve_checkpoint
 from cepo_kernels.rl.cli import main
 from cepo_kernels.rl.config import TrainConfig, lam_at, parse_args
 from cepo_kernels.rl.task import build_tiny_model, build_tokenizer
@@ -36,7 +37,7 @@ def read_metrics(path):
 
 @pytest.mark.parametrize("algo", ["cepo", "rlsd", "grpo"])
 def test_three_steps_write_metrics(tmp_path, algo):
-    cfg = tiny(tmp_path, algo=algo)
+    cfg = tiny(tmp_path, algo=algo, save_every=1, keep_last=2)
     summary = Trainer(cfg).train()
     out = tmp_path / "run"
     rows = read_metrics(out / "metrics.jsonl")
@@ -60,7 +61,11 @@ def test_three_steps_write_metrics(tmp_path, algo):
     assert "eval_accuracy" in rows[-1] and 0.0 <= rows[-1]["eval_accuracy"] <= 1.0
     assert summary["steps_done"] == 3 and summary["reward_last"] == rows[-1]["reward_mean"]
     assert (out / "final_model" / "config.json").is_file()
-    assert (out / "checkpoints" / "step_000003" / "trainer_state.json").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
+    partial = out / "checkpoints" / ".tmp-step_000004-crashed"  # what a crash during a save leaves
+    partial.mkdir()
+    (partial / "model_state.pt").write_bytes(b"half")
+    assert resolve_checkpoint(out) == out / "checkpoints" / "step_000003"
 
 
 def test_resume_continues_exactly(tmp_path):
