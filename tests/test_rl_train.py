@@ -32,7 +32,7 @@ def tiny(tmp_path, name="run", **kw):
 
 
 def read_metrics(path):
-    return [json.loads(line) for line in open(path)]
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.mark.parametrize("algo", ["cepo", "rlsd", "grpo"])

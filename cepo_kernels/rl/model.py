@@ -45,8 +45,12 @@ def load_model_and_tokenizer(cfg, device: torch.device, dtype: torch.dtype):
     if cfg.lora_rank > 0:
         model = apply_lora(model, cfg)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        base = base_model(model)
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5 name
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
     return model, tokenizer
 
 

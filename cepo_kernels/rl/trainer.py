@@ -327,7 +327,7 @@ class Trainer:
 
         upd = self._update(packed, adv, old_logp, pos_logp, neg_logp, lam)
         with warnings.catch_warnings():  # when every update was skipped (NaN), the schedule still advances
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.scheduler.step()
         t3 = time.perf_counter()
 
