@@ -11,10 +11,13 @@ import pytest
 import torch
 
 import cepo_kernels.rl.trainer as trainer_mod
+from cepo_kernels import group_advantages
 from cepo_kernels.rl.checkpoint import resolve_checkpoint
 from cepo_kernels.rl.cli import main
 from cepo_kernels.rl.config import TrainConfig, lam_at, parse_args
-from cepo_kernels.rl.task import build_tiny_model, build_tokenizer
+from cepo_kernels.rl.model import lm_head
+from cepo_kernels.rl.task import Problem, build_tiny_model, build_tokenizer
+from cepo_kernels.rl.teacher import pack, plan_teachers
 from cepo_kernels.rl.trainer import NaNLossError, Trainer
 
 TINY = dict(steps=3, prompts_per_step=2, group_size=4, max_new_tokens=6, micro_batch_size=8,
@@ -166,3 +169,41 @@ def test_cli_switches_on_the_interpreter_by_itself(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Triton interpreter" in proc.stdout
     assert len(read_metrics(out / "metrics.jsonl")) == 1
+
+
+def test_teacher_logprobs_match_the_model_on_the_context(tmp_path):
+    """The packed, padded teacher pass equals the model run alone on prompt + " answer" + response."""
+    tr = Trainer(tiny(tmp_path, sft_steps=20, eval_every=0))
+    tok = tr.tok
+    questions = ["2+3=", "11-4="]
+    prompts = [tr.prompt_ids(Problem(q, "")) for q in questions]
+    refs = ["5", "7"]
+    texts = ["\\boxed{5}", "\\boxed{6}", "\\boxed{77}", "\\boxed{7}"]
+    responses = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    responses[2] = responses[2][:-1]  # one truncated response: shorter, no eos
+    rewards = [1.0, 0.0, 0.0, 1.0]
+    adv = group_advantages(torch.tensor(rewards), 2)
+    plan = plan_teachers(tok, questions, prompts, refs, texts, rewards, adv, 2)
+    assert plan.neg_answers == ["6", "77"]
+    packed = pack([p for p in prompts for _ in range(2)], responses, tok.pad_token_id)
+    weight, bias = lm_head(tr.model)
+    tr.model.eval()
+    old, _ = tr._old_logprobs(packed, weight, bias)
+    pos, neg = tr._teacher_logprobs(plan, responses, old, weight, bias)
+    for i, resp in enumerate(responses):
+        for prefix_answer, got in ((refs[i // 2], pos), (plan.neg_answers[i // 2], neg)):
+            ctx = prompts[i // 2] + tok(" " + prefix_answer, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([ctx + resp])
+            with torch.no_grad():
+                logits = tr.model(ids).logits[0, len(ctx) - 1:-1].float()
+            want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(resp)[:, None])[:, 0]
+            torch.testing.assert_close(got[i, :len(resp)], want, atol=2e-5, rtol=1e-4)
+    assert not torch.equal(pos, neg)
+
+
+def test_all_correct_groups_skip_the_teachers(tmp_path):
+    Trainer(tiny(tmp_path, steps=1, eval_every=0), reward_fn=lambda text, ref: 1.0).train()
+    (row,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert row["reward_mean"] == 1.0 and row["teacher_rows"] == 0
+    assert row["adv_abs_mean"] == 0.0 and row["adv_hat_abs_mean"] == 0.0 and row["loss"] == 0.0
+    assert row["delta_mean"] == 0.0 and row["delta_std"] == 0.0

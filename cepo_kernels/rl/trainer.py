@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import random
-import resource
 import time
 import warnings
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from cepo_kernels import group_advantages, linear_cepo_loss, linear_logprobs, linear_teacher_logprobs
 from cepo_kernels.rl import checkpoint as ckpt
 from cepo_kernels.rl.config import TrainConfig, lam_at, lr_factor
+from cepo_kernels.rl.metrics import delta_stats, peak_memory_mb
 from cepo_kernels.rl.model import (
     export_model,
     lm_head,
@@ -216,6 +216,9 @@ class Trainer:
         mini = min(cfg.mini_batch_prompts or cfg.prompts_per_step, cfg.prompts_per_step) * G
         weight, bias = lm_head(self.model)
         teachers = {} if cfg.algo == "grpo" else {"pos_logp": pos_logp, "neg_logp": neg_logp}
+        clip_dual = cfg.clip_dual if cfg.clip_dual > 0 else None
+        opts = dict(bias=bias, lam=lam, eps_w=cfg.eps_w, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                    clip_dual=clip_dual, temperature=cfg.temperature, reduction=cfg.reduction)
         sums, tokens, losses, grad_norms, n_nan = {}, 0.0, [], [], 0
         self.model.train()
         for _ in range(cfg.ppo_epochs):
@@ -229,23 +232,10 @@ class Trainer:
                     rows = torch.arange(sl.start, sl.stop, device=self.device)
                     h = response_hidden(self.model, packed, rows)
                     out = linear_cepo_loss(
-                        h,
-                        weight,
-                        packed.targets[sl],
-                        adv[sl],
-                        packed.mask[sl],
-                        old_logp=old_logp[sl],
-                        bias=bias,
-                        lam=lam,
-                        eps_w=cfg.eps_w,
-                        eps_low=cfg.eps_low,
-                        eps_high=cfg.eps_high,
-                        clip_dual=cfg.clip_dual if cfg.clip_dual > 0 else None,
-                        temperature=cfg.temperature,
-                        reduction=cfg.reduction,
+                        h, weight, packed.targets[sl], adv[sl], packed.mask[sl], old_logp=old_logp[sl],
                         num_tokens=num_tokens if cfg.reduction == "token-mean" else None,
-                        **{k: v[sl] for k, v in teachers.items()},
-                    )
+                        **opts, **{k: v[sl] for k, v in teachers.items()},
+                    )  # fmt: skip
                     if not torch.isfinite(out.loss):
                         bad = True
                         break
@@ -270,8 +260,8 @@ class Trainer:
                 grad_norms.append(grad_norm)
         metrics = {k: v / max(tokens, 1.0) for k, v in sums.items()}
         metrics.update(
-            loss=float(np.mean(losses)) if losses else float("nan"),
-            grad_norm=float(np.mean(grad_norms)) if grad_norms else float("nan"),
+            loss=float(np.mean(losses)) if losses else None,  # None: every update was skipped
+            grad_norm=float(np.mean(grad_norms)) if grad_norms else None,
             nan_updates=n_nan,
         )
         return metrics
@@ -297,9 +287,8 @@ class Trainer:
         texts = self.tok.batch_decode(responses, skip_special_tokens=True)
         refs = [p.answer for p in problems]
         rewards, reward_errors = safe_rewards(self.reward_fn, texts, [r for r in refs for _ in range(G)])
-        adv = group_advantages(torch.tensor(rewards, dtype=torch.float32), G, scale=cfg.adv_scale).to(
-            self.device
-        )
+        adv = group_advantages(torch.tensor(rewards, dtype=torch.float32), G, scale=cfg.adv_scale)
+        adv = adv.to(self.device)
         t1 = time.perf_counter()
 
         packed = pack([p for p in prompts for _ in range(G)], responses, self.tok.pad_token_id, self.device)
@@ -309,19 +298,9 @@ class Trainer:
         plan = None
         pos_logp = neg_logp = old_logp
         if cfg.algo != "grpo":
-            plan = plan_teachers(
-                self.tok,
-                [self.question(p) for p in problems],
-                prompts,
-                refs,
-                texts,
-                rewards,
-                adv,
-                G,
-                cfg.teacher_template,
-                cfg.system_prompt,
-                self.extract,
-            )
+            questions = [self.question(p) for p in problems]
+            plan = plan_teachers(self.tok, questions, prompts, refs, texts, rewards, adv, G,
+                                 cfg.teacher_template, cfg.system_prompt, self.extract)
             pos_logp, neg_logp = self._teacher_logprobs(plan, responses, old_logp, weight, bias)
         t2 = time.perf_counter()
 
@@ -355,12 +334,8 @@ class Trainer:
         self.step_idx += 1
         if upd["nan_updates"]:
             self.nan_streak += 1
-            log.warning(
-                "step %d: non-finite loss or gradient in %d update(s); skipped them (%d step(s) in a row)",
-                s + 1,
-                upd["nan_updates"],
-                self.nan_streak,
-            )
+            log.warning("step %d: non-finite loss or gradient in %d update(s); skipped them "
+                        "(%d step(s) in a row)", s + 1, upd["nan_updates"], self.nan_streak)
         else:
             self.nan_streak = 0
         rec["skipped"] = upd["nan_updates"] > 0
@@ -368,16 +343,11 @@ class Trainer:
 
     def save(self):
         return ckpt.save_checkpoint(
-            self.out / "checkpoints",
-            self.step_idx,
-            model=self.model,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            config=self.cfg.to_dict(),
+            self.out / "checkpoints", self.step_idx, model=self.model, optimizer=self.optimizer,
+            scheduler=self.scheduler, config=self.cfg.to_dict(), keep_last=self.cfg.keep_last,
             trainable_only=self.cfg.lora_rank > 0 and self.cfg.model is not None,
-            keep_last=self.cfg.keep_last,
             extra={"nan_streak": self.nan_streak},
-        )
+        )  # fmt: skip
 
     def train(self, stop_after: int | None = None) -> dict:
         """Runs the remaining steps (or stop_after of them), then writes the final checkpoint, the exported
@@ -390,13 +360,8 @@ class Trainer:
         t_start = time.perf_counter()
         eval_start = self.evaluate() if self.step_idx == 0 and cfg.eval_every else None
         first = last = None
-        bar = tqdm(
-            total=cfg.steps,
-            initial=self.step_idx,
-            disable=not cfg.progress,
-            desc=f"cepo-train {cfg.algo}",
-            dynamic_ncols=True,
-        )
+        bar = tqdm(total=cfg.steps, initial=self.step_idx, disable=not cfg.progress,
+                   desc=f"cepo-train {cfg.algo}", dynamic_ncols=True)
         with bar:
             while self.step_idx < end:
                 rec = self.step()
@@ -421,41 +386,10 @@ class Trainer:
         self.save()
         if self.step_idx >= cfg.steps:
             export_model(self.model, self.tok, self.out / "final_model")
-        summary = {
-            "out_dir": str(self.out),
-            "steps_done": self.step_idx,
-            "wall_s": time.perf_counter() - t_start,
-            "eval_accuracy_start": eval_start,
-            "eval_accuracy_end": last.get("eval_accuracy") if last else None,
-            "reward_first": first["reward_mean"] if first else None,
-            "reward_last": last["reward_mean"] if last else None,
-        }
+        summary = {"out_dir": str(self.out), "steps_done": self.step_idx,
+                   "wall_s": time.perf_counter() - t_start, "eval_accuracy_start": eval_start,
+                   "eval_accuracy_end": last.get("eval_accuracy") if last else None,
+                   "reward_first": first["reward_mean"] if first else None,
+                   "reward_last": last["reward_mean"] if last else None}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
-
-
-@torch.no_grad()
-def delta_stats(delta: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor) -> dict:
-    """Delta = log P_T+ - log P_T- over the valid tokens of the sequences with A != 0 (the only ones whose
-    teachers run): mean, std, mean on A > 0 and on A < 0, fraction with sign(Delta) opposite to sign(A)."""
-    sign = torch.sign(adv)[:, None].expand_as(delta)
-    sel = mask & (sign != 0)
-
-    def mean(x, m):
-        return float(x[m].double().mean()) if bool(m.any()) else 0.0
-
-    d = delta[sel].double()
-    return {
-        "delta_mean": mean(delta, sel),
-        "delta_std": float(d.std()) if d.numel() > 1 else 0.0,
-        "delta_mean_pos": mean(delta, sel & (sign > 0)),
-        "delta_mean_neg": mean(delta, sel & (sign < 0)),
-        "frac_wrong_dir": mean((torch.sign(delta) * sign < 0).float(), sel),
-    }
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated (CUDA), else the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
