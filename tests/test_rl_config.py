@@ -69,6 +69,8 @@ def test_unknown_config_keys_list_the_valid_ones(tmp_path):
     ({"top_p": 0.0}, "top_p"),
     ({"teacher_template": "no placeholder"}, "teacher_template"),
     ({"reward_fn": "module_without_colon"}, "reward_fn: expected 'module:function'"),
+    ({"reduction": "mean"}, "reduction: expected one of"),
+    ({"clip_dual": 1.1}, "clip_dual: expected None or a number > 1 \\+ eps_high"),
 ])
 def test_bad_values_name_the_field(kw, match):
     with pytest.raises(ValueError, match=match):

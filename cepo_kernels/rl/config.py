@@ -17,9 +17,12 @@ import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from cepo_kernels._params import REDUCTIONS, LossParams
+
 ALGOS = ("cepo", "rlsd", "grpo")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ADV_SCALES = ("group", "batch", "none")
+CHOICES = {"algo": ALGOS, "dtype": DTYPES, "adv_scale": ADV_SCALES, "reduction": REDUCTIONS}
 
 
 @dataclass
@@ -213,6 +216,9 @@ def check_config(cfg: TrainConfig):
         raise ValueError(
             f"teacher_template: expected a string containing '{{answer}}', got {cfg.teacher_template!r}"
         )
+    clip_dual = cfg.clip_dual if cfg.clip_dual > 0 else None  # the loss's own checks, before the run starts
+    LossParams(lam=cfg.lam0, eps_w=cfg.eps_w, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+               temperature=cfg.temperature, clip_dual=clip_dual, reduction=cfg.reduction)
     if cfg.reward_fn is not None and ":" not in cfg.reward_fn:
         raise ValueError(f"reward_fn: expected 'module:function', got {cfg.reward_fn!r}")
 
@@ -301,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text
             )
         else:
-            choices = {"algo": ALGOS, "dtype": DTYPES, "adv_scale": ADV_SCALES}.get(f.name)
+            choices = CHOICES.get(f.name)
             parser.add_argument(flag, dest=f.name, type=base, default=None, choices=choices, help=text)
     return parser
 
