@@ -215,6 +215,23 @@ def check_loss_inputs(lead, device, targets, advantages, mask, *, old_logp=None,
     )
 
 
+def check_logits_loss(logits, targets, advantages, mask, *, old_logp, pos_logits, neg_logits, pos_logp,
+                      neg_logp, num_tokens, float_dtype=torch.float32, **options):
+    """All checks of cepo_loss: returns (LossParams, Batch). options: the LossParams fields."""
+    check_logits_and_targets(logits, targets)
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits: expected [B, T, V] or [N, V], got shape {tuple(logits.shape)}")
+    params = LossParams(**options)
+    for name, t in (("pos_logits", pos_logits), ("neg_logits", neg_logits)):
+        if t is not None:
+            check_tensor(name, t, dtypes="float", shape=logits.shape, device=logits.device)
+    batch = check_loss_inputs(logits.shape[:-1], logits.device, targets, advantages, mask,
+                              old_logp=old_logp, pos=pos_logits, neg=neg_logits, pos_logp=pos_logp,
+                              neg_logp=neg_logp, num_tokens=num_tokens, reduction=params.reduction,
+                              float_dtype=float_dtype)
+    return params, batch
+
+
 def token_normaliser(num_tokens, n_valid):
     """The token-mean denominator: num_tokens when given (gradient accumulation), else the valid count.
 

@@ -15,6 +15,7 @@ from cepo_kernels._params import (
     LossParams,
     check_linear,
     check_logits_and_targets,
+    check_logits_loss,
     check_loss_inputs,
     check_temperature,
     check_tensor,
@@ -128,18 +129,12 @@ def cepo_loss(logits, targets, advantages, mask, *, old_logp=None, pos_logits=No
     for A_hat_t < 0 (dual clip): L_t = min(L_t, -clip_dual * A_hat_t).
     No teachers: A_hat = A (GRPO). Reductions: see cepo_kernels._params.reduction_weights.
     """
-    check_logits_and_targets(logits, targets)
-    if logits.dim() not in (2, 3):
-        raise ValueError(f"logits: expected [B, T, V] or [N, V], got shape {tuple(logits.shape)}")
-    p = LossParams(lam=lam, eps_w=eps_w, eps_low=eps_low, eps_high=eps_high, clip_dual=clip_dual,
-                   temperature=temperature, reduction=reduction)
-    for name, t in (("pos_logits", pos_logits), ("neg_logits", neg_logits)):
-        if t is not None:
-            check_tensor(name, t, dtypes="float", shape=logits.shape, device=logits.device)
-    batch = check_loss_inputs(logits.shape[:-1], logits.device, targets, advantages, mask,
-                              old_logp=old_logp, pos=pos_logits, neg=neg_logits, pos_logp=pos_logp,
-                              neg_logp=neg_logp, num_tokens=num_tokens, reduction=reduction,
-                              float_dtype=torch.promote_types(logits.dtype, torch.float32))
+    p, batch = check_logits_loss(
+        logits, targets, advantages, mask, old_logp=old_logp, pos_logits=pos_logits, neg_logits=neg_logits,
+        pos_logp=pos_logp, neg_logp=neg_logp, num_tokens=num_tokens,
+        float_dtype=torch.promote_types(logits.dtype, torch.float32), lam=lam, eps_w=eps_w, eps_low=eps_low,
+        eps_high=eps_high, clip_dual=clip_dual, temperature=temperature, reduction=reduction,
+    )
     lp = token_logprobs(logits, targets, temperature=temperature).reshape(batch.B, batch.T)
     has_teachers = pos_logits is not None or pos_logp is not None
     if has_teachers:

@@ -22,6 +22,7 @@ from cepo_kernels._params import (
     CEPOOutput,
     LossParams,
     check_logits_and_targets,
+    check_logits_loss,
     check_loss_inputs,
     check_temperature,
     check_tensor,
@@ -404,17 +405,11 @@ def cepo_loss(logits, targets, advantages, mask, *, old_logp=None, pos_logits=No
         CEPOOutput(loss: scalar ([B, T] / [N] for "none"), logp: fp32 detached, advantages: fp32 A_hat
         detached, metrics: dict of floats).
     """
-    check_logits_and_targets(logits, targets)
-    if logits.dim() not in (2, 3):
-        raise ValueError(f"logits: expected [B, T, V] or [N, V], got shape {tuple(logits.shape)}")
-    params = LossParams(lam=lam, eps_w=eps_w, eps_low=eps_low, eps_high=eps_high, clip_dual=clip_dual,
-                        temperature=temperature, reduction=reduction)
-    for name, t in (("pos_logits", pos_logits), ("neg_logits", neg_logits)):
-        if t is not None:
-            check_tensor(name, t, dtypes="float", shape=logits.shape, device=logits.device)
-    batch = check_loss_inputs(logits.shape[:-1], logits.device, targets, advantages, mask,
-                              old_logp=old_logp, pos=pos_logits, neg=neg_logits, pos_logp=pos_logp,
-                              neg_logp=neg_logp, num_tokens=num_tokens, reduction=reduction)
+    params, batch = check_logits_loss(
+        logits, targets, advantages, mask, old_logp=old_logp, pos_logits=pos_logits, neg_logits=neg_logits,
+        pos_logp=pos_logp, neg_logp=neg_logp, num_tokens=num_tokens, lam=lam, eps_w=eps_w, eps_low=eps_low,
+        eps_high=eps_high, clip_dual=clip_dual, temperature=temperature, reduction=reduction,
+    )
     B, T = batch.B, batch.T
 
     def flat(t):
