@@ -30,7 +30,7 @@ def lse_tile(b_z, m_i, s_i, t_i, nan_i):
     alpha = tl.exp(m_i - m_ref)
     b_p = tl.exp(b_z - m_ref)  # [BLOCK_V], 0 at -inf
     s_new = s_i * alpha + tl.sum(b_p, axis=0)
-    t_new = t_i * alpha + tl.sum(tl.where(b_p > 0, b_p * b_z, 0.0), axis=0)
+    t_new = t_i * alpha + tl.sum(b_p * tl.where(b_p > 0, b_z, 0.0), axis=0)  # no 0 * -inf
     nan_new = nan_i + tl.sum((b_z != b_z).to(tl.int32), axis=0)
     return m_new, s_new, t_new, nan_new
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 
 
 def _ensure_interpreter(argv: list[str]):
@@ -35,6 +36,9 @@ def main(argv=None) -> int:
     from cepo_kernels.rl.trainer import NaNLossError, Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # numpy's "invalid value" notes from inside Triton's interpreter (masked lanes); the kernels handle NaN
+    # explicitly and a NaN loss is reported by the trainer itself
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
     try:
         cfg = parse_args(argv)
         trainer = Trainer(cfg)
