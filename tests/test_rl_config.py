@@ -70,6 +70,7 @@ def test_unknown_config_keys_list_the_valid_ones(tmp_path):
     ({"teacher_template": "no placeholder"}, "teacher_template"),
     ({"reward_fn": "module_without_colon"}, "reward_fn: expected 'module:function'"),
     ({"reduction": "mean"}, "reduction: expected one of"),
+    ({"reduction": "none"}, "reduction: expected one of"),
     ({"clip_dual": 1.1}, "clip_dual: expected None or a number > 1 \\+ eps_high"),
 ])
 def test_bad_values_name_the_field(kw, match):

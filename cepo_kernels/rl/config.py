@@ -22,7 +22,9 @@ from cepo_kernels._params import REDUCTIONS, LossParams
 ALGOS = ("cepo", "rlsd", "grpo")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ADV_SCALES = ("group", "batch", "none")
-CHOICES = {"algo": ALGOS, "dtype": DTYPES, "adv_scale": ADV_SCALES, "reduction": REDUCTIONS}
+# training needs a scalar loss: every reduction but "none"
+TRAIN_REDUCTIONS = tuple(r for r in REDUCTIONS if r != "none")
+CHOICES = {"algo": ALGOS, "dtype": DTYPES, "adv_scale": ADV_SCALES, "reduction": TRAIN_REDUCTIONS}
 
 
 @dataclass
@@ -167,7 +169,7 @@ def check_config(cfg: TrainConfig):
                 f"{f.name}: expected {base.__name__}{' or None' if optional else ''}, "
                 f"got {type(value).__name__} {value!r}"
             )
-    for name, allowed in (("algo", ALGOS), ("dtype", DTYPES), ("adv_scale", ADV_SCALES)):
+    for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{name}: expected one of {allowed}, got {getattr(cfg, name)!r}")
     _positive(
