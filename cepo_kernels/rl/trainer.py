@@ -220,6 +220,7 @@ class Trainer:
         opts = dict(bias=bias, lam=lam, eps_w=cfg.eps_w, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
                     clip_dual=clip_dual, temperature=cfg.temperature, reduction=cfg.reduction)
         sums, tokens, losses, grad_norms, n_nan = {}, 0.0, [], [], 0
+        seq_tokens = np.asarray(packed.mask.sum(dim=1).tolist(), dtype=np.float64)  # [B], one sync per step
         self.model.train()
         for _ in range(cfg.ppo_epochs):
             for lo in range(0, B, mini):
@@ -236,12 +237,13 @@ class Trainer:
                         num_tokens=num_tokens if cfg.reduction == "token-mean" else None,
                         **opts, **{k: v[sl] for k, v in teachers.items()},
                     )  # fmt: skip
-                    if not torch.isfinite(out.loss):
+                    loss_value = float(out.loss.detach())  # the one host sync of the micro-batch
+                    if not math.isfinite(loss_value):
                         bad = True
                         break
                     out.loss.backward()
-                    loss_total += float(out.loss.detach())
-                    n_tok = float(packed.mask[sl].sum())
+                    loss_total += loss_value
+                    n_tok = seq_tokens[sl.start:sl.stop].sum()
                     tokens += n_tok
                     for k in LOSS_METRICS:
                         sums[k] = sums.get(k, 0.0) + n_tok * float(out.metrics.get(k, 0.0))
