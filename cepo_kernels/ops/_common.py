@@ -119,13 +119,7 @@ def loss_metrics(lp, old_logp, adv, a_hat, delta, mask, params):
         dual = torch.zeros_like(mask)
     else:
         dual = (a_hat < 0) & (ratio > params.clip_dual)
-    # Delta statistics over the tokens whose evidence is used (A != 0): rows with A = 0 may be unscored
-    used = mask & (adv != 0)
-    d = torch.zeros_like(lp) if delta is None else torch.where(used, delta, torch.zeros_like(delta))
-    n_used = used.sum()
-    d_mean = mean(d, used)
-    d_var = ((d - d_mean) ** 2 * used.float()).sum() / (n_used - 1).clamp_min(1.0)
-    wrong = (torch.sign(d) * torch.sign(adv)) < 0
+    delta_stats = delta_metrics(torch.zeros_like(lp) if delta is None else delta, adv, mask)
     safe_lp = torch.where(mask, lp, torch.zeros_like(lp))
     values = torch.stack([
         n,
@@ -135,16 +129,39 @@ def loss_metrics(lp, old_logp, adv, a_hat, delta, mask, params):
         mean(dual),
         mean(ratio),
         mean(-torch.log(ratio)),
-        d_mean,
-        torch.where(n_used > 1, d_var.sqrt(), torch.zeros_like(d_var)),
-        mean(d, adv > 0),
-        mean(d, adv < 0),
-        mean(wrong, adv != 0),
+        *delta_stats.values(),
         mean(torch.where(mask, adv.abs(), torch.zeros_like(adv))),
         mean(a_hat.abs()),
         mean(safe_lp),
     ]).tolist()
     return dict(zip(METRIC_NAMES, values, strict=True))
+
+
+@torch.no_grad()
+def delta_metrics(delta, adv, mask):
+    """Statistics of the evidence Delta [B, T] (adv [B, T], mask [B, T] bool) as 0-dim tensors, no host sync.
+
+    Over the valid tokens with A != 0, the only ones whose teachers matter (rows with A = 0 may be
+    unscored): mean, std, mean on A > 0 and on A < 0, and the fraction with sign(Delta) = -sign(A).
+    An empty selection gives 0.
+    """
+    used = mask & (adv != 0)
+    d = torch.where(used, delta, torch.zeros_like(delta)).float()
+
+    def mean(x, sel):
+        w = sel.float()
+        return (x.float() * w).sum() / w.sum().clamp_min(1.0)
+
+    n_used = used.sum()
+    d_mean = mean(d, used)
+    d_var = ((d - d_mean) ** 2 * used.float()).sum() / (n_used - 1).clamp_min(1.0)
+    return {
+        "delta_mean": d_mean,
+        "delta_std": torch.where(n_used > 1, d_var.sqrt(), torch.zeros_like(d_var)),
+        "delta_mean_pos": mean(d, used & (adv > 0)),
+        "delta_mean_neg": mean(d, used & (adv < 0)),
+        "frac_wrong_dir": mean((torch.sign(d) * torch.sign(adv)) < 0, used),
+    }
 
 
 METRIC_NAMES = (
