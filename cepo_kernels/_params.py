@@ -6,7 +6,9 @@ kernels and the reference (cepo_ref) reject the same bad input with the same mes
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -34,9 +36,11 @@ class CEPOOutput(NamedTuple):
 
 @dataclass(frozen=True)
 class LossParams:
-    """Non-tensor options of the CEPO/GRPO losses, validated once."""
+    """Non-tensor options of the CEPO/GRPO losses, validated once. Numbers may be given as Python or numpy
+    scalars or one-element tensors; they are stored as Python floats. lam=None means "unset": the
+    losses resolve it with resolve_lam (0.5 with teachers, 0 without)."""
 
-    lam: float = 0.5
+    lam: float | None = 0.5
     eps_w: float = 0.2
     eps_low: float = 0.2
     eps_high: float = 0.28
@@ -45,7 +49,11 @@ class LossParams:
     reduction: str = "token-mean"
 
     def __post_init__(self):
-        check_number("lam", self.lam, lo=0.0, hi=1.0)
+        for f in ("lam", "eps_w", "eps_low", "eps_high", "clip_dual", "temperature"):
+            if getattr(self, f) is not None:
+                object.__setattr__(self, f, as_float(f, getattr(self, f)))
+        if self.lam is not None:
+            check_number("lam", self.lam, lo=0.0, hi=1.0)
         check_number("eps_w", self.eps_w, lo=0.0, hi=1.0, hi_open=True)
         check_number("eps_low", self.eps_low, lo=0.0, hi=1.0, hi_open=True)
         check_number("eps_high", self.eps_high, lo=0.0)
@@ -61,9 +69,34 @@ class LossParams:
             raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {self.reduction!r}")
 
 
-def check_number(name, value, lo=None, hi=None, hi_open=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def resolve_lam(params: LossParams, has_teachers: bool) -> LossParams:
+    """lam of a loss call: unset -> 0.5 with teachers, 0 (GRPO) without; a non-zero lam without teachers is
+    an error rather than a silent GRPO run."""
+    if params.lam is None:
+        return dataclasses.replace(params, lam=0.5 if has_teachers else 0.0)
+    if not has_teachers and params.lam != 0.0:
+        raise ValueError(
+            f"lam: {params.lam} given without teachers; CEPO's reweighting needs both teachers "
+            "(pos_logits/pos_hidden/pos_logp and neg_logits/neg_hidden/neg_logp): pass them, or use "
+            "grpo_loss (or lam=0) for plain GRPO"
+        )
+    return params
+
+
+def as_float(name, value) -> float:
+    """A Python float from a Python/numpy real number or a one-element real tensor."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name}: expected a number or a one-element real tensor, got a tensor of shape "
+                            f"{tuple(value.shape)} and dtype {value.dtype}")
+        return float(value.reshape(()).item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    return float(value)
+
+
+def check_number(name, value, lo=None, hi=None, hi_open=False):
+    value = as_float(name, value)
     if not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite number, got {value}")
     if lo is not None and value < lo:
@@ -199,7 +232,12 @@ def check_loss_inputs(lead, device, targets, advantages, mask, *, old_logp=None,
                 raise ValueError(f"num_tokens: expected a number or a 1-element tensor, got shape "
                                  f"{tuple(num_tokens.shape)}")
         else:
-            check_number("num_tokens", num_tokens, lo=0.0)
+            check_number("num_tokens", num_tokens)
+            if not num_tokens > 0:
+                raise ValueError(
+                    "num_tokens: expected a positive count (the valid tokens of the whole "
+                    f"gradient-accumulation batch), got {num_tokens}"
+                )
 
     def as2d(t):
         return None if t is None else t.reshape(B, T)
@@ -221,7 +259,8 @@ def check_logits_loss(logits, targets, advantages, mask, *, old_logp, pos_logits
     check_logits_and_targets(logits, targets)
     if logits.dim() not in (2, 3):
         raise ValueError(f"logits: expected [B, T, V] or [N, V], got shape {tuple(logits.shape)}")
-    params = LossParams(**options)
+    has_teachers = any(t is not None for t in (pos_logits, neg_logits, pos_logp, neg_logp))
+    params = resolve_lam(LossParams(**options), has_teachers)
     for name, t in (("pos_logits", pos_logits), ("neg_logits", neg_logits)):
         if t is not None:
             check_tensor(name, t, dtypes="float", shape=logits.shape, device=logits.device)

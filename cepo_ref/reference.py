@@ -13,6 +13,7 @@ from cepo_kernels._params import (
     LOG_RATIO_CLAMP,
     CEPOOutput,
     LossParams,
+    as_float,
     check_linear,
     check_logits_and_targets,
     check_logits_loss,
@@ -97,7 +98,7 @@ def cepo_advantages(advantages, pos_logp, neg_logp, mask, *, lam, eps_w=0.2):
     batch = check_loss_inputs(lead, device, torch.zeros(lead, dtype=torch.long, device=device),
                               advantages, mask, pos_logp=pos_logp, neg_logp=neg_logp,
                               float_dtype=torch.promote_types(pos_logp.dtype, torch.float32))
-    LossParams(lam=lam, eps_w=eps_w)  # validates lam and eps_w
+    lam = LossParams(lam=as_float("lam", lam), eps_w=eps_w).lam  # validates lam and eps_w
     a_hat = _reweight(batch.advantages, batch.pos_logp - batch.neg_logp, batch.mask, lam, eps_w)
     return a_hat.reshape(lead)
 
@@ -118,7 +119,7 @@ def _teacher_logp(logits, given_logp, targets, temperature):
 
 
 def cepo_loss(logits, targets, advantages, mask, *, old_logp=None, pos_logits=None, neg_logits=None,
-              pos_logp=None, neg_logp=None, lam=0.5, eps_w=0.2, eps_low=0.2, eps_high=0.28,
+              pos_logp=None, neg_logp=None, lam=None, eps_w=0.2, eps_low=0.2, eps_high=0.28,
               clip_dual=3.0, temperature=1.0, reduction="token-mean", num_tokens=None):
     """The CEPO policy loss (PPO-clip on the reweighted advantage A_hat).
 
@@ -222,7 +223,7 @@ def grpo_loss(logits, targets, advantages, mask, *, old_logp=None, eps_low=0.2, 
 
 
 def linear_cepo_loss(hidden, weight, targets, advantages, mask, *, old_logp=None, pos_hidden=None,
-                     neg_hidden=None, pos_logp=None, neg_logp=None, bias=None, lam=0.5, eps_w=0.2,
+                     neg_hidden=None, pos_logp=None, neg_logp=None, bias=None, lam=None, eps_w=0.2,
                      eps_low=0.2, eps_high=0.28, clip_dual=3.0, temperature=1.0,
                      reduction="token-mean", num_tokens=None):
     """cepo_loss(hidden @ weight.T + bias, ...): teachers' hidden states share the (detached) weight.

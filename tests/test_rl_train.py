@@ -82,9 +82,10 @@ def test_resume_continues_exactly(tmp_path):
     ckpts = sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir())
     assert ckpts == ["step_000002"]  # atomic rename: no temporary directory is left behind
     cfg = parse_args(["--resume", str(tmp_path / "split")])  # the CLI path: the saved config comes back
-    assert cfg == tiny(tmp_path, "split", steps=4, eval_every=2, keep_last=1, resume=str(tmp_path / "split"))
+    assert cfg == tiny(tmp_path, "split", steps=4, eval_every=2, keep_last=1, resume=str(tmp_path / "split"),
+                       out_dir=None)  # the run continues where it is resumed from, not at a recorded out_dir
     resumed = Trainer(cfg)
-    assert resumed.step_idx == 2
+    assert resumed.step_idx == 2 and resumed.out == tmp_path / "split"
     resumed.train()
     b = read_metrics(tmp_path / "split" / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3, 4]

@@ -23,6 +23,7 @@ from cepo_kernels._params import (
     check_loss_inputs,
     check_temperature,
     check_tensor,
+    resolve_lam,
 )
 from cepo_kernels.ops._common import cepo_token, loss_metrics, lse_tile, reduce_loss
 from cepo_kernels.ops.linear_bwd import alloc, dot_precision, linear_bwd, upcast_dot
@@ -337,7 +338,7 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retu
 
 
 def linear_cepo_loss(hidden, weight, targets, advantages, mask, *, old_logp=None, pos_hidden=None,
-                     neg_hidden=None, pos_logp=None, neg_logp=None, bias=None, lam=0.5, eps_w=0.2,
+                     neg_hidden=None, pos_logp=None, neg_logp=None, bias=None, lam=None, eps_w=0.2,
                      eps_low=0.2, eps_high=0.28, clip_dual=3.0, temperature=1.0, reduction="token-mean",
                      num_tokens=None):
     """The CEPO loss (cepo_loss of API.md) from hidden states and the lm_head, logits never materialised.
@@ -361,6 +362,7 @@ def linear_cepo_loss(hidden, weight, targets, advantages, mask, *, old_logp=None
         raise ValueError(f"hidden: expected [B, T, H] or [N, H], got shape {tuple(hidden.shape)}")
     p = LossParams(lam=lam, eps_w=eps_w, eps_low=eps_low, eps_high=eps_high, clip_dual=clip_dual,
                    temperature=temperature, reduction=reduction)
+    p = resolve_lam(p, any(t is not None for t in (pos_hidden, neg_hidden, pos_logp, neg_logp)))
     pos_h = None if pos_hidden is None else _teacher2d("pos_hidden", pos_hidden, hidden, weight)
     neg_h = None if neg_hidden is None else _teacher2d("neg_hidden", neg_hidden, hidden, weight)
     b = check_loss_inputs(hidden.shape[:-1], hidden.device, targets, advantages, mask, old_logp=old_logp,

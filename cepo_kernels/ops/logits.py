@@ -21,6 +21,7 @@ import triton.language as tl
 from cepo_kernels._params import (
     CEPOOutput,
     LossParams,
+    as_float,
     check_logits_and_targets,
     check_logits_loss,
     check_loss_inputs,
@@ -378,7 +379,7 @@ def token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False, in
 
 
 def cepo_loss(logits, targets, advantages, mask, *, old_logp=None, pos_logits=None, neg_logits=None,
-              pos_logp=None, neg_logp=None, lam=0.5, eps_w=0.2, eps_low=0.2, eps_high=0.28, clip_dual=3.0,
+              pos_logp=None, neg_logp=None, lam=None, eps_w=0.2, eps_low=0.2, eps_high=0.28, clip_dual=3.0,
               temperature=1.0, reduction="token-mean", num_tokens=None, inplace=False):
     """The CEPO policy loss (PPO-clip on the contrastively reweighted advantage), fused over logits.
 
@@ -458,7 +459,7 @@ def cepo_advantages(advantages, pos_logp, neg_logp, mask, *, lam, eps_w=0.2):
     dummy_targets = torch.zeros(lead, dtype=torch.long, device=pos_logp.device)
     batch = check_loss_inputs(lead, pos_logp.device, dummy_targets, advantages, mask, pos_logp=pos_logp,
                               neg_logp=neg_logp)
-    LossParams(lam=lam, eps_w=eps_w)
+    lam = LossParams(lam=as_float("lam", lam), eps_w=eps_w).lam
 
     def flat(t):
         return t.reshape(-1).float().contiguous()

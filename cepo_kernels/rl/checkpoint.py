@@ -106,6 +106,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
+def run_dir_of(ckpt: Path) -> Path | None:
+    """The run directory holding a checkpoint (RUN/checkpoints/step_NNNNNN), or None."""
+    ckpt = Path(ckpt)
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+
+
 def read_state(ckpt: Path) -> dict:
     return json.loads((Path(ckpt) / STATE).read_text())
 
@@ -116,6 +122,13 @@ def load_checkpoint(ckpt: Path, *, model, optimizer, scheduler) -> dict:
     ckpt = Path(ckpt)
     state = read_state(ckpt)
     params = torch.load(ckpt / "model_state.pt", map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    for name, t in params.items():
+        if name in own and tuple(own[name].shape) != tuple(t.shape):
+            raise ValueError(
+                f"resume: {ckpt} was written with another model or LoRA configuration: parameter {name} "
+                f"has shape {tuple(t.shape)} there and {tuple(own[name].shape)} here"
+            )
     missing, unexpected = model.load_state_dict(params, strict=not state["trainable_only"])
     if unexpected:
         raise ValueError(f"resume: {ckpt} holds parameters the model does not have: {unexpected[:5]}")

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -36,13 +37,14 @@ class TrainConfig:
     # LoRA rank; 0 -> full fine-tuning
     lora_rank: int = 0
     lora_alpha: float = 32.0
+    # in [0, 1)
     lora_dropout: float = 0.0
     # comma-separated module names LoRA adapts
     lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     gradient_checkpointing: bool = False
     # auto -> bfloat16 on a GPU, float32 on a CPU
     dtype: str = "auto"
-    # auto -> cuda when available, else cpu
+    # auto -> cuda when available, else cpu; or cpu, cuda, cuda:N
     device: str = "auto"
 
     # data: a JSONL file with one problem per line; None -> the embedded arithmetic task
@@ -55,7 +57,8 @@ class TrainConfig:
     # appended to every prompt (e.g. an instruction to put the answer in \boxed{})
     prompt_suffix: str = ""
     eval_size: int = 64
-    # "module:function" called as fn(response_text, reference_answer) -> float; None -> \boxed{} match
+    # "module:function" or "path/to/file.py:function", called as fn(response_text, reference_answer) ->
+    # float; a module is looked up in the current directory first. None -> \boxed{} match
     reward_fn: str | None = None
 
     # rollouts
@@ -90,6 +93,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
+    # gradient clipping by global norm; 0 -> no clipping (the norm is still logged)
     max_grad_norm: float = 1.0
     # prompts per optimizer update (their groups stay whole); 0 -> the whole rollout batch (one update)
     mini_batch_prompts: int = 4
@@ -108,7 +112,8 @@ class TrainConfig:
     # also show every warm-up demonstration in the teachers' context (prompt + answer), see rl/sft.py
     sft_hints: bool = True
 
-    # run
+    # run: out_dir must be new or empty (a run directory belongs to one run); None -> runs/<algo>-<time>.
+    # With --resume, the run continues in the resumed run's directory.
     out_dir: str | None = None
     seed: int = 0
     eval_every: int = 10
@@ -169,13 +174,19 @@ def check_config(cfg: TrainConfig):
                 f"{f.name}: expected {base.__name__}{' or None' if optional else ''}, "
                 f"got {type(value).__name__} {value!r}"
             )
+        if base is float and not math.isfinite(value):
+            raise ValueError(f"{f.name}: expected a finite number, got {value}")
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{name}: expected one of {allowed}, got {getattr(cfg, name)!r}")
+    if cfg.group_size < 2:
+        raise ValueError(
+            f"group_size: expected at least 2 responses per prompt (with {cfg.group_size}, every "
+            f"group-normalised advantage is 0 and nothing trains), got {cfg.group_size}"
+        )
     _positive(
         cfg,
         "prompts_per_step",
-        "group_size",
         "max_new_tokens",
         "max_prompt_tokens",
         "steps",
@@ -200,9 +211,12 @@ def check_config(cfg: TrainConfig):
         "t_warm",
         "eval_every",
         "save_every",
-        "lora_dropout",
         allow_zero=True,
     )
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout: expected a value in [0, 1), got {cfg.lora_dropout}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
     if not 0.0 < cfg.top_p <= 1.0:
         raise ValueError(f"top_p: expected a value in (0, 1], got {cfg.top_p}")
     if not 0.0 <= cfg.lam0 <= 1.0:
@@ -221,8 +235,10 @@ def check_config(cfg: TrainConfig):
     clip_dual = cfg.clip_dual if cfg.clip_dual > 0 else None  # the loss's own checks, before the run starts
     LossParams(lam=cfg.lam0, eps_w=cfg.eps_w, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
                temperature=cfg.temperature, clip_dual=clip_dual, reduction=cfg.reduction)
-    if cfg.reward_fn is not None and ":" not in cfg.reward_fn:
-        raise ValueError(f"reward_fn: expected 'module:function', got {cfg.reward_fn!r}")
+    if cfg.reward_fn is not None and not all(cfg.reward_fn.rpartition(":")[::2]):
+        raise ValueError(
+            f"reward_fn: expected 'module:function' or 'path/to/file.py:function', got {cfg.reward_fn!r}"
+        )
 
 
 def _base_type(hint):
@@ -250,16 +266,44 @@ def config_from_dict(values: dict, source: str = "config") -> TrainConfig:
         raise ValueError(
             f"{source}: unknown option(s) {unknown}; valid options are: {', '.join(valid_keys())}"
         )
-    return TrainConfig(**clean)
+    return TrainConfig(**{k: _coerce(k, v) for k, v in clean.items()})
+
+
+def _coerce(name: str, value):
+    """Numbers and booleans written as strings in a config file (YAML reads `5e-6` as a string)."""
+    if not isinstance(value, str):
+        return value
+    base, _ = _base_type(typing.get_type_hints(TrainConfig)[name])
+    text = value.strip()
+    try:
+        if base is float:
+            return float(text)
+        if base is int:
+            return int(text)
+    except ValueError:
+        raise TypeError(f"{name}: expected {base.__name__}, got str {value!r}") from None
+    if base is bool and text.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+        return text.lower() in ("true", "yes", "on", "1")
+    return value
 
 
 def load_config_file(path: str | Path) -> dict:
     """A dict of options from a .json or .yaml/.yml file."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config: {str(path)!r} is a directory, expected a .json or .yaml file")
     if not path.is_file():
         raise FileNotFoundError(f"config: file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix in (".yaml", ".yml"):
+    if path.suffix.lower() not in (".json", ".yaml", ".yml"):
+        raise ValueError(
+            f"config: {str(path)!r}: unsupported file type {path.suffix or '(none)'!r}; "
+            "expected .json, .yaml or .yml"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config: {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
         try:
@@ -328,8 +372,28 @@ def parse_args(argv=None) -> TrainConfig:
         from cepo_kernels.rl.checkpoint import read_state, resolve_checkpoint
 
         saved = read_state(resolve_checkpoint(values["resume"]))["config"]
-        values = {**{k: v for k, v in saved.items() if k in valid_keys()}, **values}
+        values = merge_resumed(saved, values)
     return config_from_dict(values)
+
+
+# options that fix the shape of the trained parameters: a resumed run cannot change them
+STRUCTURAL = ("model", "lora_rank", "lora_target_modules")
+
+
+def merge_resumed(saved: dict, given: dict) -> dict:
+    """The config of a resumed run: the checkpoint's options, overridden by the ones given now.
+
+    The run continues in the directory it is resumed from (Trainer resolves it), not in the out_dir
+    recorded in the checkpoint, so a copied run directory is resumed in place of the copy.
+    """
+    for key in STRUCTURAL:
+        if key in given and key in saved and given[key] != saved[key]:
+            raise ValueError(
+                f"{key}: the checkpoint was trained with {key}={saved[key]!r}; a resumed run cannot change "
+                f"it (got {given[key]!r}). Start a new run instead"
+            )
+    kept = {k: v for k, v in saved.items() if k in valid_keys() and k != "out_dir"}
+    return {**kept, **given}
 
 
 __all__ = [

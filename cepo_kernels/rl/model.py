@@ -13,7 +13,19 @@ from cepo_kernels.rl.task import build_tiny_model, build_tokenizer
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device: {name!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU; "
+                "use --device cpu (or auto)"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {name!r} asked for, but only {torch.cuda.device_count()} GPU(s) exist")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -31,7 +43,7 @@ def load_model_and_tokenizer(cfg, device: torch.device, dtype: torch.dtype):
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        path = Path(cfg.model)
+        path = Path(cfg.model).resolve()  # absolute: the saved LoRA adapter points to its base by this path
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"model: {str(path)!r} is not a local Hugging Face model directory "

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
+import os
 import re
+import sys
+from pathlib import Path
 
 BOXED = "\\boxed"
 
@@ -73,21 +77,44 @@ def boxed_reward(response: str, answer: str) -> float:
 
 
 def load_reward_fn(spec: str):
-    """A reward function from "module:function"."""
-    module, _, name = spec.partition(":")
+    """A reward function from "module:function" (the module is looked up in the current directory
+    first, then on the Python path) or "path/to/file.py:function"."""
+    source, _, name = spec.rpartition(":")
+    if not source or not name:
+        raise ValueError(f"reward_fn: expected 'module:function' or 'path/to/file.py:function', got {spec!r}")
     try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"reward_fn: cannot load {spec!r} ({e})") from None
+        if source.endswith(".py") or os.sep in source or "/" in source:
+            path = Path(source)
+            if not path.is_file():
+                raise ValueError(f"reward_fn: file {source!r} does not exist")
+            mod_spec = importlib.util.spec_from_file_location(f"cepo_reward_{path.stem}", path)
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(source)
+    except ValueError:
+        raise
+    except ImportError as e:
+        raise ValueError(
+            f"reward_fn: cannot import {source!r} ({e}); looked in {os.getcwd()} and on the Python path"
+        ) from None
+    except Exception as e:  # the user's module failed while loading (syntax error, ...)
+        raise ValueError(f"reward_fn: loading {source!r} failed: {type(e).__name__}: {e}") from None
+    fn = getattr(module, name, None)
+    if fn is None:
+        raise ValueError(f"reward_fn: {source!r} has no attribute {name!r}")
     if not callable(fn):
         raise TypeError(f"reward_fn: {spec!r} is not callable")
     return fn
 
 
-def safe_rewards(fn, responses: list[str], answers: list[str]) -> tuple[list[float], int]:
+def safe_rewards(fn, responses: list[str], answers: list[str], failures: list | None = None):
     """Scores every (response, answer) pair; a call that raises or returns a non-finite value scores 0.
 
-    Returns (rewards, number of failed calls): the trainer logs the count instead of crashing.
+    Returns (rewards, number of failed calls); `failures`, when given, receives a one-line description of
+    each failure (the trainer warns with the first one, and stops when every call failed).
     """
     rewards, errors = [], 0
     for response, answer in zip(responses, answers, strict=True):
@@ -95,7 +122,9 @@ def safe_rewards(fn, responses: list[str], answers: list[str]) -> tuple[list[flo
             r = float(fn(response, answer))
             if not math.isfinite(r):
                 raise ValueError(f"non-finite reward {r}")
-        except Exception:  # a user's reward function may fail in any way: that sample scores 0
+        except Exception as e:  # a user's reward function may fail in any way: that sample scores 0
             r, errors = 0.0, errors + 1
+            if failures is not None:
+                failures.append(f"{type(e).__name__}: {e}")
         rewards.append(r)
     return rewards, errors

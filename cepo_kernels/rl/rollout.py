@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 
 
+class NonFiniteModelError(RuntimeError):
+    """The model's next-token distribution holds inf/NaN (its weights diverged)."""
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -42,14 +46,21 @@ def generate(
                 if greedy
                 else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
             )
-            seqs = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=attn.to(device),
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad_id,
-                eos_token_id=sorted(eos_ids),
-                **kwargs,
-            )
+            try:
+                seqs = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=attn.to(device),
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=pad_id,
+                    eos_token_id=sorted(eos_ids),
+                    **kwargs,
+                )
+            except RuntimeError as e:  # torch.multinomial: "probability tensor contains either inf, nan..."
+                if "inf" in str(e) or "nan" in str(e):
+                    raise NonFiniteModelError(
+                        "the model's next-token probabilities are not finite (inf/NaN)"
+                    ) from e
+                raise
             for row in seqs[:, L:].tolist():
                 resp = []
                 for t in row:

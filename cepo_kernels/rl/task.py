@@ -91,11 +91,19 @@ def load_jsonl(
 ) -> list[Problem]:
     """Problems from a JSONL file; errors name the file, the line and what was expected."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{arg}: {str(path)!r} is a directory, expected a JSONL file")
     if not path.is_file():
         raise FileNotFoundError(f"{arg}: file {str(path)!r} does not exist")
     problems = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{arg}: {path}:{lineno}: not UTF-8 text ({e.reason} at column {e.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:

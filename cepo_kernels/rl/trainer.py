@@ -6,10 +6,13 @@ optimizer update per mini-batch (x ppo_epochs); lambda and the learning rate are
 
 from __future__ import annotations
 
-import json
+import contextlib
+import dataclasses
 import logging
 import math
 import random
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -31,7 +34,15 @@ from cepo_kernels.rl.model import (
     trainable_parameters,
 )
 from cepo_kernels.rl.reward import answers_match, extract_boxed, load_reward_fn, safe_rewards
-from cepo_kernels.rl.rollout import generate
+from cepo_kernels.rl.rollout import NonFiniteModelError, generate
+from cepo_kernels.rl.rundir import (
+    RunDir,
+    append_jsonl,
+    clean_partial_checkpoints,
+    read_metrics,
+    write_json,
+    write_jsonl,
+)
 from cepo_kernels.rl.sft import supervised_warmup
 from cepo_kernels.rl.task import encode, load_problems, render_prompt
 from cepo_kernels.rl.teacher import pack, plan_teachers
@@ -47,7 +58,11 @@ def seed_everything(seed: int):
 
 
 class NaNLossError(RuntimeError):
-    pass
+    """Too many non-finite updates in a row, or a model whose outputs are no longer finite (exit code 3)."""
+
+
+class RewardFunctionError(RuntimeError):
+    """The reward function raised on every response of a step: nothing can be learned from it."""
 
 
 class Trainer:
@@ -69,18 +84,14 @@ class Trainer:
         self.reward_fn = reward_fn or (
             lambda text, ref: 1.0 if answers_match(self.extract(text), ref) else 0.0
         )
+        self.resume_from = ckpt.resolve_checkpoint(cfg.resume) if cfg.resume else None
+        self.out, in_place = self._resolve_out_dir()
+        self.cfg = cfg = dataclasses.replace(cfg, out_dir=str(self.out))
+        self.rundir = RunDir(self.out, resuming=in_place)  # held (locked) until close()
         self.model, self.tok = load_model_and_tokenizer(cfg, self.device, self.dtype)
         self.eos_ids = self._eos_ids()
-        self.resume_from = ckpt.resolve_checkpoint(cfg.resume) if cfg.resume else None
-        self.out = Path(
-            cfg.out_dir
-            or (
-                self.resume_from.parent.parent
-                if self.resume_from
-                else Path("runs") / f"{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
-            )
-        )
-        self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.max_grad_norm == 0:
+            log.info("max_grad_norm=0: gradient clipping is off (the gradient norm is still logged)")
         if cfg.model is None and cfg.sft_steps and self.resume_from is None:
             supervised_warmup(self.model, self.tok, self.train_set, cfg, self.device)
         self.optimizer = torch.optim.AdamW(
@@ -94,13 +105,42 @@ class Trainer:
         )
         self.step_idx = 0  # completed steps
         self.nan_streak = 0
+        self.eval_start = None  # held-out accuracy before the first step
+        self.wall_before = 0.0  # seconds spent by earlier sessions of a resumed run
+        self.stop_requested = False
+        self._t_start = time.perf_counter()
         if self.resume_from is not None:
             state = ckpt.load_checkpoint(
                 self.resume_from, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
             )
             self.step_idx, self.nan_streak = state["step"], state.get("nan_streak", 0)
+            self.eval_start, self.wall_before = state.get("eval_accuracy_start"), state.get("wall_s", 0.0)
             ckpt.set_rng_state(ckpt.load_rng(self.resume_from))
-        self._truncate_metrics(self.step_idx)
+            clean_partial_checkpoints(self.out / "checkpoints")
+            source = self.resume_from.parent.parent / "metrics.jsonl"
+            rows = read_metrics(self.metrics_path if in_place else source, upto_step=self.step_idx)
+            write_jsonl(self.metrics_path, rows)  # drops lines written after the checkpoint
+
+    def _resolve_out_dir(self) -> tuple[Path, bool]:
+        """(run directory, whether it is the resumed run's own). A resumed run continues where it was
+        resumed from; an --out-dir elsewhere branches it into that new directory."""
+        cfg = self.cfg
+        if self.resume_from is None:
+            default = Path("runs") / f"{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
+            return Path(cfg.out_dir or default).absolute(), False
+        source = ckpt.run_dir_of(self.resume_from)
+        if cfg.out_dir is None or (source is not None and Path(cfg.out_dir).resolve() == source.resolve()):
+            if source is None:
+                raise ValueError(
+                    f"out_dir: the checkpoint {str(self.resume_from)!r} is not inside a run directory "
+                    "(RUN/checkpoints/step_NNNNNN): give --out-dir for the continued run"
+                )
+            return source.absolute(), True
+        return Path(cfg.out_dir).absolute(), False
+
+    def close(self):
+        """Releases the run directory's lock (also released when the process ends)."""
+        self.rundir.close()
 
     def _eos_ids(self) -> list[int]:
         ids = {self.tok.eos_token_id}
@@ -111,16 +151,6 @@ class Trainer:
     @property
     def metrics_path(self) -> Path:
         return self.out / "metrics.jsonl"
-
-    def _truncate_metrics(self, step: int):
-        """Drops metric lines past the resumed step (written after the checkpoint, before a crash)."""
-        if self.metrics_path.is_file():
-            keep = [
-                ln
-                for ln in self.metrics_path.read_text().splitlines()
-                if ln.strip() and json.loads(ln)["step"] <= step
-            ]
-            self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
 
     def question(self, problem) -> str:
         return problem.prompt + self.cfg.prompt_suffix
@@ -144,7 +174,7 @@ class Trainer:
         """Greedy accuracy on held-out problems."""
         problems = self.eval_set if problems is None else problems
         if not problems:
-            return float("nan")
+            return None
         resp = generate(
             self.model,
             [self.prompt_ids(p) for p in problems],
@@ -249,8 +279,9 @@ class Trainer:
                         sums[k] = sums.get(k, 0.0) + n_tok * float(out.metrics.get(k, 0.0))
                 grad_norm = None
                 if not bad:
+                    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf  # 0: no clipping
                     grad_norm = float(
-                        torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), cfg.max_grad_norm)
+                        torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), max_norm)
                     )
                     bad = not math.isfinite(grad_norm)
                 if bad:
@@ -275,20 +306,36 @@ class Trainer:
         t0 = time.perf_counter()
         problems = self.batch_problems(s)
         prompts = [self.prompt_ids(p) for p in problems]
-        responses = generate(
-            self.model,
-            [p for p in prompts for _ in range(G)],
-            pad_id=self.tok.pad_token_id,
-            eos_id=self.eos_ids,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            chunk=cfg.micro_batch_size,
-            device=self.device,
-        )
+        try:
+            responses = generate(
+                self.model,
+                [p for p in prompts for _ in range(G)],
+                pad_id=self.tok.pad_token_id,
+                eos_id=self.eos_ids,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                chunk=cfg.micro_batch_size,
+                device=self.device,
+            )
+        except NonFiniteModelError as e:
+            raise NaNLossError(
+                f"step {s + 1}: {e}; the weights diverged in an earlier update (lr={cfg.lr:g}, "
+                f"max_grad_norm={cfg.max_grad_norm:g}): lower --lr or clip the gradient"
+            ) from None
         texts = self.tok.batch_decode(responses, skip_special_tokens=True)
         refs = [p.answer for p in problems]
-        rewards, reward_errors = safe_rewards(self.reward_fn, texts, [r for r in refs for _ in range(G)])
+        failures = []
+        rewards, reward_errors = safe_rewards(self.reward_fn, texts, [r for r in refs for _ in range(G)],
+                                              failures=failures)
+        if reward_errors == len(texts):
+            raise RewardFunctionError(
+                f"step {s + 1}: the reward function raised on every one of the {len(texts)} responses; "
+                f"first error: {failures[0]}"
+            )
+        if reward_errors:
+            log.warning("step %d: the reward function raised on %d of %d responses (scored 0); "
+                        "first error: %s", s + 1, reward_errors, len(texts), failures[0])
         adv = group_advantages(torch.tensor(rewards, dtype=torch.float32), G, scale=cfg.adv_scale)
         adv = adv.to(self.device)
         t1 = time.perf_counter()
@@ -307,6 +354,7 @@ class Trainer:
         t2 = time.perf_counter()
 
         upd = self._update(packed, adv, old_logp, pos_logp, neg_logp, lam)
+        lr_used = self.optimizer.param_groups[0]["lr"]  # this step's rate, read before the schedule moves
         with warnings.catch_warnings():  # when every update was skipped (NaN), the schedule still advances
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.scheduler.step()
@@ -317,7 +365,7 @@ class Trainer:
         rec = {
             "step": s + 1,
             "lambda": lam,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": lr_used,
             "reward_mean": float(np.mean(rewards)),
             "accuracy": float(np.mean([r >= 0.5 for r in rewards])),
             "reward_errors": reward_errors,
@@ -348,34 +396,47 @@ class Trainer:
             self.out / "checkpoints", self.step_idx, model=self.model, optimizer=self.optimizer,
             scheduler=self.scheduler, config=self.cfg.to_dict(), keep_last=self.cfg.keep_last,
             trainable_only=self.cfg.lora_rank > 0 and self.cfg.model is not None,
-            extra={"nan_streak": self.nan_streak},
+            extra={"nan_streak": self.nan_streak, "eval_accuracy_start": self.eval_start,
+                   "wall_s": self.wall_before + time.perf_counter() - self._t_start},
         )  # fmt: skip
 
     def train(self, stop_after: int | None = None) -> dict:
         """Runs the remaining steps (or stop_after of them), then writes the final checkpoint, the exported
-        model (final_model/, when all steps are done) and summary.json. Returns the summary."""
+        model (final_model/, when all steps are done) and summary.json. Returns the summary.
+
+        Ctrl-C (SIGINT) or SIGTERM stops after the current step, with a checkpoint and a summary
+        (`summary["interrupted"]` is True); a second one stops at once (KeyboardInterrupt), and the run
+        resumes from its last checkpoint.
+        """
+        self._t_start = time.perf_counter()
+        self.rundir.acquire()
+        try:
+            return self._train(stop_after)
+        finally:
+            self.rundir.release()  # another Trainer (a resume in this process) may now take the directory
+
+    def _train(self, stop_after):
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        write_json(self.out / "config.json", cfg.to_dict())
         end = cfg.steps if stop_after is None else min(cfg.steps, self.step_idx + stop_after)
-        t_start = time.perf_counter()
-        eval_start = self.evaluate() if self.step_idx == 0 and cfg.eval_every else None
-        first = last = None
+        if self.step_idx == 0 and cfg.eval_every:
+            self.eval_start = self.evaluate()
+        evaluated = lambda rec: rec.get("eval_accuracy") is not None  # noqa: E731
         bar = tqdm(total=cfg.steps, initial=self.step_idx, disable=not cfg.progress,
                    desc=f"cepo-train {cfg.algo}", dynamic_ncols=True)
-        with bar:
-            while self.step_idx < end:
+        self.stop_requested = False
+        with bar, self._graceful_stop():
+            while self.step_idx < end and not self.stop_requested:
                 rec = self.step()
                 if cfg.eval_every and (self.step_idx % cfg.eval_every == 0 or self.step_idx == cfg.steps):
                     rec["eval_accuracy"] = self.evaluate()
-                with self.metrics_path.open("a") as fh:
-                    fh.write(json.dumps(rec) + "\n")
-                first, last = first or rec, rec
+                append_jsonl(self.metrics_path, rec)
                 bar.set_postfix(
                     reward=f"{rec['reward_mean']:.3f}",
                     lam=f"{rec['lambda']:.3f}",
-                    **({"eval": f"{rec['eval_accuracy']:.3f}"} if "eval_accuracy" in rec else {}),
+                    **({"eval": f"{rec['eval_accuracy']:.3f}"} if evaluated(rec) else {}),
                 )
                 bar.update(1)
                 if self.nan_streak >= cfg.max_nan_steps:
@@ -388,10 +449,46 @@ class Trainer:
         self.save()
         if self.step_idx >= cfg.steps:
             export_model(self.model, self.tok, self.out / "final_model")
-        summary = {"out_dir": str(self.out), "steps_done": self.step_idx,
-                   "wall_s": time.perf_counter() - t_start, "eval_accuracy_start": eval_start,
-                   "eval_accuracy_end": last.get("eval_accuracy") if last else None,
-                   "reward_first": first["reward_mean"] if first else None,
-                   "reward_last": last["reward_mean"] if last else None}
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary = self.summary()
+        write_json(self.out / "summary.json", summary)
         return summary
+
+    def summary(self) -> dict:
+        """The whole run so far (every session of a resumed run), from metrics.jsonl."""
+        rows = read_metrics(self.metrics_path)
+        evals = [r["eval_accuracy"] for r in rows if r.get("eval_accuracy") is not None]
+        return {
+            "out_dir": str(self.out),
+            "steps_done": self.step_idx,
+            "steps": self.cfg.steps,
+            "interrupted": self.stop_requested and self.step_idx < self.cfg.steps,
+            "wall_s": self.wall_before + time.perf_counter() - self._t_start,
+            "eval_accuracy_start": self.eval_start,
+            "eval_accuracy_end": evals[-1] if evals else None,
+            "reward_first": rows[0]["reward_mean"] if rows else None,
+            "reward_last": rows[-1]["reward_mean"] if rows else None,
+        }
+
+    def _graceful_stop(self):
+        """While training: the first SIGINT/SIGTERM asks to stop after the current step, a second one
+        raises KeyboardInterrupt at once. Only in the main thread (signal handlers live there)."""
+        if threading.current_thread() is not threading.main_thread():
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def handlers():
+            def on_signal(signum, frame):
+                if self.stop_requested:
+                    raise KeyboardInterrupt
+                self.stop_requested = True
+                log.warning("%s: stopping after step %d, with a checkpoint (again to stop at once)",
+                            signal.Signals(signum).name, self.step_idx + 1)
+
+            old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in old.items():
+                    signal.signal(sig, handler)
+
+        return handlers()
