@@ -1,5 +1,7 @@
 from setuptools import find_packages, setup
 
+TRAIN = ["transformers>=4.45", "peft>=0.12", "tqdm", "matplotlib", "pyyaml"]
+
 setup(
     name="cepo_kernels",
     version="0.1.0",
@@ -10,12 +12,13 @@ setup(
     packages=find_packages(include=["cepo_kernels", "cepo_kernels.*", "cepo_ref", "cepo_ref.*"]),
     install_requires=[
         "torch>=2.4",
-        "triton>=3.1; platform_system == 'Linux'",
+        "triton>=3.6; platform_system == 'Linux'",
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4"],
-        "train": ["transformers>=4.45", "peft>=0.12", "tqdm", "matplotlib"],
+        "train": TRAIN,
+        # the whole test suite: the training-loop tests need the train extra too
+        "test": ["pytest>=7", "pytest-benchmark>=4", *TRAIN],
         "trl": ["trl"],
     },
     entry_points={"console_scripts": ["cepo-train=cepo_kernels.rl.cli:main"]},

@@ -132,7 +132,8 @@ def test_raising_reward_counts_errors(tmp_path):
 
 
 def test_real_checkpoint_lora_jsonl(tmp_path, monkeypatch, capsys):
-    """The --model / --data path: a Hugging Face directory written with save_pretrained, LoRA, custom keys."""
+    """The --model / --data path: a Hugging Face directory written with save_pretrained, LoRA, custom keys,
+    given relative to the working directory, with a reward module found there."""
     tok = build_tokenizer()
     model_dir = tmp_path / "hf-model"
     build_tiny_model(tok, seed=3).save_pretrained(model_dir)
@@ -142,19 +143,23 @@ def test_real_checkpoint_lora_jsonl(tmp_path, monkeypatch, capsys):
                             for a in range(4) for b in range(4)))
     (tmp_path / "myreward.py").write_text(
         "def reward(text, ref):\n    return float(len(text) % 2)\n")  # a dense signal so teachers run
-    monkeypatch.syspath_prepend(str(tmp_path))
-    out = tmp_path / "lora-run"
-    rc = main(["--model", str(model_dir), "--data", str(data), "--prompt-key", "question", "--answer-key",
+    monkeypatch.chdir(tmp_path)  # found in the working directory, without touching sys.path
+    capsys.readouterr()
+    rc = main(["--model", "hf-model", "--data", "train.jsonl", "--prompt-key", "question", "--answer-key",
                "solution", "--lora-rank", "4", "--lora-target-modules", "q_proj,v_proj", "--steps", "2",
                "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "5", "--eval-every", "2",
-               "--eval-size", "4", "--reward-fn", "myreward:reward", "--out-dir", str(out), "--no-progress",
+               "--eval-size", "4", "--reward-fn", "myreward:reward", "--out-dir", "lora-run", "--no-progress",
                "--gradient-checkpointing", "--lr", "1e-2"])
     assert rc == 0
-    printed = capsys.readouterr().out
-    assert "cepo-train: done" in printed and str(out / "metrics.jsonl") in printed
+    out = tmp_path / "lora-run"
+    captured = capsys.readouterr()
+    assert "cepo-train: done" in captured.out and str(out / "metrics.jsonl") in captured.out
+    for noise in ("%|", "it/s]", "Warning", "Loading"):  # --no-progress: no bars or advisories
+        assert noise not in captured.err and noise not in captured.out, noise
     rows = read_metrics(out / "metrics.jsonl")
     assert len(rows) == 2 and sum(r["teacher_rows"] for r in rows) > 0
-    assert (out / "final_model" / "adapter_config.json").is_file()
+    adapter = json.loads((out / "final_model" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(model_dir)  # absolute: loadable from anywhere
     saved = torch.load(out / "checkpoints" / "step_000002" / "model_state.pt", weights_only=True)
     assert saved and all("lora_" in k for k in saved)  # LoRA on a model from disk: adapters only
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in saved.items() if "lora_B" in k)
