@@ -19,7 +19,7 @@ from cepo_kernels.rl.cli import main
 from cepo_kernels.rl.config import TrainConfig, lam_at, parse_args
 from cepo_kernels.rl.model import lm_head
 from cepo_kernels.rl.task import Problem, build_tiny_model, build_tokenizer
-from cepo_kernels.rl.teacher import pack, plan_teachers
+from cepo_kernels.rl.teacher import plan_teachers
 from cepo_kernels.rl.trainer import NaNLossError, Trainer
 
 TINY = dict(steps=3, prompts_per_step=2, group_size=4, max_new_tokens=6, micro_batch_size=8,
@@ -193,11 +193,10 @@ def test_teacher_logprobs_match_the_model_on_the_context(tmp_path):
     adv = group_advantages(torch.tensor(rewards), 2)
     plan = plan_teachers(tok, questions, prompts, refs, texts, rewards, adv, 2)
     assert plan.neg_answers == ["6", "77"]
-    packed = pack([p for p in prompts for _ in range(2)], responses, tok.pad_token_id)
     weight, bias = lm_head(tr.model)
     tr.model.eval()
-    old, _ = tr._old_logprobs(packed, weight, bias)
-    pos, neg = tr._teacher_logprobs(plan, responses, old, weight, bias)
+    old, _, _, _ = tr._old_logprobs([p for p in prompts for _ in range(2)], responses, weight, bias)
+    pos, neg, _ = tr._teacher_logprobs(plan, responses, old, weight, bias)
     model64 = copy.deepcopy(tr.model).double()  # the float64 reference of the same weights
     for i, resp in enumerate(responses):
         for prefix_answer, got in ((refs[i // 2], pos), (plan.neg_answers[i // 2], neg)):

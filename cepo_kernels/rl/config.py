@@ -100,6 +100,9 @@ class TrainConfig:
     # sequences per forward/backward pass
     micro_batch_size: int = 64
     ppo_epochs: int = 1
+    # run a context shared by a group's responses (prompt, prompt + r+, prompt + r-) once and reuse its
+    # key/value cache (falls back to full contexts, with a warning, where the model's cache cannot be reused)
+    share_prefix: bool = True
     # consecutive steps with a NaN/inf loss tolerated before the run aborts
     max_nan_steps: int = 3
 

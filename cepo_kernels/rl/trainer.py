@@ -33,6 +33,7 @@ from cepo_kernels.rl.model import (
     response_hidden,
     trainable_parameters,
 )
+from cepo_kernels.rl.prefix import SharedPrefixUnsupported, prefix_hidden
 from cepo_kernels.rl.reward import answers_match, extract_boxed, load_reward_fn, safe_rewards
 from cepo_kernels.rl.rollout import NonFiniteModelError, generate
 from cepo_kernels.rl.rundir import (
@@ -90,6 +91,7 @@ class Trainer:
         self.rundir = RunDir(self.out, resuming=in_place)  # held (locked) until close()
         self.model, self.tok = load_model_and_tokenizer(cfg, self.device, self.dtype)
         self.eos_ids = self._eos_ids()
+        self.share_prefix = cfg.share_prefix
         if cfg.max_grad_norm == 0:
             log.info("max_grad_norm=0: gradient clipping is off (the gradient norm is still logged)")
         if cfg.model is None and cfg.sft_steps and self.resume_from is None:
@@ -189,58 +191,105 @@ class Trainer:
         scores, _ = safe_rewards(self.reward_fn, texts, [p.answer for p in problems])
         return float(np.mean(scores))
 
-    def _micro(self, n: int):
-        return [
-            slice(i, min(i + self.cfg.micro_batch_size, n)) for i in range(0, n, self.cfg.micro_batch_size)
-        ]
+    def _chunks(self, rows: list[int], responses) -> list[list[int]]:
+        """Micro-batches of rows: whole groups where they fit in micro_batch_size rows, groups of similar
+        response length together (so padding follows the real lengths)."""
+        G, size = self.cfg.group_size, self.cfg.micro_batch_size
+        groups: dict[int, list[int]] = {}
+        for r in rows:
+            groups.setdefault(r // G, []).append(r)
+        ordered = sorted(groups.values(), key=lambda g: -max(len(responses[r]) for r in g))
+        chunks, cur = [], []
+        for g in ordered:
+            for lo in range(0, len(g), size):
+                part = g[lo : lo + size]
+                if cur and len(cur) + len(part) > size:
+                    chunks.append(cur)
+                    cur = []
+                cur = cur + part
+        return chunks + ([cur] if cur else [])
+
+    def _forward_rows(self, rows: list[int], prefix_of, responses) -> tuple[torch.Tensor, int, int]:
+        """(hidden [n, R, H] predicting the responses of `rows`, R = their longest response; tokens run;
+        tokens the plain per-response path would run). prefix_of(row) -> the row's context ids; rows with
+        the same context share it: with share_prefix it is run once for them (rl/prefix.py)."""
+        resp = [responses[r] for r in rows]
+        naive = sum(len(prefix_of(r)) + len(responses[r]) for r in rows)
+        if self.share_prefix and not (torch.is_grad_enabled() and self.cfg.gradient_checkpointing):
+            keys = [tuple(prefix_of(r)) for r in rows]
+            distinct = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+            owner = [distinct[k] for k in keys]
+            prefixes = [list(k) for k in distinct]
+            try:
+                h = prefix_hidden(self.model, prefixes, resp, owner, pad_id=self.tok.pad_token_id,
+                                  device=self.device)
+                return h, sum(map(len, prefixes)) + sum(map(len, resp)), naive
+            except SharedPrefixUnsupported as e:
+                self.share_prefix = False
+                log.warning("shared prefixes are not supported for this model (%s): running every context "
+                            "in full", e)
+        packed = pack([prefix_of(r) for r in rows], resp, self.tok.pad_token_id, self.device)
+        return response_hidden(self.model, packed), naive, naive
+
+    def _targets(self, rows, responses, R):
+        """targets [n, R] (pad id past each response) and mask [n, R] of rows, on the device."""
+        t = torch.full((len(rows), R), self.tok.pad_token_id, dtype=torch.long)
+        m = torch.zeros((len(rows), R), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids = responses[r][:R]
+            t[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            m[i, : len(ids)] = True
+        return t.to(self.device), m.to(self.device)
 
     @torch.no_grad()
-    def _old_logprobs(self, packed, weight, bias):
-        """Old log-probs [B, R] and entropy [B, R] of every response under the current (rollout) weights."""
-        logps, ents = [], []
-        for sl in self._micro(packed.targets.shape[0]):
-            rows = torch.arange(sl.start, sl.stop, device=self.device)
-            h = response_hidden(self.model, packed, rows)
-            lp, ent = linear_logprobs(
-                h,
-                weight,
-                packed.targets[sl],
-                bias=bias,
-                temperature=self.cfg.temperature,
-                return_entropy=True,
-            )
-            logps.append(lp.float())
-            ents.append(ent.float())
-        return torch.cat(logps), torch.cat(ents)
+    def _old_logprobs(self, prompts, responses, weight, bias):
+        """Old log-probs [B, R] and entropy [B, R] of every response under the current (rollout) weights,
+        and the policy tokens run (with the naive count)."""
+        B, R = len(responses), max([len(r) for r in responses] + [1])
+        logp = torch.zeros(B, R, device=self.device)
+        ent = torch.zeros(B, R, device=self.device)
+        tokens = naive = 0
+        for rows in self._chunks(list(range(B)), responses):
+            h, t, nv = self._forward_rows(rows, lambda r: prompts[r], responses)
+            targets, _ = self._targets(rows, responses, h.shape[1])
+            lp, en = linear_logprobs(h, weight, targets, bias=bias, temperature=self.cfg.temperature,
+                                     return_entropy=True)
+            idx = torch.tensor(rows, device=self.device)
+            logp[idx, : h.shape[1]] = lp.float()
+            ent[idx, : h.shape[1]] = en.float()
+            tokens, naive = tokens + t, naive + nv
+        return logp, ent, tokens, naive
 
     @torch.no_grad()
     def _teacher_logprobs(self, plan, responses, old_logp, weight, bias):
-        """pos_logp, neg_logp [B, R]; rows skipped by the plan (A = 0) keep pos = neg = old (Delta = 0)."""
+        """pos_logp, neg_logp [B, R] and the teacher tokens run; rows skipped by the plan (A = 0) keep
+        pos = neg = old (Delta = 0)."""
         pos, neg = old_logp.clone(), old_logp.clone()
+        tokens = 0
         if not plan.rows:
-            return pos, neg
-        R = old_logp.shape[1]
-        resp = [responses[i] for i in plan.rows]
-        pos_packed = pack(plan.pos_prefixes, resp, self.tok.pad_token_id, self.device, resp_len=R)
-        neg_packed = pack(plan.neg_prefixes, resp, self.tok.pad_token_id, self.device, resp_len=R)
-        for sl in self._micro(len(plan.rows)):
-            rows = torch.arange(sl.start, sl.stop, device=self.device)
-            dst = torch.tensor(plan.rows[sl], device=self.device)
-            h_pos = response_hidden(self.model, pos_packed, rows)
-            targets = pos_packed.targets[sl]
+            return pos, neg, tokens
+        where = {r: k for k, r in enumerate(plan.rows)}
+        for rows in self._chunks(plan.rows, responses):
+            h_pos, t, _ = self._forward_rows(rows, lambda r: plan.pos_prefixes[where[r]], responses)
+            tokens += t
+            targets, _ = self._targets(rows, responses, h_pos.shape[1])
+            dst = torch.tensor(rows, device=self.device)
+            R = h_pos.shape[1]
             if self.cfg.algo == "cepo":
-                h_neg = response_hidden(self.model, neg_packed, rows)
+                h_neg, t, _ = self._forward_rows(rows, lambda r: plan.neg_prefixes[where[r]], responses)
+                tokens += t
                 p, n = linear_teacher_logprobs(
                     h_pos, h_neg, weight, targets, bias=bias, temperature=self.cfg.temperature
                 )
-                neg[dst] = n.float()
+                neg[dst, :R] = n.float()
             else:  # rlsd: the negative teacher is the old student
                 p = linear_logprobs(h_pos, weight, targets, bias=bias, temperature=self.cfg.temperature)
-            pos[dst] = p.float()
-        return pos, neg
+            pos[dst, :R] = p.float()
+        return pos, neg, tokens
 
-    def _update(self, packed, adv, old_logp, pos_logp, neg_logp, lam):
-        """PPO updates over mini-batches (whole groups) with gradient accumulation over micro-batches."""
+    def _update(self, prompts, responses, mask, adv, old_logp, pos_logp, neg_logp, lam):
+        """PPO updates over mini-batches (whole groups) with gradient accumulation over micro-batches.
+        Returns the metrics and the policy tokens run."""
         cfg, G = self.cfg, self.cfg.group_size
         B = adv.shape[0]
         mini = min(cfg.mini_batch_prompts or cfg.prompts_per_step, cfg.prompts_per_step) * G
@@ -249,23 +298,27 @@ class Trainer:
         clip_dual = cfg.clip_dual if cfg.clip_dual > 0 else None
         opts = dict(bias=bias, lam=lam, eps_w=cfg.eps_w, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
                     clip_dual=clip_dual, temperature=cfg.temperature, reduction=cfg.reduction)
-        sums, tokens, losses, grad_norms, n_nan = {}, 0.0, [], [], 0
-        seq_tokens = np.asarray(packed.mask.sum(dim=1).tolist(), dtype=np.float64)  # [B], one sync per step
+        if cfg.algo == "grpo" or lam == 0.0:
+            teachers, opts["lam"] = {}, 0.0  # A_hat = A exactly: no teacher input at all
+        sums, tokens, losses, grad_norms, n_nan, run = {}, 0.0, [], [], 0, 0
+        seq_tokens = np.asarray([len(r) for r in responses], dtype=np.float64)
         self.model.train()
         for _ in range(cfg.ppo_epochs):
             for lo in range(0, B, mini):
                 hi = min(lo + mini, B)
-                num_tokens = packed.mask[lo:hi].sum()
+                num_tokens = mask[lo:hi].sum()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss_total, bad = 0.0, False
-                for sl in self._micro(hi - lo):
-                    sl = slice(lo + sl.start, lo + sl.stop)
-                    rows = torch.arange(sl.start, sl.stop, device=self.device)
-                    h = response_hidden(self.model, packed, rows)
+                for rows in self._chunks(list(range(lo, hi)), responses):
+                    h, t, _ = self._forward_rows(rows, lambda r: prompts[r], responses)
+                    run += t
+                    R = h.shape[1]
+                    idx = torch.tensor(rows, device=self.device)
+                    targets, m = self._targets(rows, responses, R)
                     out = linear_cepo_loss(
-                        h, weight, packed.targets[sl], adv[sl], packed.mask[sl], old_logp=old_logp[sl],
+                        h, weight, targets, adv[idx], m, old_logp=old_logp[idx, :R],
                         num_tokens=num_tokens if cfg.reduction == "token-mean" else None,
-                        **opts, **{k: v[sl] for k, v in teachers.items()},
+                        **opts, **{k: v[idx, :R] for k, v in teachers.items()},
                     )  # fmt: skip
                     loss_value = float(out.loss.detach())  # the one host sync of the micro-batch
                     if not math.isfinite(loss_value):
@@ -273,7 +326,7 @@ class Trainer:
                         break
                     out.loss.backward()
                     loss_total += loss_value
-                    n_tok = seq_tokens[sl.start:sl.stop].sum()
+                    n_tok = seq_tokens[rows].sum()
                     tokens += n_tok
                     for k in LOSS_METRICS:
                         sums[k] = sums.get(k, 0.0) + n_tok * float(out.metrics.get(k, 0.0))
@@ -297,7 +350,7 @@ class Trainer:
             grad_norm=float(np.mean(grad_norms)) if grad_norms else None,
             nan_updates=n_nan,
         )
-        return metrics
+        return metrics, run
 
     def step(self) -> dict:
         """One rollout batch and its updates; returns the metrics record (also appended to metrics.jsonl)."""
@@ -340,28 +393,38 @@ class Trainer:
         adv = adv.to(self.device)
         t1 = time.perf_counter()
 
-        packed = pack([p for p in prompts for _ in range(G)], responses, self.tok.pad_token_id, self.device)
+        row_prompts = [p for p in prompts for _ in range(G)]
+        _, mask = self._targets(range(len(responses)), responses, max([len(r) for r in responses] + [1]))
         weight, bias = lm_head(self.model)
         self.model.eval()
-        old_logp, entropy = self._old_logprobs(packed, weight, bias)
+        old_logp, entropy, sweep_tokens, sweep_naive = self._old_logprobs(row_prompts, responses, weight,
+                                                                          bias)
+        t_old = time.perf_counter()
         plan = None
         pos_logp = neg_logp = old_logp
+        teacher_tokens = teacher_naive = 0
         if cfg.algo != "grpo":
             questions = [self.question(p) for p in problems]
             plan = plan_teachers(self.tok, questions, prompts, refs, texts, rewards, adv, G,
                                  cfg.teacher_template, cfg.system_prompt, self.extract)
-            pos_logp, neg_logp = self._teacher_logprobs(plan, responses, old_logp, weight, bias)
+            # what the plain path ran: every teacher context in full, whatever lambda
+            contexts = (plan.pos_prefixes, plan.neg_prefixes) if cfg.algo == "cepo" else (plan.pos_prefixes,)
+            for prefixes in contexts:
+                teacher_naive += sum(len(prefixes[k]) + len(responses[r]) for k, r in enumerate(plan.rows))
+            if lam > 0:  # at lambda = 0, A_hat = A exactly: the teachers cannot change the update
+                pos_logp, neg_logp, teacher_tokens = self._teacher_logprobs(plan, responses, old_logp, weight,
+                                                                            bias)
         t2 = time.perf_counter()
 
-        upd = self._update(packed, adv, old_logp, pos_logp, neg_logp, lam)
+        upd, update_tokens = self._update(row_prompts, responses, mask, adv, old_logp, pos_logp, neg_logp,
+                                          lam)
         lr_used = self.optimizer.param_groups[0]["lr"]  # this step's rate, read before the schedule moves
         with warnings.catch_warnings():  # when every update was skipped (NaN), the schedule still advances
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.scheduler.step()
         t3 = time.perf_counter()
 
-        mask = packed.mask
-        n_tok = float(mask.sum())
+        n_tok = float(sum(len(r) for r in responses))
         rec = {
             "step": s + 1,
             "lambda": lam,
@@ -372,13 +435,18 @@ class Trainer:
             **delta_stats(pos_logp - neg_logp, adv, mask),
             "entropy": float(entropy[mask].mean()) if n_tok else 0.0,
             "response_len_mean": n_tok / mask.shape[0],
-            "teacher_rows": len(plan.rows) if plan else 0,
+            "teacher_rows": len(plan.rows) if plan and lam > 0 else 0,
+            "teacher_tokens": teacher_tokens,
+            "teacher_tokens_naive": teacher_naive,
+            "policy_tokens": sweep_tokens + update_tokens,
+            "policy_tokens_naive": sweep_naive * (1 + cfg.ppo_epochs),
             "r_minus_fallbacks": plan.neg_how.count("fallback") if plan else 0,
             **upd,
             "tokens_per_s": n_tok / max(t3 - t0, 1e-9),
             "peak_mem_mb": peak_memory_mb(self.device),
             "time_rollout": t1 - t0,
-            "time_teachers": t2 - t1,
+            "time_old_logp": t_old - t1,
+            "time_teachers": t2 - t_old,
             "time_update": t3 - t2,
         }
         self.step_idx += 1

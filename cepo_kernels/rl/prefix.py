@@ -1,0 +1,79 @@
+"""Shared prefixes: run a context common to several responses once and reuse its key/value cache.
+
+Within a group, the policy contexts share the prompt, the positive teacher's share prompt + r+, and the
+negative teacher's share prompt + r-. `prefix_hidden` runs each distinct prefix once (left-padded, as
+`teacher.pack` lays it out), repeats its cache for the rows that continue it, and runs only the response
+tokens on top, with the same position ids as the plain path (counted over the non-pad tokens). With
+gradients enabled the gradient flows through each shared prefix once.
+
+The hidden state that predicts response token t is the prefix's last state for t = 0 and the response
+pass's state t - 1 after that, so a response's last token is never run (nothing follows it).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from cepo_kernels.rl.model import base_model
+
+
+class SharedPrefixUnsupported(RuntimeError):
+    """The model's key/value cache cannot be reused this way (the caller falls back to the plain path)."""
+
+
+def prefix_hidden(model, prefixes: list[list[int]], responses: list[list[int]], owner: list[int], *,
+                  pad_id: int, device) -> torch.Tensor:
+    """Last hidden states [n, R, H] at the positions that predict each response's tokens.
+
+    prefixes: the distinct prefixes (token ids, each non-empty); responses: n token-id lists; owner[i]: the
+    index of response i's prefix. R = the longest response (>= 1); columns past a response's length hold
+    unspecified values (masked by the caller).
+    """
+    if len(owner) != len(responses):
+        raise ValueError(f"owner: expected one prefix index per response ({len(responses)}), "
+                         f"got {len(owner)}")
+    base = base_model(model)
+    decoder = base.get_decoder()
+    try:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=base.config)
+    except (ImportError, TypeError) as e:
+        raise SharedPrefixUnsupported(f"no DynamicCache for this model ({e})") from None
+    if any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", [])):
+        raise SharedPrefixUnsupported("sliding-window attention layers")
+    g, n = len(prefixes), len(responses)
+    L = max(len(p) for p in prefixes)
+    ids = torch.full((g, L), pad_id, dtype=torch.long)
+    attn = torch.zeros((g, L), dtype=torch.long)
+    for i, p in enumerate(prefixes):
+        ids[i, L - len(p) :] = torch.tensor(p, dtype=torch.long)
+        attn[i, L - len(p) :] = 1
+    plen = attn.sum(dim=1)
+    pos = (attn.cumsum(dim=1) - 1).clamp_min(0)
+    ids, attn, pos, plen = ids.to(device), attn.to(device), pos.to(device), plen.to(device)
+    # transformers >= 5.x names the argument `cache`, earlier releases `past_key_values`
+    arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    out = decoder(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **{arg: cache})
+    rows = torch.tensor(owner, dtype=torch.long, device=device)
+    first = out.last_hidden_state[:, -1][rows]  # [n, H]: the state that predicts response token 0
+    R = max([len(r) for r in responses] + [1])
+    if R == 1:
+        return first[:, None]
+    if not hasattr(cache, "reorder_cache"):
+        raise SharedPrefixUnsupported(f"{type(cache).__name__} cannot be repeated per response")
+    cache.reorder_cache(rows)  # [g, ...] -> [n, ...]: each response's copy of its prefix's cache
+    rids = torch.full((n, R - 1), pad_id, dtype=torch.long)
+    rattn = torch.zeros((n, R - 1), dtype=torch.long)
+    for i, r in enumerate(responses):
+        r = r[: R - 1]
+        if r:
+            rids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            rattn[i, : len(r)] = 1
+    rids, rattn = rids.to(device), rattn.to(device)
+    full_attn = torch.cat([attn[rows], rattn], dim=1)
+    rpos = plen[rows, None] + torch.arange(R - 1, device=device)[None]
+    out = decoder(input_ids=rids, attention_mask=full_attn, position_ids=rpos, use_cache=True, **{arg: cache})
+    return torch.cat([first[:, None], out.last_hidden_state], dim=1)  # [n, R, H]
