@@ -18,7 +18,7 @@ What changes against GRPO, after TRL has generated and scored a batch (METHOD.md
    `cepo/frac_wrong_dir`, over all processes' tokens with A != 0) go into TRL's metrics.
 
 Supported TRL: >= 1.16, < 1.17 (the hooks used are GRPOTrainer's `_calculate_rewards` and
-`_generate_and_score_completions`, which are not a public API). Set CEPO_TRL_ALLOW_ANY_VERSION=1 to try another.
+`_generate_and_score_completions`, which are not a public API). CEPO_TRL_ALLOW_ANY_VERSION=1 tries another.
 """
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ def _check_trl():
         "CEPO_TRL_ALLOW_ANY_VERSION"
     ) != "1":
         raise ImportError(
-            f"cepo_kernels.integrations.trl supports TRL >= {TRL_MIN}, < {TRL_BELOW}; found trl {trl.__version__}. "
-            f"Install a supported version (pip install 'trl>={TRL_MIN},<{TRL_BELOW}') or set "
-            "CEPO_TRL_ALLOW_ANY_VERSION=1 to try it anyway (CEPOTrainer overrides private GRPOTrainer methods)."
+            f"cepo_kernels.integrations.trl supports TRL >= {TRL_MIN}, < {TRL_BELOW}; "
+            f"found trl {trl.__version__}. Install a supported version "
+            f"(pip install 'trl>={TRL_MIN},<{TRL_BELOW}') or set CEPO_TRL_ALLOW_ANY_VERSION=1 to try it anyway "
+            "(CEPOTrainer overrides private GRPOTrainer methods)."
         )
 
 
@@ -57,6 +58,7 @@ from accelerate.utils import gather_object  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 
+from cepo_kernels._params import check_number  # noqa: E402
 from cepo_kernels.ops._common import delta_metrics  # noqa: E402
 from cepo_kernels.ops.logits import cepo_advantages  # noqa: E402
 from cepo_kernels.rl.config import lam_at  # noqa: E402
@@ -70,7 +72,8 @@ __all__ = ["CEPOConfig", "CEPOTrainer"]
 class CEPOConfig(GRPOConfig):
     """GRPOConfig plus the CEPO options (METHOD.md). Every GRPOConfig option keeps its meaning.
 
-    lam0, t_warm: lambda(step) = max(0, lam0 * (1 - step / t_warm)), step = trainer.state.global_step (0-based).
+    lam0, t_warm: lambda(step) = max(0, lam0 * (1 - step / t_warm)), step = trainer.state.global_step
+        (0-based) when the batch is generated.
     eps_w: clip of the token weight exp(sign(A) Delta) to [1 - eps_w, 1 + eps_w].
     teacher_template: inserted between the prompt and the completion in the teachers' context, "{answer}"
         replaced by r+ (positive teacher) or r- (negative teacher); tokenised without special tokens.
@@ -84,10 +87,10 @@ class CEPOConfig(GRPOConfig):
     eps_w: float = field(default=0.2, metadata={"help": "CEPO: token weight clip, in [0, 1)."})
     teacher_template: str = field(
         default=" {answer}",
-        metadata={"help": "CEPO: text inserted after the prompt in the teachers' context; {answer} = r+ or r-."},
+        metadata={"help": "CEPO: inserted after the prompt in the teachers' context; {answer} = r+ or r-."},
     )
     answer_column: str = field(
-        default="answer", metadata={"help": "CEPO: dataset column holding the reference answer of each prompt."}
+        default="answer", metadata={"help": "CEPO: dataset column with the reference answer of each prompt."}
     )
     teacher_batch_size: int | None = field(
         default=None, metadata={"help": "CEPO: sequences per teacher forward (default 2 x per-device batch)."}
@@ -95,18 +98,19 @@ class CEPOConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name, lo, hi, hi_open in (("lam0", 0.0, 1.0, False), ("eps_w", 0.0, 1.0, True)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not (lo <= v and (v < hi if hi_open else v <= hi)):
-                raise ValueError(f"{name}: expected a number in [{lo}, {hi}{')' if hi_open else ']'}, got {v!r}")
+        check_number("lam0", self.lam0, lo=0.0, hi=1.0)
+        check_number("eps_w", self.eps_w, lo=0.0, hi=1.0, hi_open=True)
         if isinstance(self.t_warm, bool) or not isinstance(self.t_warm, int) or self.t_warm < 0:
             raise ValueError(f"t_warm: expected an int >= 0, got {self.t_warm!r}")
         if not isinstance(self.teacher_template, str) or "{answer}" not in self.teacher_template:
-            raise ValueError(f"teacher_template: expected a string containing {{answer}}, got {self.teacher_template!r}")
+            raise ValueError(
+                f"teacher_template: expected a string containing {{answer}}, got {self.teacher_template!r}"
+            )
         if "{question}" in self.teacher_template:
             raise ValueError(
-                "teacher_template: {question} templates are not supported by CEPOTrainer (TRL owns the prompt "
-                f"rendering); use one inserted after the prompt, e.g. ' {{answer}}'; got {self.teacher_template!r}"
+                "teacher_template: {question} templates are not supported by CEPOTrainer (TRL renders the "
+                "prompt); use one inserted after the prompt, e.g. ' {answer}'; "
+                f"got {self.teacher_template!r}"
             )
         if not isinstance(self.answer_column, str) or not self.answer_column:
             raise ValueError(f"answer_column: expected a non-empty column name, got {self.answer_column!r}")
@@ -115,11 +119,13 @@ class CEPOConfig(GRPOConfig):
             or not isinstance(self.teacher_batch_size, int)
             or self.teacher_batch_size < 1
         ):
-            raise ValueError(f"teacher_batch_size: expected None or an int >= 1, got {self.teacher_batch_size!r}")
+            raise ValueError(
+                f"teacher_batch_size: expected None or an int >= 1, got {self.teacher_batch_size!r}"
+            )
 
 
 def _completion_text(completion) -> str:
-    """The text of a TRL completion: a string, or a conversational list of messages (their contents joined)."""
+    """The text of a TRL completion: a string, or a conversational list of messages (contents joined)."""
     if isinstance(completion, str):
         return completion
     parts = []
@@ -137,7 +143,7 @@ class CEPOTrainer(GRPOTrainer):
     (default: the content of its last \\boxed{...}, as cepo-train).
 
     After each generation, `self.cepo_last` holds what was decided for that batch: step, lam, the r- of every
-    group of the gathered batch (`neg_answers`, `neg_how`, `neg_index`), and the teacher rows (local and global).
+    group of the gathered batch (`neg_answers`, `neg_how`, `neg_index`), the teacher rows (local, global).
     """
 
     def __init__(self, *args, answer_extractor=None, **kwargs):
@@ -145,14 +151,17 @@ class CEPOTrainer(GRPOTrainer):
         if not isinstance(self.args, CEPOConfig):
             raise TypeError(f"args: expected a CEPOConfig, got {type(self.args).__name__}")
         if answer_extractor is not None and not callable(answer_extractor):
-            raise TypeError(f"answer_extractor: expected a callable or None, got {type(answer_extractor).__name__}")
+            raise TypeError(
+                f"answer_extractor: expected a callable or None, got {type(answer_extractor).__name__}"
+            )
         self.answer_extractor = answer_extractor or extract_boxed
         column = self.args.answer_column
         for split, ds in (("train_dataset", self.train_dataset),):
             names = getattr(ds, "column_names", None)
             if isinstance(names, list) and column not in names:
                 raise ValueError(
-                    f"{split}: expected a column {column!r} (CEPOConfig.answer_column) with the reference answers, "
+                    f"{split}: expected a column {column!r} (CEPOConfig.answer_column) with the reference "
+                    "answers, "
                     f"got columns {names}"
                 )
         self._cepo_scored = None
@@ -173,7 +182,7 @@ class CEPOTrainer(GRPOTrainer):
         output = super()._generate_and_score_completions(inputs)
         scored, self._cepo_scored = self._cepo_scored, None
         if scored is None:
-            raise RuntimeError("CEPOTrainer: the rewards of the batch were not seen (TRL's GRPOTrainer changed?)")
+            raise RuntimeError("CEPOTrainer: the batch's rewards were not seen (has GRPOTrainer changed?)")
         output["advantages"] = self._cepo_advantages(output, *scored)
         return output
 
@@ -199,17 +208,21 @@ class CEPOTrainer(GRPOTrainer):
             texts = gather_object([_completion_text(c) for c in completions])
             references = gather_object([str(x[args.answer_column]) for x in inputs])
             if len(texts) != len(rewards) or len(texts) % G:
-                raise RuntimeError(f"CEPOTrainer: {len(texts)} gathered completions, {len(rewards)} rewards, G={G}")
+                raise RuntimeError(
+                    f"CEPOTrainer: {len(texts)} gathered completions, {len(rewards)} rewards, group size {G}"
+                )
             for g in range(len(texts) // G):
                 sl = slice(g * G, (g + 1) * G)
-                ans, idx, how = negative_answer(texts[sl], rewards[sl], references[g * G], self.answer_extractor)
+                ref = references[g * G]
+                ans, idx, how = negative_answer(texts[sl], rewards[sl], ref, self.answer_extractor)
                 record["neg_answers"].append(ans)
                 record["neg_how"].append(how)
                 record["neg_index"].append(idx)
             offset = self.accelerator.process_index * B
             rows = [i for i in range(B) if adv[i].item() != 0.0 and bool(mask[i].any())]
             if rows:
-                pos, neg = self._cepo_teacher_logprobs(output, rows, record["neg_answers"], references, offset, G)
+                negs = record["neg_answers"]
+                pos, neg = self._cepo_teacher_logprobs(output, rows, negs, references, offset, G)
                 pos_logp[rows], neg_logp[rows] = pos, neg
             record["teacher_rows_local"] = len(rows)
             n_rows = torch.tensor([len(rows)], device=mask.device)
@@ -226,7 +239,7 @@ class CEPOTrainer(GRPOTrainer):
         prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"].bool()
         completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
         R = completion_ids.shape[1]
-        lengths = completion_mask.sum(1)  # right-padded; rows masked whole by TRL (truncated) are not in `rows`
+        lengths = completion_mask.sum(1)  # right-padded; rows TRL masked whole (truncated) are not in `rows`
         prefixes, responses = [], []
         for answer_of in (lambda g: references[g * G], lambda g: neg_answers[g]):
             for i in rows:
