@@ -47,8 +47,8 @@ def _check_trl():
         raise ImportError(
             f"cepo_kernels.integrations.trl supports TRL >= {TRL_MIN}, < {TRL_BELOW}; "
             f"found trl {trl.__version__}. Install a supported version "
-            f"(pip install 'trl>={TRL_MIN},<{TRL_BELOW}') or set CEPO_TRL_ALLOW_ANY_VERSION=1 to try it anyway "
-            "(CEPOTrainer overrides private GRPOTrainer methods)."
+            f"(pip install 'trl>={TRL_MIN},<{TRL_BELOW}') or set CEPO_TRL_ALLOW_ANY_VERSION=1 to try it"
+            " anyway (CEPOTrainer overrides private GRPOTrainer methods)."
         )
 
 
