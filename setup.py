@@ -16,7 +16,7 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4"],
         "train": ["transformers>=4.45", "peft>=0.12", "tqdm", "matplotlib"],
-        "trl": ["trl"],
+        "trl": ["trl>=1.16,<1.17", "datasets", "accelerate"],
     },
     entry_points={"console_scripts": ["cepo-train=cepo_kernels.rl.cli:main"]},
 )

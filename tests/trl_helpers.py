@@ -2,8 +2,8 @@
 
 Everything is built in code (nothing downloaded): a word-level tokenizer wrapped in PreTrainedTokenizerFast, a
 1-layer Qwen2 from a config, arithmetic prompts with an `answer` column, and a reward that gives mixed rewards
-within groups even for a random model (the vocabulary has one token per boxed answer, so a random completion
-is sometimes right).
+within groups even for a random model (the vocabulary has one token per boxed answer, and a boxed answer
+scores 0.1 even when wrong).
 
 As a script (`torchrun --nproc_per_node N tests/trl_helpers.py OUT_DIR PER_DEVICE`): trains CEPO for a few
 steps with completions sampled with a seed per global row (so that N processes x G/N completions draw what one
@@ -29,7 +29,7 @@ import sys  # noqa: E402
 
 import torch  # noqa: E402
 
-WORDS = ["<pad>", "<eos>", "what", "is", "plus", "?", "1", "2", "3", "so"] + [
+WORDS = ["<pad>", "<eos>", "<unk>", "what", "is", "plus", "?"] + [str(i) for i in range(1, 7)] + [
     f"\\boxed{{{i}}}" for i in range(2, 7)
 ]
 
@@ -38,7 +38,7 @@ def tiny_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
 
@@ -61,10 +61,13 @@ def tiny_dataset():
 
 
 def boxed_reward(completions, answer, **kwargs):
-    """TRL reward function: 1.0 when the last \\boxed{} of the completion is the reference answer."""
+    """TRL reward function, as in the authors' runs: 0.9 x (the last \\boxed{} is the reference answer)
+    + 0.1 x (a \\boxed{} is present). A random model's groups get mixed rewards even when none is right."""
     from cepo_kernels.rl.reward import boxed_reward as score
+    from cepo_kernels.rl.reward import extract_boxed
 
-    return [score(c, a) for c, a in zip(completions, answer, strict=True)]
+    return [0.9 * score(c, a) + 0.1 * (extract_boxed(c) is not None)
+            for c, a in zip(completions, answer, strict=True)]
 
 
 def always_right(completions, **kwargs):
