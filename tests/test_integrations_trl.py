@@ -156,6 +156,39 @@ def test_all_correct_groups_get_zero_advantage_and_no_teacher_pass(tmp_path):
     assert mixed_seen > 0
 
 
+def test_kernel_logprobs_match_trl_head(tmp_path, monkeypatch):
+    """cepo_kernel_logprobs=True (linear_logprobs / linear_teacher_logprobs) against TRL's own chunked head:
+    the same A_hat and losses over 2 steps. Tolerance: both compute the same fp32 log-softmax from the same
+    hidden states with different reduction orders over H = 16 and V = 18 terms: 64 eps of the magnitude."""
+    calls = {"linear_logprobs": 0, "linear_teacher_logprobs": 0}
+
+    def counting(name, real):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return counted
+
+    for name in calls:
+        monkeypatch.setattr(cepo_trl, name, counting(name, getattr(cepo_trl, name)))
+    runs = []
+    for kernels in (False, True):
+        tr = _trainer(cepo_trl.CEPOTrainer, tmp_path / f"k{kernels}", cepo_kernel_logprobs=kernels)
+        tr.train()
+        runs.append(tr)
+    base, fused = runs
+    # the loss of each step (no old log-probs needed: one update per generation) and the teachers ran on them
+    assert calls["linear_logprobs"] == 2 and calls["linear_teacher_logprobs"] >= 1
+    assert any(s.get("rows") for s in fused.scored)  # the kernels scored teacher rows
+    tol = 64 * EPS32
+    for a, b in zip(fused.scored, base.scored, strict=True):
+        torch.testing.assert_close(a["a_hat"], b["a_hat"], rtol=tol, atol=tol * float(b["adv"].abs().max()))
+        if b.get("rows"):
+            torch.testing.assert_close(a["pos"], b["pos"], rtol=tol, atol=tol * float(b["pos"].abs().max()))
+    la, lb = torch.tensor(_losses(fused)), torch.tensor(_losses(base))
+    torch.testing.assert_close(la, lb, rtol=tol, atol=tol * float(lb.abs().max()))
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -60,6 +60,7 @@ from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 
 from cepo_kernels._params import check_number  # noqa: E402
 from cepo_kernels.ops._common import delta_metrics  # noqa: E402
+from cepo_kernels.ops.linear import linear_logprobs, linear_teacher_logprobs  # noqa: E402
 from cepo_kernels.ops.logits import cepo_advantages  # noqa: E402
 from cepo_kernels.rl.config import lam_at  # noqa: E402
 from cepo_kernels.rl.reward import extract_boxed  # noqa: E402
@@ -80,6 +81,12 @@ class CEPOConfig(GRPOConfig):
     answer_column: the dataset column with each prompt's reference answer (r+).
     teacher_batch_size: sequences per teacher forward (both teachers' rows together); None = 2 x
         per_device_train_batch_size.
+    cepo_kernel_logprobs: compute the per-token log-probs and entropies (policy with gradient, old policy and
+        both teachers without) with `linear_logprobs` / `linear_teacher_logprobs` from the decoder's last
+        hidden states and the lm_head weight, logits never materialised, instead of TRL's chunked LM head.
+        TRL's loss (every loss_type, KL, entropy terms) is applied to them unchanged. For text-only causal LMs
+        whose logits are lm_head(last hidden state) (no soft-capping or scaling), with a plain nn.Linear head
+        (no adapter on it, not sharded by FSDP / ZeRO-3). A reference model (beta > 0) keeps TRL's head.
     """
 
     lam0: float = field(default=0.5, metadata={"help": "CEPO: initial lambda, in [0, 1]."})
@@ -95,6 +102,11 @@ class CEPOConfig(GRPOConfig):
     teacher_batch_size: int | None = field(
         default=None, metadata={"help": "CEPO: sequences per teacher forward (default 2 x per-device batch)."}
     )
+    cepo_kernel_logprobs: bool = field(
+        default=False,
+        metadata={"help": "CEPO: per-token log-probs (policy, old policy, teachers) from cepo_kernels' fused "
+                          "linear kernels instead of TRL's chunked LM head; TRL's loss is unchanged."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -106,6 +118,8 @@ class CEPOConfig(GRPOConfig):
             raise ValueError(
                 f"teacher_template: expected a string containing {{answer}}, got {self.teacher_template!r}"
             )
+        if not isinstance(self.cepo_kernel_logprobs, bool):
+            raise TypeError(f"cepo_kernel_logprobs: expected a bool, got {self.cepo_kernel_logprobs!r}")
         if "{question}" in self.teacher_template:
             raise ValueError(
                 "teacher_template: {question} templates are not supported by CEPOTrainer (TRL renders the "
@@ -166,6 +180,8 @@ class CEPOTrainer(GRPOTrainer):
                 )
         self._cepo_scored = None
         self.cepo_last: dict | None = None
+        if self.args.cepo_kernel_logprobs:
+            self._cepo_head()  # fail at construction, not mid-training, on a model the kernels cannot serve
 
     def cepo_lambda(self, step: int | None = None) -> float:
         """lambda at a 0-based step (default: the trainer's current global step)."""
@@ -248,19 +264,90 @@ class CEPOTrainer(GRPOTrainer):
                 prefixes.append(teacher_prefix(tok, "", p, answer_of(g), template))
                 responses.append(completion_ids[i, : int(lengths[i])].tolist())
         chunk = self.args.teacher_batch_size or 2 * self.args.per_device_train_batch_size
-        out = []
+        kernels = self.args.cepo_kernel_logprobs
+        out, targets, masks = [], [], []
         with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             for s in range(0, len(prefixes), chunk):
                 packed = pack(prefixes[s : s + chunk], responses[s : s + chunk], tok.pad_token_id,
                               device=completion_ids.device, resp_len=R)
+                if kernels:  # hidden states only; both teachers are scored together below
+                    out.append(self._cepo_hidden(self.model, packed.input_ids, packed.attention_mask, R,
+                                                 position_ids=packed.position_ids))
+                    targets.append(packed.targets)
+                    masks.append(packed.mask)
+                    continue
                 labels = packed.input_ids.masked_fill(packed.attention_mask == 0, -100)
                 labels[:, : packed.start] = -100
                 with self.accelerator.autocast():
                     res = self.model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
                                      position_ids=packed.position_ids, labels=labels, fused_lm_head=True)
                 out.append(res.log_probs[:, -R:].float())
-        logp = torch.cat(out, dim=0)
-        return logp[: len(rows)], logp[len(rows) :]
+        n = len(rows)
+        if not kernels:
+            logp = torch.cat(out, dim=0)
+            return logp[:n], logp[n:]
+        hidden, target, mask = torch.cat(out), torch.cat(targets), torch.cat(masks)
+        weight, bias = self._cepo_head()
+        hidden = hidden.to(weight.dtype)
+        pos, neg = linear_teacher_logprobs(hidden[:n], hidden[n:], weight, target[:n], bias=bias,
+                                           temperature=self.temperature, rows=mask[:n])
+        return pos, neg
+
+    # cepo_kernel_logprobs: the policy's log-probs from the fused linear kernel
+
+    def _cepo_head(self):
+        """The lm_head's weight and bias, checked to be what the kernels can use in place of TRL's head."""
+        model = self.accelerator.unwrap_model(self.model)
+        if hasattr(model, "get_base_model"):  # PEFT
+            model = model.get_base_model()
+        cfg = model.config.get_text_config()
+        for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling"):
+            if getattr(cfg, name, None) not in (None, 1.0):
+                raise ValueError(
+                    f"cepo_kernel_logprobs: the model's logits are not lm_head(hidden) ({name}="
+                    f"{getattr(cfg, name)!r}); set cepo_kernel_logprobs=False to use TRL's LM head"
+                )
+        head = model.get_output_embeddings()
+        if not isinstance(head, torch.nn.Linear):
+            raise ValueError(f"cepo_kernel_logprobs: expected the lm_head to be a torch.nn.Linear, got "
+                             f"{type(head).__name__} (an adapter on it?); set cepo_kernel_logprobs=False")
+        weight, bias = head.weight, head.bias
+        if hasattr(weight, "full_tensor") or getattr(weight, "ds_id", None) is not None or weight.dim() != 2:
+            raise ValueError("cepo_kernel_logprobs: a sharded lm_head (FSDP / ZeRO-3) is not supported; "
+                             "set cepo_kernel_logprobs=False")
+        if self.args.cast_lm_head_to_fp32:
+            weight, bias = weight.float(), None if bias is None else bias.float()
+        return weight, bias
+
+    def _cepo_hidden(self, model, input_ids, attention_mask, logits_to_keep, **kwargs):
+        """Last hidden states [B, logits_to_keep, H] that predict the last logits_to_keep tokens."""
+        with self.accelerator.autocast():
+            # logits_to_keep=1: the forward's own head runs on one position only; the kernels do the rest
+            res = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                             logits_to_keep=1, use_cache=False, **kwargs)
+        return res.hidden_states[-1][:, -logits_to_keep - 1 : -1]
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                           batch_size=None, compute_entropy=False, compute_aux_loss=False,
+                                           **multimodal):
+        if (not self.args.cepo_kernel_logprobs or compute_aux_loss or model is self.ref_model
+                or any(v is not None for v in multimodal.values())):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **multimodal)
+        weight, bias = self._cepo_head()
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies = [], []
+        for s in range(0, input_ids.size(0), batch_size):
+            ids, attn = input_ids[s : s + batch_size], attention_mask[s : s + batch_size]
+            hidden = self._cepo_hidden(model, ids, attn, logits_to_keep).to(weight.dtype)
+            lp, ent = linear_logprobs(hidden, weight, ids[:, -logits_to_keep:], bias=bias,
+                                      temperature=self.temperature, return_entropy=True)
+            valid = attn[:, -logits_to_keep:].bool()  # as TRL's head: 0 at padding
+            logps.append(lp.masked_fill(~valid, 0.0))
+            entropies.append(ent.masked_fill(~valid, 0.0))
+        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
 
     def _cepo_log(self, mode, record, delta, adv, mask):
         metrics = self._metrics[mode]
