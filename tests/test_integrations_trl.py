@@ -15,6 +15,7 @@ import pytest
 import torch
 
 pytest.importorskip("trl", reason="the trl extra is not installed (pip install -e '.[trl]')")
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' deprecations, via TRL
 
 from trl_helpers import (  # noqa: E402
     always_right,
@@ -34,12 +35,12 @@ EPS32 = torch.finfo(torch.float32).eps
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _trainer(cls, tmp_path, reward=boxed_reward, dataset=None, **kw):
+def _trainer(cls, tmp_path, reward=boxed_reward, dataset=None, chat=False, **kw):
     args = tiny_config(cepo_trl.CEPOConfig if cls is not cepo_trl.GRPOTrainer else cepo_trl.GRPOConfig,
                        tmp_path / "out", **kw)
     return recording(cls)(model=tiny_model(0), reward_funcs=reward, args=args,
-                          train_dataset=dataset if dataset is not None else tiny_dataset(),
-                          processing_class=tiny_tokenizer())
+                          train_dataset=dataset if dataset is not None else tiny_dataset(chat),
+                          processing_class=tiny_tokenizer(chat))
 
 
 def _losses(trainer):
@@ -78,9 +79,10 @@ def test_trl_version_outside_range_fails_clearly(monkeypatch):
     cepo_trl._check_trl()
 
 
-def test_cepo_per_token_advantages(tmp_path):
+@pytest.mark.parametrize("prompts", ["plain", "conversational"])
+def test_cepo_per_token_advantages(tmp_path, prompts):
     """2 steps: the loss gets [B, T] A_hat = cepo_advantages(A, teachers), unlike GRPO where Delta != 0."""
-    tr = _trainer(cepo_trl.CEPOTrainer, tmp_path, lam0=0.5, t_warm=10, max_steps=2)
+    tr = _trainer(cepo_trl.CEPOTrainer, tmp_path, lam0=0.5, t_warm=10, max_steps=2, chat=prompts != "plain")
     tr.train()
     assert tr.state.global_step == 2 and len(tr.scored) == 2 and len(tr.seen) == 2
     changed = 0

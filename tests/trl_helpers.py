@@ -34,13 +34,16 @@ WORDS = ["<pad>", "<eos>", "<unk>", "what", "is", "plus", "?"] + [str(i) for i i
 ]
 
 
-def tiny_tokenizer():
+def tiny_tokenizer(chat: bool = False):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
+    if chat:  # a chat template in the tokenizer's own words, for conversational prompts
+        tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return tok
 
 
 def tiny_model(seed: int = 0):
@@ -53,10 +56,12 @@ def tiny_model(seed: int = 0):
     return Qwen2ForCausalLM(cfg)
 
 
-def tiny_dataset():
+def tiny_dataset(chat: bool = False):
     from datasets import Dataset
 
     rows = [{"prompt": f"what is {a} plus {b} ?", "answer": str(a + b)} for a in (1, 2, 3) for b in (1, 2, 3)]
+    if chat:
+        rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in rows]
     return Dataset.from_list(rows)
 
 
@@ -66,8 +71,9 @@ def boxed_reward(completions, answer, **kwargs):
     from cepo_kernels.rl.reward import boxed_reward as score
     from cepo_kernels.rl.reward import extract_boxed
 
-    return [0.9 * score(c, a) + 0.1 * (extract_boxed(c) is not None)
-            for c, a in zip(completions, answer, strict=True)]
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # plain or conversational
+    return [0.9 * score(t, a) + 0.1 * (extract_boxed(t) is not None)
+            for t, a in zip(texts, answer, strict=True)]
 
 
 def always_right(completions, **kwargs):
@@ -128,7 +134,8 @@ def recording(base):
         def _cepo_teacher_logprobs(self, output, rows, *args):
             self.teacher_calls += 1
             pos, neg = super()._cepo_teacher_logprobs(output, rows, *args)
-            self.scored[-1].update(rows=list(rows), pos=pos.clone(), neg=neg.clone())
+            if rows:
+                self.scored[-1].update(rows=list(rows), pos=pos.clone(), neg=neg.clone())
             return pos, neg
 
     return Recording

@@ -236,20 +236,26 @@ class CEPOTrainer(GRPOTrainer):
                 record["neg_index"].append(idx)
             offset = self.accelerator.process_index * B
             rows = [i for i in range(B) if adv[i].item() != 0.0 and bool(mask[i].any())]
-            if rows:
-                negs = record["neg_answers"]
-                pos, neg = self._cepo_teacher_logprobs(output, rows, negs, references, offset, G)
-                pos_logp[rows], neg_logp[rows] = pos, neg
+            counts = self.accelerator.gather(torch.tensor([len(rows)], device=mask.device))
             record["teacher_rows_local"] = len(rows)
-            n_rows = torch.tensor([len(rows)], device=mask.device)
-            record["teacher_rows"] = int(self.accelerator.gather(n_rows).sum().item())
+            record["teacher_rows"] = int(counts.sum().item())
+            if int(counts.max()) > 0:
+                # every rank runs as many teacher forwards as the busiest one: sharded models (FSDP, ZeRO-3)
+                # need all ranks in each forward
+                chunk = self.args.teacher_batch_size or 2 * self.args.per_device_train_batch_size
+                n_chunks = -(-2 * int(counts.max()) // chunk)
+                negs = record["neg_answers"]
+                pos, neg = self._cepo_teacher_logprobs(output, rows, negs, references, offset, G, n_chunks)
+                if rows:
+                    pos_logp[rows], neg_logp[rows] = pos, neg
         a_hat = cepo_advantages(adv, pos_logp, neg_logp, mask, lam=lam, eps_w=args.eps_w)
         self._cepo_log(mode, record, pos_logp - neg_logp, adv, mask)
         self.cepo_last = record
         return a_hat
 
-    def _cepo_teacher_logprobs(self, output, rows, neg_answers, references, offset, G):
-        """Both teachers' log-probs [len(rows), R] of the completions of the local rows `rows`."""
+    def _cepo_teacher_logprobs(self, output, rows, neg_answers, references, offset, G, n_chunks=None):
+        """Both teachers' log-probs [len(rows), R] of the completions of the local rows `rows`, in n_chunks
+        forwards (default: as many as needed; extra ones run on a one-token input and are discarded)."""
         tok = self._tokenizer
         template = self.args.teacher_template
         prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"].bool()
@@ -266,8 +272,13 @@ class CEPOTrainer(GRPOTrainer):
         chunk = self.args.teacher_batch_size or 2 * self.args.per_device_train_batch_size
         kernels = self.args.cepo_kernel_logprobs
         out, targets, masks = [], [], []
+        n_chunks = -(-len(prefixes) // chunk) if n_chunks is None else n_chunks
         with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            for s in range(0, len(prefixes), chunk):
+            for s in range(0, n_chunks * chunk, chunk):
+                if s >= len(prefixes):  # keep in step with the other ranks' forwards
+                    with self.accelerator.autocast():
+                        self.model(input_ids=prompt_ids[:1, -1:], use_cache=False)
+                    continue
                 packed = pack(prefixes[s : s + chunk], responses[s : s + chunk], tok.pad_token_id,
                               device=completion_ids.device, resp_len=R)
                 if kernels:  # hidden states only; both teachers are scored together below
@@ -283,6 +294,8 @@ class CEPOTrainer(GRPOTrainer):
                                      position_ids=packed.position_ids, labels=labels, fused_lm_head=True)
                 out.append(res.log_probs[:, -R:].float())
         n = len(rows)
+        if not n:
+            return None, None
         if not kernels:
             logp = torch.cat(out, dim=0)
             return logp[:n], logp[n:]
@@ -361,7 +374,7 @@ class CEPOTrainer(GRPOTrainer):
         # gather every process's tokens, so the statistics are those of the whole batch
         pad = self.accelerator.pad_across_processes
         d = self.accelerator.gather(pad(delta.contiguous(), dim=1))
-        m = self.accelerator.gather(pad(mask.contiguous(), dim=1))
+        m = self.accelerator.gather(pad(mask.to(torch.int32).contiguous(), dim=1)).bool()
         a = self.accelerator.gather(adv.contiguous())
         stats = delta_metrics(d, a[:, None].expand_as(d), m)
         for name, value in zip(stats, torch.stack(list(stats.values())).tolist(), strict=True):
