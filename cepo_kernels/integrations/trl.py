@@ -175,8 +175,7 @@ class CEPOTrainer(GRPOTrainer):
             if isinstance(names, list) and column not in names:
                 raise ValueError(
                     f"{split}: expected a column {column!r} (CEPOConfig.answer_column) with the reference "
-                    "answers, "
-                    f"got columns {names}"
+                    f"answers, got columns {names}"
                 )
         self._cepo_scored = None
         self.cepo_last: dict | None = None
@@ -221,10 +220,10 @@ class CEPOTrainer(GRPOTrainer):
         if lam > 0.0:
             rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
             rewards = rewards.masked_fill(torch.isnan(rewards_per_func).all(dim=1), float("nan")).tolist()
-            texts = gather_object([_completion_text(c) for c in completions])
             if any(args.answer_column not in x for x in inputs):
                 raise ValueError(f"answer_column: expected every example to have a column "
                                  f"{args.answer_column!r} (reference answers), got keys {sorted(inputs[0])}")
+            texts = gather_object([_completion_text(c) for c in completions])
             references = gather_object([str(x[args.answer_column]) for x in inputs])
             if len(texts) != len(rewards) or len(texts) % G:
                 raise RuntimeError(
