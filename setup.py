@@ -1,6 +1,7 @@
 from setuptools import find_packages, setup
 
 TRAIN = ["transformers>=4.45", "peft>=0.12", "tqdm", "matplotlib", "pyyaml"]
+TRL = ["trl>=1.16,<1.17", "datasets", "accelerate"]
 
 setup(
     name="cepo_kernels",
@@ -17,9 +18,9 @@ setup(
     ],
     extras_require={
         "train": TRAIN,
-        # the whole test suite: the training-loop tests need the train extra too
-        "test": ["pytest>=7", "pytest-benchmark>=4", *TRAIN],
-        "trl": ["trl"],
+        "trl": TRL,
+        # the whole test suite: the training-loop and TRL tests need those extras too
+        "test": ["pytest>=7", "pytest-benchmark>=4", *TRAIN, *TRL],
     },
     entry_points={"console_scripts": ["cepo-train=cepo_kernels.rl.cli:main"]},
 )

@@ -1,0 +1,242 @@
+"""CEPOTrainer (cepo_kernels.integrations.trl) on TRL's GRPOTrainer, offline on a CPU with a tiny model.
+
+The kernels run through Triton's interpreter here (tests/conftest.py), so the shapes stay tiny: 8 completions
+of <= 6 tokens, an 18-word vocabulary, a 1-layer Qwen2 with hidden size 16.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl", reason="the trl extra is not installed (pip install -e '.[trl]')")
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' deprecations, via TRL
+
+from trl_helpers import (  # noqa: E402
+    always_right,
+    boxed_reward,
+    main,
+    recording,
+    tiny_config,
+    tiny_dataset,
+    tiny_model,
+    tiny_tokenizer,
+)
+
+import cepo_ref  # noqa: E402
+from cepo_kernels.integrations import trl as cepo_trl  # noqa: E402
+
+EPS32 = torch.finfo(torch.float32).eps
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _trainer(cls, tmp_path, reward=boxed_reward, dataset=None, chat=False, **kw):
+    args = tiny_config(cepo_trl.CEPOConfig if cls is not cepo_trl.GRPOTrainer else cepo_trl.GRPOConfig,
+                       tmp_path / "out", **kw)
+    return recording(cls)(model=tiny_model(0), reward_funcs=reward, args=args,
+                          train_dataset=dataset if dataset is not None else tiny_dataset(chat),
+                          processing_class=tiny_tokenizer(chat))
+
+
+def _losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_config_and_trainer_checks(tmp_path):
+    for kw, name in (({"lam0": 1.5}, "lam0"), ({"eps_w": 1.0}, "eps_w"), ({"t_warm": -1}, "t_warm"),
+                     ({"teacher_template": " answer"}, "teacher_template"),
+                     ({"teacher_template": "{question} {answer}"}, "teacher_template"),
+                     ({"answer_column": ""}, "answer_column"),
+                     ({"teacher_batch_size": 0}, "teacher_batch_size")):
+        with pytest.raises(ValueError, match=name):
+            tiny_config(cepo_trl.CEPOConfig, tmp_path, **kw)
+    with pytest.raises(TypeError, match="lam0"):
+        tiny_config(cepo_trl.CEPOConfig, tmp_path, lam0="0.5")
+    with pytest.raises(ValueError, match="answer_column"):
+        _trainer(cepo_trl.CEPOTrainer, tmp_path, dataset=tiny_dataset().rename_column("answer", "solution"))
+    with pytest.raises(TypeError, match="CEPOConfig"):
+        cepo_trl.CEPOTrainer(model=tiny_model(0), reward_funcs=boxed_reward, train_dataset=tiny_dataset(),
+                             args=tiny_config(cepo_trl.GRPOConfig, tmp_path),
+                             processing_class=tiny_tokenizer())
+
+
+def test_trl_version_outside_range_fails_clearly(monkeypatch):
+    import trl
+
+    monkeypatch.delenv("CEPO_TRL_ALLOW_ANY_VERSION", raising=False)
+    monkeypatch.setattr(trl, "__version__", "1.15.2")
+    with pytest.raises(ImportError, match=r"TRL >= 1\.16, < 1\.17; found trl 1\.15\.2"):
+        cepo_trl._check_trl()
+    monkeypatch.setattr(trl, "__version__", "1.17.0")
+    with pytest.raises(ImportError, match="CEPO_TRL_ALLOW_ANY_VERSION"):
+        cepo_trl._check_trl()
+    monkeypatch.setenv("CEPO_TRL_ALLOW_ANY_VERSION", "1")
+    cepo_trl._check_trl()
+
+
+@pytest.mark.parametrize("prompts", ["plain", "conversational"])
+def test_cepo_per_token_advantages(tmp_path, prompts):
+    """2 steps: the loss gets [B, T] A_hat = cepo_advantages(A, teachers), unlike GRPO where Delta != 0."""
+    tr = _trainer(cepo_trl.CEPOTrainer, tmp_path, lam0=0.5, t_warm=10, max_steps=2, chat=prompts != "plain")
+    tr.train()
+    assert tr.state.global_step == 2 and len(tr.scored) == 2 and len(tr.seen) == 2
+    changed = 0
+    for step, (rec, seen, hist) in enumerate(zip(tr.scored, tr.seen, tr.history, strict=True)):
+        adv, a_hat, mask = rec["adv"], rec["a_hat"], rec["mask"]
+        B, T = mask.shape
+        assert hist["lam"] == pytest.approx(0.5 * (1 - step / 10))
+        assert seen["advantages"].shape == (B, T)  # per token, as handed to TRL's loss (rows shuffled by TRL)
+        assert torch.equal(seen["advantages"].flatten().sort().values, a_hat.flatten().sort().values)
+        active = [i for i in range(B) if adv[i] != 0]
+        assert rec.get("rows", []) == active  # teachers ran for exactly the rows with A != 0
+        pos, neg = torch.zeros(B, T), torch.zeros(B, T)
+        if active:
+            pos[active], neg[active] = rec["pos"], rec["neg"]
+        ref = cepo_ref.cepo_advantages(adv, pos, neg, mask, lam=hist["lam"], eps_w=0.2)
+        torch.testing.assert_close(a_hat, ref, rtol=4 * EPS32, atol=4 * EPS32 * float(adv.abs().max()))
+        evidence = mask & (pos != neg) & (adv[:, None] != 0)
+        grpo = adv[:, None].expand(B, T)
+        changed += int((a_hat != grpo)[evidence].sum())
+        assert torch.all(a_hat[~mask] == 0) and torch.all(torch.sign(a_hat[mask]) == torch.sign(grpo[mask]))
+        assert (a_hat != grpo)[evidence].all()  # wherever the teachers disagree, CEPO differs from GRPO
+    assert changed > 0
+    logged = [h for h in tr.state.log_history if "loss" in h]
+    assert [h["cepo/lambda"] for h in logged] == pytest.approx([0.5, 0.45])
+    for key in ("cepo/teacher_rows", "cepo/delta_mean_pos", "cepo/delta_mean_neg", "cepo/frac_wrong_dir"):
+        assert all(key in h for h in logged), key
+
+
+def test_lam0_zero_equals_grpo_trainer(tmp_path):
+    grpo = _trainer(cepo_trl.GRPOTrainer, tmp_path / "grpo", max_steps=2)
+    grpo.train()
+    cepo = _trainer(cepo_trl.CEPOTrainer, tmp_path / "cepo", max_steps=2, lam0=0.0)
+    cepo.train()
+    assert cepo.teacher_calls == 0 and all(h["teacher_rows"] == 0 for h in cepo.history)
+    assert _losses(cepo) == _losses(grpo) and len(_losses(cepo)) == 2
+    for a, b in zip(cepo.seen, grpo.seen, strict=True):
+        assert a["advantages"].dim() == 2 and b["advantages"].dim() == 1
+        assert torch.equal(a["advantages"], b["advantages"][:, None] * a["mask"])
+    for (n, p), (_, q) in zip(cepo.model.named_parameters(), grpo.model.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+
+
+def test_all_correct_groups_get_zero_advantage_and_no_teacher_pass(tmp_path):
+    tr = _trainer(cepo_trl.CEPOTrainer, tmp_path / "all", reward=always_right, max_steps=2)
+    tr.train()
+    assert tr.teacher_calls == 0
+    assert all(h["neg_how"] == ["all-correct"] and h["teacher_rows"] == 0 for h in tr.history)
+    assert all(torch.all(s["advantages"] == 0) for s in tr.seen)
+
+    # one all-correct group ("1 plus 1": always rewarded) beside a mixed one in the same batch
+    def reward(completions, answer, prompts, **kw):
+        scores = boxed_reward(completions, answer)
+        return [1.0 if "1 plus 1" in p else r for p, r in zip(prompts, scores, strict=True)]
+
+    from datasets import Dataset
+
+    ds = Dataset.from_list([{"prompt": "what is 1 plus 1 ?", "answer": "2"},
+                            {"prompt": "what is 1 plus 2 ?", "answer": "3"}])
+    tr = _trainer(cepo_trl.CEPOTrainer, tmp_path / "mixed", reward=reward, dataset=ds, max_steps=2,
+                  per_device_train_batch_size=16, lam0=0.5)
+    tr.train()
+    mixed_seen = 0
+    for rec, hist in zip(tr.scored, tr.history, strict=True):
+        for g in range(2):
+            rows = range(8 * g, 8 * g + 8)
+            if hist["neg_how"][g] == "all-correct":
+                assert all(rec["adv"][i] == 0 and torch.all(rec["a_hat"][i] == 0) for i in rows)
+                assert not set(rows) & set(rec.get("rows", []))
+            elif any(rec["adv"][i] != 0 for i in rows):
+                mixed_seen += 1
+                assert {i for i in rows if rec["adv"][i] != 0} <= set(rec["rows"])
+        assert "all-correct" in hist["neg_how"]
+    assert mixed_seen > 0
+
+
+def test_kernel_logprobs_match_trl_head(tmp_path, monkeypatch):
+    """cepo_kernel_logprobs=True (linear_logprobs / linear_teacher_logprobs) against TRL's own chunked head:
+    the same A_hat and losses over 2 steps. Tolerance: both compute the same fp32 log-softmax from the same
+    hidden states with different reduction orders over H = 16 and V = 18 terms: 64 eps of the magnitude."""
+    calls = {"linear_logprobs": 0, "linear_teacher_logprobs": 0}
+
+    def counting(name, real):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return counted
+
+    for name in calls:
+        monkeypatch.setattr(cepo_trl, name, counting(name, getattr(cepo_trl, name)))
+    runs = []
+    for kernels in (False, True):
+        tr = _trainer(cepo_trl.CEPOTrainer, tmp_path / f"k{kernels}", cepo_kernel_logprobs=kernels)
+        tr.train()
+        runs.append(tr)
+    base, fused = runs
+    # the loss of each step (no old log-probs needed: one update per generation) and the teachers ran on them
+    assert calls["linear_logprobs"] == 2 and calls["linear_teacher_logprobs"] >= 1
+    assert any(s.get("rows") for s in fused.scored)  # the kernels scored teacher rows
+    tol = 64 * EPS32
+    for a, b in zip(fused.scored, base.scored, strict=True):
+        torch.testing.assert_close(a["a_hat"], b["a_hat"], rtol=tol, atol=tol * float(b["adv"].abs().max()))
+        if b.get("rows"):
+            torch.testing.assert_close(a["pos"], b["pos"], rtol=tol, atol=tol * float(b["pos"].abs().max()))
+    la, lb = torch.tensor(_losses(fused)), torch.tensor(_losses(base))
+    torch.testing.assert_close(la, lb, rtol=tol, atol=tol * float(lb.abs().max()))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+    """2 processes (gloo) x 4 completions vs 1 process x 8, each completion sampled with the seed of its
+    global row: the same r- on both ranks and in the single run, the same A_hat, losses and SGD updates.
+
+    Tolerance: the two runs do the same fp32 arithmetic except for the widths of padded batches and the order
+    of the cross-process sums, whose rounding differs by O(n eps) for reductions of n <= 64 terms (hidden 16,
+    vocabulary 18, <= 48 tokens): 64 eps, relative to the largest magnitude of the tensor compared (an
+    update's error is relative to the whole gradient's scale, not to each of its entries).
+    """
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", "1"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           str(ROOT / "tests" / "trl_helpers.py"), str(two), "4"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    main(str(one), 8)
+    single = json.loads((one / "rank0.json").read_text())
+    r0, r1 = (json.loads((two / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert single["world_size"] == 1 and r0["world_size"] == r1["world_size"] == 2
+    assert len(single["losses"]) == 2
+    assert r0["history"] == r1["history"]  # both ranks made the same r- choices (and saw all 8 teacher rows)
+    keys = ("step", "lam", "neg_answers", "neg_how", "neg_index", "teacher_rows")
+    choices = [[{k: h[k] for k in keys} for h in run["history"]] for run in (r0, single)]
+    assert choices[0] == choices[1]
+    tol = 64 * EPS32
+
+    def close(a, b):
+        a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+        torch.testing.assert_close(a, b, rtol=0, atol=tol * float(b.abs().max().clamp_min(1e-30)))
+
+    close(r0["losses"], single["losses"])
+    close(r1["losses"], single["losses"])
+    for s in range(2):
+        close(r0["adv"][s] + r1["adv"][s], single["adv"][s])
+        close(r0["a_hat"][s] + r1["a_hat"][s], single["a_hat"][s])
+    assert any(max(map(abs, u)) > 0 for u in single["updates"].values())
+    for n, u in single["updates"].items():
+        close(r0["updates"][n], u)
+        close(r1["updates"][n], u)
