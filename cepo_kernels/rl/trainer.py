@@ -535,6 +535,11 @@ class Trainer:
             "eval_accuracy_end": evals[-1] if evals else None,
             "reward_first": rows[0]["reward_mean"] if rows else None,
             "reward_last": rows[-1]["reward_mean"] if rows else None,
+            # what the shared prefixes and the lambda = 0 skip saved, over the whole run
+            "teacher_tokens": sum(r.get("teacher_tokens", 0) for r in rows),
+            "teacher_tokens_naive": sum(r.get("teacher_tokens_naive", 0) for r in rows),
+            "policy_tokens": sum(r.get("policy_tokens", 0) for r in rows),
+            "policy_tokens_naive": sum(r.get("policy_tokens_naive", 0) for r in rows),
         }
 
     def _graceful_stop(self):
