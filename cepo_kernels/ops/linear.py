@@ -47,7 +47,8 @@ def _linear_fwd_kernel(h0, h1, h2, weight, bias, targets, rows, count, stats, tg
                        stride_ss, stride_sk, stride_sp,
                        N_SRC: tl.constexpr, ROWS_FROM: tl.constexpr, HAS_BIAS: tl.constexpr,
                        HAS_ROWS: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
-                       GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+                       GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                       BLOCK_H: tl.constexpr):
     """Partial logsumexp stats of one row block of one source over one vocabulary split, rows on the MMA's M.
 
     Position i of source s is row rows[i] when HAS_ROWS and s >= ROWS_FROM (only i < count[0] are scored),
@@ -91,8 +92,8 @@ def _linear_fwd_kernel(h0, h1, h2, weight, bias, targets, rows, count, stats, tg
         for k in range(0, H, BLOCK_H):
             o_h = k + tl.arange(0, BLOCK_H)
             m_h = o_h < H
-            b_x = tl.load(p_x + o_h[None, :], mask=m_m[:, None] & m_h[None, :], other=0.0)  # [BLOCK_M, BLOCK_H]
-            b_w = tl.load(p_w + o_h[:, None], mask=m_h[:, None] & m_v[None, :], other=0.0)  # [BLOCK_H, BLOCK_V]
+            b_x = tl.load(p_x + o_h[None, :], mask=m_m[:, None] & m_h[None, :], other=0.0)  # [BM, BH]
+            b_w = tl.load(p_w + o_h[:, None], mask=m_h[:, None] & m_v[None, :], other=0.0)  # [BH, BV]
             if UPCAST_DOT:
                 b_x = b_x.to(tl.float32)
                 b_w = b_w.to(tl.float32)
@@ -156,7 +157,8 @@ def _linear_combine_kernel(stats, tgt, targets, rows, count, lse, logp, ent, P, 
         t += tl.load(p_s + k * stride_sp + 2 * stride_sk, mask=m, other=0.0) * w
     b_lse = mx + tl.log(s)
     b_t = tl.load(targets + r * stride_t, mask=m, other=0)
-    b_lp = tl.where((b_t >= 0) & (b_t < V), tl.load(tgt + src * P + o, mask=m, other=0.0) - b_lse, float("nan"))
+    b_y = tl.load(tgt + src * P + o, mask=m, other=0.0)
+    b_lp = tl.where((b_t >= 0) & (b_t < V), b_y - b_lse, float("nan"))
     p_out = src * stride_out + r
     tl.store(lse + p_out, b_lse, mask=m)
     tl.store(logp + p_out, b_lp, mask=m)
@@ -271,7 +273,7 @@ class _LossSpec(NamedTuple):
 
 
 def _policy_and_teachers(hidden, weight, bias, targets, spec, T):
-    """Policy (lse, logp, entropy) on all rows and teacher log-probs on the rows that need them, one launch."""
+    """Policy (lse, logp, entropy) on all rows, teacher log-probs on the rows that need them: one launch."""
     teacher_h = [t for t in (spec.pos_hidden, spec.neg_hidden) if t is not None]
     rows = count = None
     if teacher_h:  # METHOD.md property 4: rows with A = 0 (or masked) get A_hat = 0: teachers not scored
@@ -462,3 +464,28 @@ def linear_teacher_logprobs(pos_hidden, neg_hidden, weight, targets, *, bias=Non
                      targets.reshape(-1), rows, count, temperature=temperature).logp
     it = iter(out.reshape(len(srcs), *lead))
     return tuple(next(it) if t is not None else None for t in (pos_hidden, neg_hidden))
+
+
+def compile_cases(ptr, precision):
+    """(name, kernel, pointer types, constexprs, launch config) of every config the forward launches."""
+    f32 = "*fp32"
+    for n_src, rows_from, has_bias, has_rows in ((1, 0, False, False), (1, 0, True, True), (2, 0, True, True),
+                                                 (2, 1, True, True), (3, 1, False, True), (3, 1, True, True)):
+        yield (f"linear_fwd src{n_src} rows_from={rows_from} bias={int(has_bias)} rows={int(has_rows)}",
+               _linear_fwd_kernel,
+               dict(h0=ptr, h1=ptr, h2=ptr, weight=ptr, bias=ptr, targets="*i64", rows="*i64", count="*i32",
+                    stats=f32, tgt=f32),
+               dict(N_SRC=n_src, ROWS_FROM=rows_from, HAS_BIAS=has_bias, HAS_ROWS=has_rows, UPCAST_DOT=False,
+                    PRECISION=precision, GROUP=_GROUP), _FWD_CONFIG)
+    if ptr == "*bf16":  # no dtype-dependent pointer: compiled once
+        for has_rows in (False, True):
+            yield (f"linear_combine rows={int(has_rows)}", _linear_combine_kernel,
+                   dict(stats=f32, tgt=f32, targets="*i64", rows="*i64", count="*i32", lse=f32, logp=f32,
+                        ent=f32), dict(ROWS_FROM=1, HAS_ROWS=has_rows, BLOCK=_COMBINE_BLOCK),
+                   dict(num_warps=4, num_stages=3))
+        for has_old, has_teachers in ((False, False), (True, True)):
+            yield (f"linear_token old={int(has_old)} teachers={int(has_teachers)}", _linear_token_fwd_kernel,
+                   {**dict.fromkeys(("logp", "old", "adv", "pos", "neg", "a_hat", "loss", "coef", "delta"),
+                                    f32), "mask": "*i1"},
+                   dict(HAS_OLD=has_old, HAS_TEACHERS=has_teachers, HAS_DUAL=True, BLOCK=_TOKEN_BLOCK),
+                   dict(num_warps=4, num_stages=3))

@@ -78,10 +78,11 @@ def grouped(pid, n_a, n_b, GROUP: tl.constexpr):
     "HAS_DB": lambda a: a["db_part"] is not None,
 })
 @triton.jit
-def _linear_bwd_kernel(hidden, weight, bias, targets, rows, count, lse, g_lp, ent, g_ent, grad_z, db_part, r0, R, v0, C, V, H, inv_temp,
-                       stride_hn, stride_wv, stride_b, stride_gz, stride_db,
-                       HAS_BIAS: tl.constexpr, HAS_ENT: tl.constexpr, HAS_DB: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
-                       GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+def _linear_bwd_kernel(hidden, weight, bias, targets, rows, count, lse, g_lp, ent, g_ent, grad_z, db_part,
+                       r0, R, v0, C, V, H, inv_temp, stride_hn, stride_wv, stride_b, stride_gz, stride_db,
+                       HAS_BIAS: tl.constexpr, HAS_ENT: tl.constexpr, HAS_DB: tl.constexpr,
+                       UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     """grad_z[i, j] = dL/dlogit of row rows[r0 + i], column v0 + j (i < R, j < C), logits recomputed.
 
     G = (g_lp (onehot - p) - g_ent p (log p + entropy)) / T with p = exp(z / T - lse). Row blocks past the
@@ -205,7 +206,7 @@ def _linear_dw_kernel(grad_z, hidden, rows, count, dw, r0, R, C, H, stride_gz, s
 
 
 def _chunks(N, V, e, device):
-    """(R rows, C columns) of the G chunk: R * C * e <= budget, C >= _MIN_CHUNK (or V), one row chunk if it fits."""
+    """(R rows, C columns) of the G chunk: R C e <= budget, C >= _MIN_CHUNK (or V); R = N if that fits."""
     bm, bv = _G_CONFIG["BLOCK_M"], _G_CONFIG["BLOCK_V"]
     budget = chunk_budget(device)
     v_cols = triton.cdiv(V, bv) * bv
@@ -252,17 +253,18 @@ def linear_bwd(hidden, weight, bias, targets, lse, g_lp, ent=None, g_ent=None, *
         for r0 in range(0, N, R):
             rr = min(R, N - r0)
             grid = (triton.cdiv(rr, g["BLOCK_M"]) * triton.cdiv(c, g["BLOCK_V"]),)
-            _linear_bwd_kernel[grid](hidden, weight, bias, targets, rows, count, lse, g_lp, ent, g_ent, grad_z,
-                                     db_part, r0, rr, v0, c, V, H, 1.0 / temperature, hidden.stride(0),
-                                     weight.stride(0), 0 if bias is None else bias.stride(0), grad_z.stride(0),
-                                     0 if db_part is None else db_part.stride(0), UPCAST_DOT=upcast,
-                                     PRECISION=prec, GROUP=_GROUP, **g)
+            _linear_bwd_kernel[grid](
+                hidden, weight, bias, targets, rows, count, lse, g_lp, ent, g_ent, grad_z, db_part, r0, rr,
+                v0, c, V, H, 1.0 / temperature, hidden.stride(0), weight.stride(0),
+                0 if bias is None else bias.stride(0), grad_z.stride(0),
+                0 if db_part is None else db_part.stride(0), UPCAST_DOT=upcast, PRECISION=prec,
+                GROUP=_GROUP, **g)
             gz = grad_z.to(hidden.dtype) if upcast else grad_z  # the interpreter: round G like a GPU would
             if need_h:
                 grid = (triton.cdiv(rr, mm["BLOCK_P"]) * triton.cdiv(H, mm["BLOCK_Q"]),)
                 _linear_dh_kernel[grid](gz, weight, dh32, count, r0, rr, v0, c, H, gz.stride(0),
-                                        weight.stride(0), dh32.stride(0), ACCUMULATE=v0 > 0, UPCAST_DOT=upcast,
-                                        PRECISION=prec, GROUP=_GROUP, **mm)
+                                        weight.stride(0), dh32.stride(0), ACCUMULATE=v0 > 0,
+                                        UPCAST_DOT=upcast, PRECISION=prec, GROUP=_GROUP, **mm)
             if need_w:
                 dw = grad_w[v0:v0 + c] if direct_w else dw32
                 grid = (triton.cdiv(c, mm["BLOCK_P"]) * triton.cdiv(H, mm["BLOCK_Q"]),)
@@ -287,8 +289,8 @@ def compile_cases(ptr, precision):
         yield (f"linear_bwd_G bias={int(has_bias)} ent={int(has_ent)}", _linear_bwd_kernel,
                dict(hidden=ptr, weight=ptr, bias=ptr, targets="*i64", rows="*i64", count="*i32", lse=f32,
                     g_lp=f32, ent=f32, g_ent=f32, grad_z=ptr, db_part=f32),
-               dict(HAS_BIAS=has_bias, HAS_ENT=has_ent, HAS_DB=has_bias, UPCAST_DOT=False, PRECISION=precision,
-                    GROUP=_GROUP), _G_CONFIG)
+               dict(HAS_BIAS=has_bias, HAS_ENT=has_ent, HAS_DB=has_bias, UPCAST_DOT=False,
+                    PRECISION=precision, GROUP=_GROUP), _G_CONFIG)
     for acc in (False, True):
         yield (f"linear_bwd_dh accumulate={int(acc)}", _linear_dh_kernel,
                dict(grad_z=ptr, weight=ptr, dh=f32, count="*i32"),
