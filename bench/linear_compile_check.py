@@ -1,9 +1,10 @@
 """Compiles the linear-path kernels for sm_90 on any machine (no GPU) and reports what ptxas made of them.
 
-For each kernel, flag combination and dtype it compiles the kernel at the launcher's own config (block sizes,
-num_warps, num_stages) with the divisibility the anchor shape gives (pointers, strides, H, V and N divisible by
-16, as the launchers' runtime specialisation sees them), then reads the cubin: registers, local memory
-(spills), shared memory, the spill instructions in the SASS and the MMA instruction shapes in the PTX.
+For each kernel, flag combination and dtype (`compile_cases` of linear.py and linear_bwd.py) it compiles the
+kernel at the launcher's own config (block sizes, num_warps, num_stages) with the divisibility the anchor
+shape gives (pointers, strides, H, V and N divisible by 16, as the launchers' runtime specialisation sees
+them), then reads the cubin with cuobjdump: registers, spill bytes (stack frame), shared memory, the spill
+instructions (STL/LDL) in the SASS, and the MMA instruction shapes in the PTX.
 
     python bench/linear_compile_check.py [--dtypes bf16,fp16,fp32] [--json out.jsonl]
 
@@ -85,8 +86,8 @@ def inspect_cubin(compiled):
                               capture_output=True, text=True, check=True).stdout
     field = dict(re.findall(r"(\w+):(\d+)", usage.split("Resource usage:")[-1]))
     ptx = compiled.asm["ptx"]
-    mma = sorted(set(re.findall(r"(wgmma\.mma_async\.sync\.aligned\.m\d+n\d+k\d+|mma\.sync\.aligned\.m\d+n\d+k\d+)",
-                                ptx)))
+    shapes = r"(wgmma\.mma_async\.sync\.aligned\.m\d+n\d+k\d+|mma\.sync\.aligned\.m\d+n\d+k\d+)"
+    mma = sorted(set(re.findall(shapes, ptx)))
     return dict(
         regs=int(field.get("REG", -1)),
         # ptxas puts spills in the stack frame (no local arrays in these kernels): bytes per thread
@@ -98,37 +99,12 @@ def inspect_cubin(compiled):
     )
 
 
-def _baseline_cases(ptr, prec):
-    """The kernels before issue 9 (kept only to record the before numbers)."""
-    for n_src in (1, 2, 3):
-        for has_bias, has_rows in ([(False, False), (True, True)] if n_src == 1 else [(True, False)]):
-            yield (f"linear_fwd src{n_src} bias={int(has_bias)} rows={int(has_rows)}", linear._linear_fwd_kernel,
-                   dict(h0=ptr, h1=ptr, h2=ptr, weight=ptr, bias=ptr, targets="*i64", rows="*i64",
-                        stats="*fp32"),
-                   dict(N_SRC=n_src, HAS_BIAS=has_bias, HAS_ROWS=has_rows, UPCAST_DOT=False, PRECISION=prec),
-                   linear._FWD_CONFIG[n_src])
-    for has_bias, has_ent in ((False, False), (True, True)):
-        yield (f"linear_bwd_G bias={int(has_bias)} ent={int(has_ent)}", linear_bwd._linear_bwd_kernel,
-               dict(hidden=ptr, weight=ptr, bias=ptr, targets="*i64", lse="*fp32", g_lp="*fp32",
-                    ent="*fp32", g_ent="*fp32", grad_z=ptr),
-               dict(HAS_BIAS=has_bias, HAS_ENT=has_ent, UPCAST_DOT=False, PRECISION=prec), linear_bwd._G_CONFIG)
-    for acc in (False, True):
-        yield (f"linear_bwd_mm accumulate={int(acc)}", linear_bwd._linear_bwd_mm_kernel,
-               dict(a=ptr, b=ptr, c="*fp32" if acc else ptr),
-               dict(ACCUMULATE=acc, UPCAST_DOT=False, PRECISION=prec), linear_bwd._MM_CONFIG)
-
-
 def cases(dtypes):
     """(name, kernel, pointers, constants, launch config) for every config the launchers can pick."""
     for d in dtypes:
-        ptr = PTR[d]
         prec = "ieee" if d == "fp32" else "tf32"
-        if hasattr(linear, "compile_cases"):
-            for name, *rest in (*linear.compile_cases(ptr, prec), *linear_bwd.compile_cases(ptr, prec)):
-                yield (f"{name} {d}", *rest)
-        else:
-            for name, *rest in _baseline_cases(ptr, prec):
-                yield (f"{name} {d}", *rest)
+        for name, *rest in (*linear.compile_cases(PTR[d], prec), *linear_bwd.compile_cases(PTR[d], prec)):
+            yield (f"{name} {d}", *rest)
 
 
 def main():

@@ -99,7 +99,7 @@ def test_linear_bwd_chunks(n, budget, device, monkeypatch):
     from cepo_kernels.ops.linear_bwd import _chunks
 
     monkeypatch.setenv("CEPO_LINEAR_CHUNK_BYTES", str(budget))
-    R, C = _chunks(n, V, 4, torch.device(device))
+    R, C = _chunks(n, V, 4, torch.device(device), width=32)
     assert (R < n) == (n > 128) and (C < V) == (n <= 128), (R, C)
     h, w, b, t = make_linear((n,), torch.float32, device, seed=4)
     g = torch.Generator().manual_seed(5)

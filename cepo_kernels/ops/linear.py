@@ -29,7 +29,12 @@ from cepo_kernels._params import (
 from cepo_kernels.ops._common import cepo_token, loss_metrics, reduce_loss
 from cepo_kernels.ops.linear_bwd import active_rows, alloc, dot_precision, grouped, linear_bwd, upcast_dot
 
-_FWD_CONFIG = dict(BLOCK_M=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
+# per operand width: 16-bit dots run on the tensor cores (wgmma m64n128); fp32 IEEE dots run on the FMA
+# units, whose operand fragments need smaller tiles to stay spill-free (docs/compile/linear-sm90.md)
+_FWD_CONFIG = {
+    16: dict(BLOCK_M=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
+    32: dict(BLOCK_M=128, BLOCK_V=64, BLOCK_H=32, num_warps=8, num_stages=2),
+}
 _FWD_PROGRAMS = 1024  # split the vocabulary until about this many programs run (small batches fill the GPU)
 _GROUP = 16  # row blocks per group of the L2-aware order (the sources of the same rows are adjacent)
 _COMBINE_BLOCK = 256
@@ -226,7 +231,7 @@ def linear_fwd(sources, weight, bias, targets, rows=None, count=None, *, rows_fr
             out[:, rows_from:].zero_()
     if P == 0 or N == 0:
         return Scored(*out)
-    cfg = _FWD_CONFIG
+    cfg = _FWD_CONFIG[32 if weight.dtype == torch.float32 else 16]
     n_vrb = S * triton.cdiv(P, cfg["BLOCK_M"])
     n_tiles = triton.cdiv(V, cfg["BLOCK_V"])
     tiles_per_split = triton.cdiv(n_tiles, min(n_tiles, max(1, triton.cdiv(_FWD_PROGRAMS, n_vrb))))
@@ -476,7 +481,7 @@ def compile_cases(ptr, precision):
                dict(h0=ptr, h1=ptr, h2=ptr, weight=ptr, bias=ptr, targets="*i64", rows="*i64", count="*i32",
                     stats=f32, tgt=f32),
                dict(N_SRC=n_src, ROWS_FROM=rows_from, HAS_BIAS=has_bias, HAS_ROWS=has_rows, UPCAST_DOT=False,
-                    PRECISION=precision, GROUP=_GROUP), _FWD_CONFIG)
+                    PRECISION=precision, GROUP=_GROUP), _FWD_CONFIG[32 if ptr == "*fp32" else 16])
     if ptr == "*bf16":  # no dtype-dependent pointer: compiled once
         for has_rows in (False, True):
             yield (f"linear_combine rows={int(has_rows)}", _linear_combine_kernel,

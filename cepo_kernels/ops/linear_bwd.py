@@ -19,8 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
-_G_CONFIG = dict(BLOCK_M=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
-_MM_CONFIG = dict(BLOCK_P=128, BLOCK_Q=128, BLOCK_K=64, num_warps=8, num_stages=3)
+# per operand width (16-bit: wgmma; fp32 IEEE: FMA units, smaller tiles to stay spill-free)
+_G_CONFIG = {
+    16: dict(BLOCK_M=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
+    32: dict(BLOCK_M=64, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=2),
+}
+_MM_CONFIG = {
+    16: dict(BLOCK_P=128, BLOCK_Q=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    32: dict(BLOCK_P=64, BLOCK_Q=128, BLOCK_K=32, num_warps=8, num_stages=2),
+}
 _GROUP = 8  # row blocks per group of the L2-aware program order
 _MIN_CHUNK = 4096  # vocabulary columns per chunk, at least (bounds the grad_hidden read-modify-write)
 _CPU_BUDGET = 64 << 20  # chunk budget in bytes without a GPU (interpreter runs)
@@ -205,9 +212,13 @@ def _linear_dw_kernel(grad_z, hidden, rows, count, dw, r0, R, C, H, stride_gz, s
     tl.store(p_dw, acc.to(dw.dtype.element_ty), mask=m_dw)
 
 
-def _chunks(N, V, e, device):
+def _width(dtype):
+    return 32 if dtype == torch.float32 else 16
+
+
+def _chunks(N, V, e, device, width=16):
     """(R rows, C columns) of the G chunk: R C e <= budget, C >= _MIN_CHUNK (or V); R = N if that fits."""
-    bm, bv = _G_CONFIG["BLOCK_M"], _G_CONFIG["BLOCK_V"]
+    bm, bv = _G_CONFIG[width]["BLOCK_M"], _G_CONFIG[width]["BLOCK_V"]
     budget = chunk_budget(device)
     v_cols = triton.cdiv(V, bv) * bv
     min_cols = min(v_cols, _MIN_CHUNK)
@@ -239,8 +250,8 @@ def linear_bwd(hidden, weight, bias, targets, lse, g_lp, ent=None, g_ent=None, *
     rows, count = active_rows(g_lp != 0 if g_ent is None else (g_lp != 0) | (g_ent != 0))
     upcast = upcast_dot(hidden.dtype)
     gdt = torch.float32 if upcast else hidden.dtype
-    R, C = _chunks(N, V, torch.finfo(gdt).bits // 8, dev)
-    g, mm = _G_CONFIG, _MM_CONFIG
+    R, C = _chunks(N, V, torch.finfo(gdt).bits // 8, dev, _width(hidden.dtype))
+    g, mm = _G_CONFIG[_width(hidden.dtype)], _MM_CONFIG[_width(hidden.dtype)]
     prec = dot_precision(hidden.dtype)
     grad_z = alloc((R, C), gdt, dev)  # G = dL/dlogits of one chunk
     dh32 = torch.zeros(N, H, dtype=torch.float32, device=dev) if need_h else None  # by active position
@@ -285,16 +296,17 @@ def linear_bwd(hidden, weight, bias, targets, lse, g_lp, ent=None, g_ent=None, *
 def compile_cases(ptr, precision):
     """(name, kernel, pointer types, constexprs, launch config) of every config linear_bwd launches."""
     f32 = "*fp32"
+    width = 32 if ptr == f32 else 16
     for has_bias, has_ent in ((False, False), (True, True)):
         yield (f"linear_bwd_G bias={int(has_bias)} ent={int(has_ent)}", _linear_bwd_kernel,
                dict(hidden=ptr, weight=ptr, bias=ptr, targets="*i64", rows="*i64", count="*i32", lse=f32,
                     g_lp=f32, ent=f32, g_ent=f32, grad_z=ptr, db_part=f32),
                dict(HAS_BIAS=has_bias, HAS_ENT=has_ent, HAS_DB=has_bias, UPCAST_DOT=False,
-                    PRECISION=precision, GROUP=_GROUP), _G_CONFIG)
+                    PRECISION=precision, GROUP=_GROUP), _G_CONFIG[width])
     for acc in (False, True):
         yield (f"linear_bwd_dh accumulate={int(acc)}", _linear_dh_kernel,
                dict(grad_z=ptr, weight=ptr, dh=f32, count="*i32"),
-               dict(ACCUMULATE=acc, UPCAST_DOT=False, PRECISION=precision, GROUP=_GROUP), _MM_CONFIG)
+               dict(ACCUMULATE=acc, UPCAST_DOT=False, PRECISION=precision, GROUP=_GROUP), _MM_CONFIG[width])
         yield (f"linear_bwd_dw accumulate={int(acc)}", _linear_dw_kernel,
                dict(grad_z=ptr, hidden=ptr, rows="*i64", count="*i32", dw=f32 if acc else ptr),
-               dict(ACCUMULATE=acc, UPCAST_DOT=False, PRECISION=precision, GROUP=_GROUP), _MM_CONFIG)
+               dict(ACCUMULATE=acc, UPCAST_DOT=False, PRECISION=precision, GROUP=_GROUP), _MM_CONFIG[width])
