@@ -12,6 +12,7 @@ Backward (linear_bwd.py) recomputes the logits from the saved fp32 lse, only on 
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -36,6 +37,7 @@ _FWD_CONFIG = {
     32: dict(BLOCK_M=128, BLOCK_V=64, BLOCK_H=32, num_warps=8, num_stages=2),
 }
 _FWD_PROGRAMS = 1024  # split the vocabulary until about this many programs run (small batches fill the GPU)
+_INTERPRET_SPLITS = 2  # on a CPU (interpreter) programs cost time, not parallelism; 2 splits still combine
 _GROUP = 16  # row blocks per group of the L2-aware order (the sources of the same rows are adjacent)
 _COMBINE_BLOCK = 256
 _TOKEN_BLOCK = 1024
@@ -234,7 +236,9 @@ def linear_fwd(sources, weight, bias, targets, rows=None, count=None, *, rows_fr
     cfg = _FWD_CONFIG[32 if weight.dtype == torch.float32 else 16]
     n_vrb = S * triton.cdiv(P, cfg["BLOCK_M"])
     n_tiles = triton.cdiv(V, cfg["BLOCK_V"])
-    tiles_per_split = triton.cdiv(n_tiles, min(n_tiles, max(1, triton.cdiv(_FWD_PROGRAMS, n_vrb))))
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    want = _INTERPRET_SPLITS if interpret else triton.cdiv(_FWD_PROGRAMS, n_vrb)
+    tiles_per_split = triton.cdiv(n_tiles, min(n_tiles, max(1, want)))
     n_split = triton.cdiv(n_tiles, tiles_per_split)
     stats = alloc((S, 3, n_split, P), torch.float32, dev)
     tgt = alloc((S, P), torch.float32, dev)
