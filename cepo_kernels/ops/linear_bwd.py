@@ -157,13 +157,13 @@ def _linear_dh_kernel(grad_z, weight, dh, count, r0, R, v0, C, H, stride_gz, str
     m_p = (o_p < R) & (o_p < n_act)
     m_q = o_q < H
     p_g = grad_z + o_p.to(tl.int64)[:, None] * stride_gz  # [BLOCK_P, 1]
-    p_w = weight + v0.to(tl.int64) * stride_wv + o_q[None, :]  # [1, BLOCK_Q]
+    p_w = weight + o_q[None, :]  # [1, BLOCK_Q]
     acc = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
     for k in range(0, C, BLOCK_K):
         o_k = k + tl.arange(0, BLOCK_K)
         m_k = o_k < C
         b_g = tl.load(p_g + o_k[None, :], mask=m_p[:, None] & m_k[None, :], other=0.0)  # [BLOCK_P, BLOCK_K]
-        b_w = tl.load(p_w + o_k.to(tl.int64)[:, None] * stride_wv, mask=m_k[:, None] & m_q[None, :],
+        b_w = tl.load(p_w + (v0 + o_k).to(tl.int64)[:, None] * stride_wv, mask=m_k[:, None] & m_q[None, :],
                       other=0.0)  # [BLOCK_K, BLOCK_Q]
         if UPCAST_DOT:
             b_g = b_g.to(tl.float32)
