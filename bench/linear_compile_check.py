@@ -7,6 +7,7 @@ them), then reads the cubin with cuobjdump: registers, spill bytes (stack frame)
 instructions (STL/LDL) in the SASS, and the MMA instruction shapes in the PTX.
 
     python bench/linear_compile_check.py [--dtypes bf16,fp16,fp32] [--json out.jsonl]
+    python bench/linear_compile_check.py --table after.jsonl [before.jsonl]   # markdown from recorded runs
 
 Prints one JSON line per kernel and config. Run without TRITON_INTERPRET (it is cleared here).
 """
@@ -107,11 +108,33 @@ def cases(dtypes):
             yield (f"{name} {d}", *rest)
 
 
+def table(paths):
+    """Markdown tables of recorded runs (one per file), with the machine, versions and date of each."""
+    for path in paths:
+        lines = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+        m = lines[0]
+        print(f"### {Path(path).name}: triton {m['triton']}, target {m.get('target', 'sm_90')}, "
+              f"compiled on {m['machine']} (no GPU), {m['date']}\n")
+        print("| kernel | config | warps | regs | spill bytes | spill instr. | shared KiB | MMA |")
+        print("|---|---|---:|---:|---:|---:|---:|---|")
+        for d in lines:
+            cfg = "x".join(str(v) for v in d["config"].values()) + f" s{d['num_stages']}"
+            if "error" in d:
+                print(f"| {d['kernel']} | {cfg} | {d['num_warps']} | error: {d['error'][:80]} | | | | |")
+                continue
+            print(f"| {d['kernel']} | {cfg} | {d['num_warps']} | {d['regs']} | {d['spill_bytes']} | "
+                  f"{d['spill_instructions']} | {d['shared_bytes'] / 1024:.0f} | {', '.join(d['mma'])} |")
+        print()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
     ap.add_argument("--json", help="also append the lines to this file")
+    ap.add_argument("--table", nargs="+", metavar="JSONL", help="print markdown tables of recorded runs")
     args = ap.parse_args()
+    if args.table:
+        return table(args.table)
     meta = dict(triton=triton.__version__, python=platform.python_version(), machine=platform.processor()
                 or platform.machine(), date=datetime.date.today().isoformat(), target="sm_90")
     out = open(args.json, "a") if args.json else None  # noqa: SIM115
