@@ -37,7 +37,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from cepo_kernels.ops import linear, linear_bwd  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-FLOATS = {"inv_temp", "lam", "eps_w", "eps_low", "eps_high", "clip_dual", "threshold"}
+FLOATS = {"inv_temp", "lam", "eps_w", "eps_low", "eps_high", "clip_dual", "filter_eps"}
 WIDE = set()  # integer arguments passed as i64 (none: the kernels cast to int64 themselves)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}

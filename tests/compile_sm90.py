@@ -17,7 +17,7 @@ from triton.compiler import ASTSource
 from cepo_kernels.ops import linear, linear_bwd, logits
 
 H100 = GPUTarget("cuda", 90, 32)
-FLOATS = ("inv_temp", "lam", "eps_w", "eps_low", "eps_high", "clip_dual")
+FLOATS = ("inv_temp", "lam", "eps_w", "eps_low", "eps_high", "clip_dual", "filter_eps")
 
 
 def jit_function(kernel):

@@ -119,6 +119,31 @@ def test_linear_bwd_chunks(n, budget, device, monkeypatch):
     assert (results[0][0][(g_lp == 0) & (g_ent == 0)] == 0).all()
 
 
+def test_grad_filter_opt_in(device, monkeypatch):
+    """CEPO_LINEAR_GRAD_FILTER=1 skips the G tiles with no target and every probability < 2^-12; what it
+    drops is bounded by those probabilities (it is not exact, hence off by default; docs/memory.md)."""
+    h, w, b, t = make_linear((37,), torch.float32, device, seed=6)
+    t = t % 100  # every target in the first vocabulary tile
+    b[128:] -= 10.0  # the other tiles: probabilities ~1e-6, below bf16 resolution
+    g_lp = torch.randn(37, generator=torch.Generator().manual_seed(7)).to(device)
+    runs = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("CEPO_LINEAR_GRAD_FILTER", flag)
+        xs = leaves(h, w, b)
+        (linear_logprobs(xs[0], xs[1], t, bias=xs[2]) * g_lp).sum().backward()
+        runs.append(grads(xs))
+    (dh, dw, db), (dh_f, dw_f, db_f) = runs
+    assert torch.equal(dw_f[:128], dw[:128]) and (dw_f[128:] == 0).all() and torch.equal(db_f, db)
+    with torch.no_grad():  # the dropped part of G, from the float64 reference
+        z = h.double() @ w.double().T + b.double()
+        g_drop = -g_lp.double()[:, None] * torch.softmax(z, dim=-1)[:, 128:]
+    bound_h = (g_drop.abs() @ w.double()[128:].abs()).max()
+    bound_w = (g_drop.abs().T @ h.double().abs()).max()
+    assert 0 < err(dh_f, dh.double()) <= 1.01 * bound_h + 1e-6
+    assert 0 < err(dw_f, dw.double()) <= 1.01 * bound_w + 1e-6
+    assert bound_h < 1e-3 and bound_w < 1e-3
+
+
 def test_linear_logprobs_bad_target_is_nan(device):
     h, w, b, t = make_linear((20,), torch.float32, device)
     t[3], t[7] = V, -1

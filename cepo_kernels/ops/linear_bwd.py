@@ -7,7 +7,9 @@ are gathered in the kernels, so hidden is never copied). The vocabulary is walke
 fp32 logsumexp and writes G = dL/dlogits [R, C]; `_linear_dh_kernel` adds G @ W_chunk into an fp32
 grad_hidden accumulator and `_linear_dw_kernel` writes G^T @ hidden as the chunk's rows of grad_weight.
 C and R come from the free device memory (`chunk_budget`), with C >= _MIN_CHUNK so that the accumulator's
-read-modify-write costs at most 4 / C bytes per matmul FLOP (linear in the rows, not quadratic).
+read-modify-write costs at most 4 / C bytes per matmul FLOP (linear in the rows, not quadratic). Opt-in
+gradient filtering (CEPO_LINEAR_GRAD_FILTER=1, off by default: not exact, docs/memory.md) skips, in both
+matmuls, the G tiles holding no target and no probability >= 2^-12, as cut-cross-entropy does.
 Deterministic: no atomics, fixed reduction orders. Details and numbers: docs/memory.md.
 """
 
@@ -32,6 +34,7 @@ _GROUP = 8  # row blocks per group of the L2-aware program order
 _MIN_CHUNK = 4096  # vocabulary columns per chunk, at least (bounds the grad_hidden read-modify-write)
 _CPU_BUDGET = 64 << 20  # chunk budget in bytes without a GPU (interpreter runs)
 _MAX_BUDGET = 512 << 20  # never more, whatever is free (keeps the extra memory < 1 GiB at the anchor shape)
+_FILTER_EPS = 2.0 ** -12  # gradient filtering: a G tile whose probabilities are all below this is skipped
 
 
 def alloc(shape, dtype, device):
@@ -51,6 +54,11 @@ def upcast_dot(dtype):
     outputs of the backward are written in fp32 and rounded by torch.
     """
     return os.environ.get("TRITON_INTERPRET") == "1" and dtype == torch.bfloat16
+
+
+def grad_filter():
+    """True when gradient filtering is switched on (CEPO_LINEAR_GRAD_FILTER=1); off, the backward is exact."""
+    return os.environ.get("CEPO_LINEAR_GRAD_FILTER", "0") == "1"
 
 
 def chunk_budget(device):
@@ -83,18 +91,22 @@ def grouped(pid, n_a, n_b, GROUP: tl.constexpr):
     "HAS_BIAS": lambda a: a["bias"] is not None,
     "HAS_ENT": lambda a: a["g_ent"] is not None,
     "HAS_DB": lambda a: a["db_part"] is not None,
+    "FILTER": lambda a: a["tile_keep"] is not None,
 })
 @triton.jit
 def _linear_bwd_kernel(hidden, weight, bias, targets, rows, count, lse, g_lp, ent, g_ent, grad_z, db_part,
-                       r0, R, v0, C, V, H, inv_temp, stride_hn, stride_wv, stride_b, stride_gz, stride_db,
+                       tile_keep, r0, R, v0, C, V, H, inv_temp, filter_eps, stride_hn, stride_wv, stride_b,
+                       stride_gz, stride_db, stride_tk,
                        HAS_BIAS: tl.constexpr, HAS_ENT: tl.constexpr, HAS_DB: tl.constexpr,
-                       UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+                       FILTER: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                       GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                       BLOCK_H: tl.constexpr):
     """grad_z[i, j] = dL/dlogit of row rows[r0 + i], column v0 + j (i < R, j < C), logits recomputed.
 
     G = (g_lp (onehot - p) - g_ent p (log p + entropy)) / T with p = exp(z / T - lse). Row blocks past the
     active count are not computed (their column sums in db_part are 0). db_part [R / BLOCK_M, C] fp32: the
-    block's column sums of G.
+    block's column sums of G. tile_keep [R / BLOCK_M, C / BLOCK_V] int32 (FILTER): 1 when the tile holds a
+    target or a probability >= filter_eps, else 0 (the matmuls then skip it).
     """
     pid = tl.program_id(0)
     rb, vb = grouped(pid, tl.cdiv(R, BLOCK_M), tl.cdiv(C, BLOCK_V), GROUP)
@@ -105,6 +117,8 @@ def _linear_bwd_kernel(hidden, weight, bias, targets, rows, count, lse, g_lp, en
     if rb * BLOCK_M >= n_act:
         if HAS_DB:
             tl.store(db_part + rb * stride_db + o_j, tl.zeros([BLOCK_V], dtype=tl.float32), mask=m_j)
+        if FILTER:
+            tl.store(tile_keep + rb * stride_tk + vb, 0)
         return
     m_i = (o_i < R) & (o_i < n_act)
     r = tl.load(rows + r0 + o_i, mask=m_i, other=0)  # [BLOCK_M] int64 row ids
@@ -139,10 +153,16 @@ def _linear_bwd_kernel(hidden, weight, bias, targets, rows, count, lse, g_lp, en
              mask=m_i[:, None] & m_j[None, :])
     if HAS_DB:
         tl.store(db_part + rb * stride_db + o_j, tl.sum(b_dz, axis=0), mask=m_j)
+    if FILTER:
+        m_t = m_i & (b_t >= v0 + vb * BLOCK_V) & (b_t < v0 + vb * BLOCK_V + BLOCK_V)
+        big = tl.max(tl.where(m_i[:, None] & m_v[None, :], b_p, 0.0)) >= filter_eps
+        tl.store(tile_keep + rb * stride_tk + vb, (big | (tl.max(m_t.to(tl.int32)) > 0)).to(tl.int32))
 
 
+@triton.heuristics({"FILTER": lambda a: a["tile_keep"] is not None})
 @triton.jit
-def _linear_dh_kernel(grad_z, weight, dh, count, r0, R, v0, C, H, stride_gz, stride_wv, stride_dh,
+def _linear_dh_kernel(grad_z, weight, dh, count, tile_keep, r0, R, v0, C, H, stride_gz, stride_wv, stride_dh,
+                      stride_tk, TILE_M: tl.constexpr, TILE_V: tl.constexpr, FILTER: tl.constexpr,
                       ACCUMULATE: tl.constexpr, UPCAST_DOT: tl.constexpr,
                       PRECISION: tl.constexpr, GROUP: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -162,13 +182,17 @@ def _linear_dh_kernel(grad_z, weight, dh, count, r0, R, v0, C, H, stride_gz, str
     for k in range(0, C, BLOCK_K):
         o_k = k + tl.arange(0, BLOCK_K)
         m_k = o_k < C
-        b_g = tl.load(p_g + o_k[None, :], mask=m_p[:, None] & m_k[None, :], other=0.0)  # [BLOCK_P, BLOCK_K]
-        b_w = tl.load(p_w + (v0 + o_k).to(tl.int64)[:, None] * stride_wv, mask=m_k[:, None] & m_q[None, :],
-                      other=0.0)  # [BLOCK_K, BLOCK_Q]
-        if UPCAST_DOT:
-            b_g = b_g.to(tl.float32)
-            b_w = b_w.to(tl.float32)
-        acc = tl.dot(b_g, b_w, acc, input_precision=PRECISION)
+        keep = True
+        if FILTER:  # the G kernel's tile holding rows pb * BLOCK_P.. and columns k..
+            keep = tl.load(tile_keep + (pb * BLOCK_P // TILE_M) * stride_tk + k // TILE_V) != 0
+        if keep:
+            b_g = tl.load(p_g + o_k[None, :], mask=m_p[:, None] & m_k[None, :], other=0.0)  # [BP, BK]
+            b_w = tl.load(p_w + (v0 + o_k).to(tl.int64)[:, None] * stride_wv,
+                          mask=m_k[:, None] & m_q[None, :], other=0.0)  # [BLOCK_K, BLOCK_Q]
+            if UPCAST_DOT:
+                b_g = b_g.to(tl.float32)
+                b_w = b_w.to(tl.float32)
+            acc = tl.dot(b_g, b_w, acc, input_precision=PRECISION)
     p_dh = dh + (r0 + o_p).to(tl.int64)[:, None] * stride_dh + o_q[None, :]
     m_dh = m_p[:, None] & m_q[None, :]
     if ACCUMULATE:
@@ -176,8 +200,10 @@ def _linear_dh_kernel(grad_z, weight, dh, count, r0, R, v0, C, H, stride_gz, str
     tl.store(p_dh, acc, mask=m_dh)
 
 
+@triton.heuristics({"FILTER": lambda a: a["tile_keep"] is not None})
 @triton.jit
-def _linear_dw_kernel(grad_z, hidden, rows, count, dw, r0, R, C, H, stride_gz, stride_hn, stride_dw,
+def _linear_dw_kernel(grad_z, hidden, rows, count, dw, tile_keep, r0, R, C, H, stride_gz, stride_hn,
+                      stride_dw, stride_tk, TILE_M: tl.constexpr, TILE_V: tl.constexpr, FILTER: tl.constexpr,
                       ACCUMULATE: tl.constexpr, UPCAST_DOT: tl.constexpr,
                       PRECISION: tl.constexpr, GROUP: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -196,15 +222,19 @@ def _linear_dw_kernel(grad_z, hidden, rows, count, dw, r0, R, C, H, stride_gz, s
     for k in range(0, n_act, BLOCK_K):
         o_k = k + tl.arange(0, BLOCK_K)
         m_k = o_k < n_act
-        r = tl.load(rows + r0 + o_k, mask=m_k, other=0)  # [BLOCK_K] int64
-        b_g = tl.load(grad_z + o_k.to(tl.int64)[None, :] * stride_gz + o_p[:, None],
-                      mask=m_p[:, None] & m_k[None, :], other=0.0)  # [BLOCK_P, BLOCK_K] (G^T)
-        b_h = tl.load(hidden + r[:, None] * stride_hn + o_q[None, :], mask=m_k[:, None] & m_q[None, :],
-                      other=0.0)  # [BLOCK_K, BLOCK_Q]
-        if UPCAST_DOT:
-            b_g = b_g.to(tl.float32)
-            b_h = b_h.to(tl.float32)
-        acc = tl.dot(b_g, b_h, acc, input_precision=PRECISION)
+        keep = True
+        if FILTER:  # the G kernel's tile holding rows k.. and columns pb * BLOCK_P..
+            keep = tl.load(tile_keep + (k // TILE_M) * stride_tk + pb * BLOCK_P // TILE_V) != 0
+        if keep:
+            r = tl.load(rows + r0 + o_k, mask=m_k, other=0)  # [BLOCK_K] int64
+            b_g = tl.load(grad_z + o_k.to(tl.int64)[None, :] * stride_gz + o_p[:, None],
+                          mask=m_p[:, None] & m_k[None, :], other=0.0)  # [BLOCK_P, BLOCK_K] (G^T)
+            b_h = tl.load(hidden + r[:, None] * stride_hn + o_q[None, :], mask=m_k[:, None] & m_q[None, :],
+                          other=0.0)  # [BLOCK_K, BLOCK_Q]
+            if UPCAST_DOT:
+                b_g = b_g.to(tl.float32)
+                b_h = b_h.to(tl.float32)
+            acc = tl.dot(b_g, b_h, acc, input_precision=PRECISION)
     p_dw = dw + o_p.to(tl.int64)[:, None] * stride_dw + o_q[None, :]
     m_dw = m_p[:, None] & m_q[None, :]
     if ACCUMULATE:
@@ -259,29 +289,37 @@ def linear_bwd(hidden, weight, bias, targets, lse, g_lp, ent=None, g_ent=None, *
     dw32 = alloc((C, H), torch.float32, dev) if need_w and not direct_w else None
     db_part = alloc((triton.cdiv(R, g["BLOCK_M"]), C), torch.float32, dev) if need_b else None
     db32 = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
+    tile_keep = None
+    if grad_filter() and (need_h or need_w):
+        assert g["BLOCK_M"] % mm["BLOCK_P"] == 0 and g["BLOCK_V"] % mm["BLOCK_P"] == 0
+        assert g["BLOCK_M"] % mm["BLOCK_K"] == 0 and g["BLOCK_V"] % mm["BLOCK_K"] == 0
+        tile_keep = torch.zeros(triton.cdiv(R, g["BLOCK_M"]), triton.cdiv(C, g["BLOCK_V"]), dtype=torch.int32,
+                                device=dev)
+    tk = dict(stride_tk=0 if tile_keep is None else tile_keep.stride(0), TILE_M=g["BLOCK_M"],
+              TILE_V=g["BLOCK_V"])
     for v0 in range(0, V, C):
         c = min(C, V - v0)
         for r0 in range(0, N, R):
             rr = min(R, N - r0)
             grid = (triton.cdiv(rr, g["BLOCK_M"]) * triton.cdiv(c, g["BLOCK_V"]),)
             _linear_bwd_kernel[grid](
-                hidden, weight, bias, targets, rows, count, lse, g_lp, ent, g_ent, grad_z, db_part, r0, rr,
-                v0, c, V, H, 1.0 / temperature, hidden.stride(0), weight.stride(0),
+                hidden, weight, bias, targets, rows, count, lse, g_lp, ent, g_ent, grad_z, db_part, tile_keep,
+                r0, rr, v0, c, V, H, 1.0 / temperature, _FILTER_EPS, hidden.stride(0), weight.stride(0),
                 0 if bias is None else bias.stride(0), grad_z.stride(0),
-                0 if db_part is None else db_part.stride(0), UPCAST_DOT=upcast, PRECISION=prec,
-                GROUP=_GROUP, **g)
+                0 if db_part is None else db_part.stride(0), tk["stride_tk"], UPCAST_DOT=upcast,
+                PRECISION=prec, GROUP=_GROUP, **g)
             gz = grad_z.to(hidden.dtype) if upcast else grad_z  # the interpreter: round G like a GPU would
             if need_h:
                 grid = (triton.cdiv(rr, mm["BLOCK_P"]) * triton.cdiv(H, mm["BLOCK_Q"]),)
-                _linear_dh_kernel[grid](gz, weight, dh32, count, r0, rr, v0, c, H, gz.stride(0),
-                                        weight.stride(0), dh32.stride(0), ACCUMULATE=v0 > 0,
+                _linear_dh_kernel[grid](gz, weight, dh32, count, tile_keep, r0, rr, v0, c, H, gz.stride(0),
+                                        weight.stride(0), dh32.stride(0), **tk, ACCUMULATE=v0 > 0,
                                         UPCAST_DOT=upcast, PRECISION=prec, GROUP=_GROUP, **mm)
             if need_w:
                 dw = grad_w[v0:v0 + c] if direct_w else dw32
                 grid = (triton.cdiv(c, mm["BLOCK_P"]) * triton.cdiv(H, mm["BLOCK_Q"]),)
-                _linear_dw_kernel[grid](gz, hidden, rows, count, dw, r0, rr, c, H, gz.stride(0),
-                                        hidden.stride(0), dw.stride(0), ACCUMULATE=r0 > 0, UPCAST_DOT=upcast,
-                                        PRECISION=prec, GROUP=_GROUP, **mm)
+                _linear_dw_kernel[grid](gz, hidden, rows, count, dw, tile_keep, r0, rr, c, H, gz.stride(0),
+                                        hidden.stride(0), dw.stride(0), **tk, ACCUMULATE=r0 > 0,
+                                        UPCAST_DOT=upcast, PRECISION=prec, GROUP=_GROUP, **mm)
             if need_b:
                 db32[v0:v0 + c] += db_part[: triton.cdiv(rr, g["BLOCK_M"]), :c].sum(0)
         if need_w and not direct_w:
@@ -297,16 +335,18 @@ def compile_cases(ptr, precision):
     """(name, kernel, pointer types, constexprs, launch config) of every config linear_bwd launches."""
     f32 = "*fp32"
     width = 32 if ptr == f32 else 16
-    for has_bias, has_ent in ((False, False), (True, True)):
-        yield (f"linear_bwd_G bias={int(has_bias)} ent={int(has_ent)}", _linear_bwd_kernel,
+    g, mm = _G_CONFIG[width], _MM_CONFIG[width]
+    for has_bias, has_ent, filt in ((False, False, False), (True, True, False), (False, True, True)):
+        yield (f"linear_bwd_G bias={int(has_bias)} ent={int(has_ent)} filter={int(filt)}", _linear_bwd_kernel,
                dict(hidden=ptr, weight=ptr, bias=ptr, targets="*i64", rows="*i64", count="*i32", lse=f32,
-                    g_lp=f32, ent=f32, g_ent=f32, grad_z=ptr, db_part=f32),
-               dict(HAS_BIAS=has_bias, HAS_ENT=has_ent, HAS_DB=has_bias, UPCAST_DOT=False,
-                    PRECISION=precision, GROUP=_GROUP), _G_CONFIG[width])
-    for acc in (False, True):
-        yield (f"linear_bwd_dh accumulate={int(acc)}", _linear_dh_kernel,
-               dict(grad_z=ptr, weight=ptr, dh=f32, count="*i32"),
-               dict(ACCUMULATE=acc, UPCAST_DOT=False, PRECISION=precision, GROUP=_GROUP), _MM_CONFIG[width])
-        yield (f"linear_bwd_dw accumulate={int(acc)}", _linear_dw_kernel,
-               dict(grad_z=ptr, hidden=ptr, rows="*i64", count="*i32", dw=f32 if acc else ptr),
-               dict(ACCUMULATE=acc, UPCAST_DOT=False, PRECISION=precision, GROUP=_GROUP), _MM_CONFIG[width])
+                    g_lp=f32, ent=f32, g_ent=f32, grad_z=ptr, db_part=f32, tile_keep="*i32"),
+               dict(HAS_BIAS=has_bias, HAS_ENT=has_ent, HAS_DB=has_bias, FILTER=filt, UPCAST_DOT=False,
+                    PRECISION=precision, GROUP=_GROUP), g)
+    for acc, filt in ((False, False), (True, False), (True, True)):
+        common = dict(ACCUMULATE=acc, FILTER=filt, TILE_M=g["BLOCK_M"], TILE_V=g["BLOCK_V"], UPCAST_DOT=False,
+                      PRECISION=precision, GROUP=_GROUP)
+        yield (f"linear_bwd_dh accumulate={int(acc)} filter={int(filt)}", _linear_dh_kernel,
+               dict(grad_z=ptr, weight=ptr, dh=f32, count="*i32", tile_keep="*i32"), common, mm)
+        yield (f"linear_bwd_dw accumulate={int(acc)} filter={int(filt)}", _linear_dw_kernel,
+               dict(grad_z=ptr, hidden=ptr, rows="*i64", count="*i32", dw=f32 if acc else ptr,
+                    tile_keep="*i32"), common, mm)
