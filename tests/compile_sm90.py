@@ -6,7 +6,6 @@ null (compiled) or the error.
 """
 
 import inspect
-import itertools
 import json
 import sys
 import traceback
@@ -18,7 +17,7 @@ from triton.compiler import ASTSource
 from cepo_kernels.ops import linear, linear_bwd, logits
 
 H100 = GPUTarget("cuda", 90, 32)
-FLOATS = ("inv_temp", "lam", "eps_w", "eps_low", "eps_high", "clip_dual")
+FLOATS = ("inv_temp", "lam", "eps_w", "eps_low", "eps_high", "clip_dual", "filter_eps")
 
 
 def jit_function(kernel):
@@ -78,43 +77,44 @@ def logprobs_kernels(dtype):
                  dict(BLOCK=1024), wide=("N",))
 
 
-def _launch_config(cfg):
-    return {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+def _compile_linear_case(kernel, pointers, constants, cfg):
+    """One case of linear.compile_cases / linear_bwd.compile_cases, with its launch config's num_warps."""
+    fn = jit_function(kernel)
+    constants = {**constants, **{k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}}
+    signature = {}
+    for name in inspect.signature(fn.fn).parameters:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = pointers[name]
+        elif name in FLOATS:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    compiled = triton.compile(ASTSource(fn, signature, constants), target=H100,
+                              options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    assert compiled.asm.get("cubin"), f"{fn.__name__}: no cubin produced"
+
+
+def _precision(dtype):
+    return "ieee" if dtype == "fp32" else "tf32"
 
 
 def linear_forward_kernel(dtype, n_src):
-    ptr = DTYPES[dtype]
-    bias_rows = [(False, False), (True, True)] if n_src == 1 else [(True, False)]
-    for has_bias, has_rows in bias_rows:
-        constants = dict(N_SRC=n_src, HAS_BIAS=has_bias, HAS_ROWS=has_rows, UPCAST_DOT=False,
-                         PRECISION="ieee" if dtype == "fp32" else "tf32",
-                         **_launch_config(linear._FWD_CONFIG[n_src]))
-        pointers = dict(h0=ptr, h1=ptr, h2=ptr, weight=ptr, bias=ptr, targets="*i64", rows="*i64",
-                        stats="*fp32")
-        compile_sm90(linear._linear_fwd_kernel, pointers, constants)
+    for _, kernel, pointers, constants, cfg in linear.compile_cases(DTYPES[dtype], _precision(dtype)):
+        if constants.get("N_SRC") == n_src:
+            _compile_linear_case(kernel, pointers, constants, cfg)
 
 
 def linear_token_kernel():
-    pointers = {n: "*fp32" for n in ("logp", "old", "adv", "delta", "a_hat", "loss", "coef")}
-    pointers["mask"] = "*u8"
-    for has_old, has_teachers in itertools.product((False, True), repeat=2):
-        compile_sm90(linear._linear_token_fwd_kernel, pointers,
-                     dict(HAS_OLD=has_old, HAS_TEACHERS=has_teachers, HAS_DUAL=True, BLOCK=1024))
+    for _, kernel, pointers, constants, cfg in linear.compile_cases("*bf16", "tf32"):
+        if "N_SRC" not in constants:  # the combine and per-token kernels
+            _compile_linear_case(kernel, pointers, constants, cfg)
 
 
 def linear_backward_kernels(dtype):
-    ptr = DTYPES[dtype]
-    precision = "ieee" if dtype == "fp32" else "tf32"
-    for has_bias, has_ent in ((False, False), (True, True)):
-        compile_sm90(linear_bwd._linear_bwd_kernel,
-                     dict(hidden=ptr, weight=ptr, bias=ptr, targets="*i64", lse="*fp32", g_lp="*fp32",
-                          ent="*fp32", g_ent="*fp32", grad_z=ptr),
-                     dict(HAS_BIAS=has_bias, HAS_ENT=has_ent, UPCAST_DOT=False, PRECISION=precision,
-                          **_launch_config(linear_bwd._G_CONFIG)))
-    for accumulate in (False, True):
-        compile_sm90(linear_bwd._linear_bwd_mm_kernel, dict(a=ptr, b=ptr, c="*fp32" if accumulate else ptr),
-                     dict(ACCUMULATE=accumulate, UPCAST_DOT=False, PRECISION=precision,
-                          **_launch_config(linear_bwd._MM_CONFIG)))
+    for _, kernel, pointers, constants, cfg in linear_bwd.compile_cases(DTYPES[dtype], _precision(dtype)):
+        _compile_linear_case(kernel, pointers, constants, cfg)
 
 
 CASES = {

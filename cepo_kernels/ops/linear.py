@@ -1,15 +1,18 @@
 """Fused linear path: log-probs and the CEPO/GRPO loss from hidden states + lm_head, logits never stored.
 
-Forward: `_linear_fwd_kernel` tiles z^T = weight @ hidden^T on the tensor cores (fp32 accumulation), folds
-each vocabulary tile into an online logsumexp (`lse_tile`) and picks the target logit by comparing offsets.
-Up to three row sources (policy, positive teacher, negative teacher) share every weight tile. The grid is
-(row blocks x vocabulary splits); each split writes its partial (max, sum, entropy sum, target logit) and a
-fixed-order combine gives lse, logp and entropy. `_linear_token_fwd_kernel` then applies `cepo_token`.
+Forward: `_linear_fwd_kernel` tiles z = hidden @ weight^T with the rows (tokens) on the MMA's M axis and the
+vocabulary on N, so the online logsumexp of a row reduces within a warp; the target logit is the dot
+hidden . weight[y]. Up to three row sources (policy, positive and negative teacher) run in one launch as
+separate 128-row blocks, the blocks of the same rows adjacent in a grouped (L2-aware) program order so they
+read each weight tile while it is in L2. Teacher rows are scored only where needed (a device-side list and
+count: no host sync). Each vocabulary split writes partial (max, sum, entropy sum) stats and
+`_linear_combine_kernel` combines them in a fixed order; `_linear_token_fwd_kernel` then applies `cepo_token`.
 Backward (linear_bwd.py) recomputes the logits from the saved fp32 lse, only on rows with a non-zero gradient.
 """
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -25,36 +28,20 @@ from cepo_kernels._params import (
     check_tensor,
     resolve_lam,
 )
-from cepo_kernels.ops._common import cepo_token, loss_metrics, lse_tile, reduce_loss
-from cepo_kernels.ops.linear_bwd import alloc, dot_precision, linear_bwd, upcast_dot
+from cepo_kernels.ops._common import cepo_token, loss_metrics, reduce_loss
+from cepo_kernels.ops.linear_bwd import active_rows, alloc, dot_precision, grouped, linear_bwd, upcast_dot
 
-# per number of row sources: tile sizes (three fp32 accumulators need a narrower vocabulary tile)
+# per operand width: 16-bit dots run on the tensor cores (wgmma m64n128); fp32 IEEE dots run on the FMA
+# units, whose operand fragments need smaller tiles to stay spill-free (docs/compile/linear-sm90.md)
 _FWD_CONFIG = {
-    1: dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
-    2: dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, num_warps=8, num_stages=3),
-    3: dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
+    16: dict(BLOCK_M=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
+    32: dict(BLOCK_M=128, BLOCK_V=64, BLOCK_H=32, num_warps=8, num_stages=2),
 }
 _FWD_PROGRAMS = 1024  # split the vocabulary until about this many programs run (small batches fill the GPU)
+_INTERPRET_SPLITS = 2  # on a CPU (interpreter) programs cost time, not parallelism; 2 splits still combine
+_GROUP = 16  # row blocks per group of the L2-aware order (the sources of the same rows are adjacent)
+_COMBINE_BLOCK = 256
 _TOKEN_BLOCK = 1024
-
-
-@triton.jit
-def _fold_tile(acc, b_bias, o_v, m_v, b_t, inv_temp, m_i, s_i, t_i, n_i, y_i, HAS_BIAS: tl.constexpr):
-    """Folds one [BLOCK_V, BLOCK_N] tile of raw logits^T into the running logsumexp and target logit."""
-    if HAS_BIAS:
-        acc += b_bias[:, None]
-    b_z = tl.where(m_v[:, None], acc * inv_temp, float("-inf"))  # [BLOCK_V, BLOCK_N]
-    m_i, s_i, t_i, n_i = lse_tile(b_z, m_i, s_i, t_i, n_i)
-    y_i += tl.sum(tl.where(o_v[:, None] == b_t[None, :], b_z, 0.0), axis=0)
-    return m_i, s_i, t_i, n_i, y_i
-
-
-@triton.jit
-def _store_stats(stats, o_n, m_n, stride_sk, m_i, s_i, t_i, n_i, y_i):
-    tl.store(stats + o_n, tl.where(n_i > 0, float("nan"), m_i), mask=m_n)  # NaN logit -> NaN max
-    tl.store(stats + stride_sk + o_n, s_i, mask=m_n)
-    tl.store(stats + 2 * stride_sk + o_n, t_i, mask=m_n)
-    tl.store(stats + 3 * stride_sk + o_n, y_i, mask=m_n)
 
 
 @triton.heuristics({
@@ -62,167 +49,224 @@ def _store_stats(stats, o_n, m_n, stride_sk, m_i, s_i, t_i, n_i, y_i):
     "HAS_ROWS": lambda a: a["rows"] is not None,
 })
 @triton.jit
-def _linear_fwd_kernel(h0, h1, h2, weight, bias, targets, rows, stats,
-                       M, V, H, tiles_per_split, inv_temp,
+def _linear_fwd_kernel(h0, h1, h2, weight, bias, targets, rows, count, stats, tgt,
+                       P, V, H, n_split, tiles_per_split, inv_temp,
                        stride_h0, stride_h1, stride_h2, stride_wv, stride_b, stride_t,
                        stride_ss, stride_sk, stride_sp,
-                       N_SRC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROWS: tl.constexpr,
-                       UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Partial logsumexp stats of rows `rows[j]` (or j) of h0..h{N_SRC-1} over one vocabulary split.
+                       N_SRC: tl.constexpr, ROWS_FROM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       HAS_ROWS: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                       GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                       BLOCK_H: tl.constexpr):
+    """Partial logsumexp stats of one row block of one source over one vocabulary split, rows on the MMA's M.
 
-    stats [N_SRC, 4, n_split, M] fp32: running max (NaN if a NaN logit was seen), sum exp, sum p*z and
-    the target's scaled logit (0 when the target is outside the split).
+    Position i of source s is row rows[i] when HAS_ROWS and s >= ROWS_FROM (only i < count[0] are scored),
+    else row i. stats [N_SRC, 3, n_split, P] fp32: running max, sum exp and sum p*z of z = logits / T over
+    the split; tgt [N_SRC, P] fp32: the target's z, hidden . weight[y] (+ bias[y]), written by split 0.
     """
-    pid = tl.program_id(0).to(tl.int64)
-    n_rb = tl.cdiv(M, BLOCK_N)
-    split = pid // n_rb  # split-major: concurrent programs share weight tiles in L2
-    o_n = (pid % n_rb) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # [BLOCK_N]
-    m_n = o_n < M
+    pid = tl.program_id(0)
+    vrb, split = grouped(pid, N_SRC * tl.cdiv(P, BLOCK_M), n_split, GROUP)
+    rb = vrb // N_SRC
+    src = vrb % N_SRC
+    x = h0
+    stride_x = stride_h0
+    if N_SRC >= 2:
+        if src == 1:
+            x = h1
+        stride_x = tl.where(src == 1, stride_h1, stride_x)
+    if N_SRC >= 3:
+        if src == 2:
+            x = h2
+        stride_x = tl.where(src == 2, stride_h2, stride_x)
+    o_m = rb * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] positions
+    n_act = P
     if HAS_ROWS:
-        r = tl.load(rows + o_n, mask=m_n, other=0).to(tl.int64)
-    else:
-        r = o_n
-    b_t = tl.load(targets + r * stride_t, mask=m_n, other=-1).to(tl.int64)
-    zero = tl.zeros([BLOCK_N], dtype=tl.float32)
-    m0, s0, t0, n0, y0 = zero + float("-inf"), zero, zero, zero.to(tl.int32), zero
-    if N_SRC >= 2:
-        m1, s1, t1, n1, y1 = zero + float("-inf"), zero, zero, zero.to(tl.int32), zero
-    if N_SRC >= 3:
-        m2, s2, t2, n2, y2 = zero + float("-inf"), zero, zero, zero.to(tl.int32), zero
+        n_act = tl.where(src >= ROWS_FROM, tl.minimum(tl.load(count), P), P)
+    if rb * BLOCK_M >= n_act:  # no scored row in this block (e.g. teachers of A = 0 rows)
+        return
+    m_m = o_m < n_act
+    r = o_m.to(tl.int64)
+    if HAS_ROWS:
+        r = tl.where(src >= ROWS_FROM, tl.load(rows + o_m, mask=m_m, other=0), r)
+    p_x = x + r[:, None] * stride_x  # [BLOCK_M, 1]
+    b_t = tl.load(targets + r * stride_t, mask=m_m, other=-1)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    t_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for i in range(tiles_per_split):
-        o_v = (split * tiles_per_split + i) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)  # [BLOCK_V]
+        o_v = (split * tiles_per_split + i) * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V]
         m_v = o_v < V
-        a0 = tl.zeros([BLOCK_V, BLOCK_N], dtype=tl.float32)
-        if N_SRC >= 2:
-            a1 = tl.zeros([BLOCK_V, BLOCK_N], dtype=tl.float32)
-        if N_SRC >= 3:
-            a2 = tl.zeros([BLOCK_V, BLOCK_N], dtype=tl.float32)
+        p_w = weight + o_v.to(tl.int64)[None, :] * stride_wv  # [1, BLOCK_V]
+        acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
         for k in range(0, H, BLOCK_H):
-            o_h = k + tl.arange(0, BLOCK_H).to(tl.int64)
+            o_h = k + tl.arange(0, BLOCK_H)
             m_h = o_h < H
-            m_x = m_h[:, None] & m_n[None, :]
-            b_w = tl.load(weight + o_v[:, None] * stride_wv + o_h[None, :], mask=m_v[:, None] & m_h[None, :],
-                          other=0.0)  # [BLOCK_V, BLOCK_H], loaded once for every source
-            b_x = tl.load(h0 + r[None, :] * stride_h0 + o_h[:, None], mask=m_x, other=0.0)  # [BLOCK_H, BN]
+            b_x = tl.load(p_x + o_h[None, :], mask=m_m[:, None] & m_h[None, :], other=0.0)  # [BM, BH]
+            b_w = tl.load(p_w + o_h[:, None], mask=m_h[:, None] & m_v[None, :], other=0.0)  # [BH, BV]
             if UPCAST_DOT:
-                b_w = b_w.to(tl.float32)
                 b_x = b_x.to(tl.float32)
-            a0 = tl.dot(b_w, b_x, a0, input_precision=PRECISION)
-            if N_SRC >= 2:
-                b_x = tl.load(h1 + r[None, :] * stride_h1 + o_h[:, None], mask=m_x, other=0.0)
-                if UPCAST_DOT:
-                    b_x = b_x.to(tl.float32)
-                a1 = tl.dot(b_w, b_x, a1, input_precision=PRECISION)
-            if N_SRC >= 3:
-                b_x = tl.load(h2 + r[None, :] * stride_h2 + o_h[:, None], mask=m_x, other=0.0)
-                if UPCAST_DOT:
-                    b_x = b_x.to(tl.float32)
-                a2 = tl.dot(b_w, b_x, a2, input_precision=PRECISION)
+                b_w = b_w.to(tl.float32)
+            acc = tl.dot(b_x, b_w, acc, input_precision=PRECISION)
         if HAS_BIAS:
-            b_bias = tl.load(bias + o_v * stride_b, mask=m_v, other=0.0).to(tl.float32)
-        else:
-            b_bias = tl.zeros([BLOCK_V], dtype=tl.float32)  # defined in the loop: not loop-carried
-        m0, s0, t0, n0, y0 = _fold_tile(a0, b_bias, o_v, m_v, b_t, inv_temp, m0, s0, t0, n0, y0, HAS_BIAS)
-        if N_SRC >= 2:
-            m1, s1, t1, n1, y1 = _fold_tile(a1, b_bias, o_v, m_v, b_t, inv_temp, m1, s1, t1, n1, y1, HAS_BIAS)
-        if N_SRC >= 3:
-            m2, s2, t2, n2, y2 = _fold_tile(a2, b_bias, o_v, m_v, b_t, inv_temp, m2, s2, t2, n2, y2, HAS_BIAS)
-    p_s = stats + split * stride_sp
-    _store_stats(p_s, o_n, m_n, stride_sk, m0, s0, t0, n0, y0)
-    if N_SRC >= 2:
-        _store_stats(p_s + stride_ss, o_n, m_n, stride_sk, m1, s1, t1, n1, y1)
-    if N_SRC >= 3:
-        _store_stats(p_s + 2 * stride_ss, o_n, m_n, stride_sk, m2, s2, t2, n2, y2)
+            acc += tl.load(bias + o_v * stride_b, mask=m_v, other=0.0).to(tl.float32)[None, :]
+        # online logsumexp along the row (within a warp); NaN logits propagate through the sums
+        b_z = tl.where(m_v[None, :], acc * inv_temp, float("-inf"))  # [BLOCK_M, BLOCK_V]
+        m_new = tl.maximum(m_i, tl.max(b_z, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid -inf - -inf
+        alpha = tl.exp(m_i - m_ref)
+        b_p = tl.exp(b_z - m_ref[:, None])
+        s_i = s_i * alpha + tl.sum(b_p, axis=1)
+        t_i = t_i * alpha + tl.sum(b_p * tl.where(b_p > 0, b_z, 0.0), axis=1)  # no 0 * -inf
+        m_i = m_new
+    p_s = stats + src * stride_ss + split * stride_sp + o_m
+    tl.store(p_s, m_i, mask=m_m)
+    tl.store(p_s + stride_sk, s_i, mask=m_m)
+    tl.store(p_s + 2 * stride_sk, t_i, mask=m_m)
+    if split == 0:  # the target logit as a dot of two H-vectors (no full-tile compare)
+        m_y = m_m & (b_t >= 0) & (b_t < V)  # an id outside [0, V) is never read (its logp is NaN)
+        p_y = weight + tl.where(m_y, b_t, 0)[:, None] * stride_wv  # [BLOCK_M, 1]
+        y = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k in range(0, H, BLOCK_H):
+            o_h = k + tl.arange(0, BLOCK_H)
+            m_h = o_h < H
+            b_x = tl.load(p_x + o_h[None, :], mask=m_m[:, None] & m_h[None, :], other=0.0).to(tl.float32)
+            b_w = tl.load(p_y + o_h[None, :], mask=m_y[:, None] & m_h[None, :], other=0.0).to(tl.float32)
+            y += tl.sum(b_x * b_w, axis=1)
+        if HAS_BIAS:
+            y += tl.load(bias + b_t * stride_b, mask=m_y, other=0.0).to(tl.float32)
+        tl.store(tgt + src * P + o_m, y * inv_temp, mask=m_m)
+
+
+@triton.heuristics({"HAS_ROWS": lambda a: a["rows"] is not None})
+@triton.jit
+def _linear_combine_kernel(stats, tgt, targets, rows, count, lse, logp, ent, P, V, n_split,
+                           stride_t, stride_ss, stride_sk, stride_sp, stride_out,
+                           ROWS_FROM: tl.constexpr, HAS_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Fixed-order combine of the splits: lse, logp (NaN for a target outside [0, V)) and entropy of the
+    scored positions of source program_id(1), written at their rows of [N_SRC, N] outputs."""
+    src = tl.program_id(1)
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    n_act = P
+    if HAS_ROWS:
+        n_act = tl.where(src >= ROWS_FROM, tl.minimum(tl.load(count), P), P)
+    m = o < n_act
+    r = o.to(tl.int64)
+    if HAS_ROWS:
+        r = tl.where(src >= ROWS_FROM, tl.load(rows + o, mask=m, other=0), r)
+    p_s = stats + src * stride_ss + o
+    mx = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    for k in range(n_split):
+        mx = tl.maximum(mx, tl.load(p_s + k * stride_sp, mask=m, other=float("-inf")))
+    m_ref = tl.where(mx == float("-inf"), 0.0, mx)
+    s = tl.zeros([BLOCK], dtype=tl.float32)
+    t = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in range(n_split):
+        w = tl.exp(tl.load(p_s + k * stride_sp, mask=m, other=float("-inf")) - m_ref)
+        s += tl.load(p_s + k * stride_sp + stride_sk, mask=m, other=0.0) * w
+        t += tl.load(p_s + k * stride_sp + 2 * stride_sk, mask=m, other=0.0) * w
+    b_lse = mx + tl.log(s)
+    b_t = tl.load(targets + r * stride_t, mask=m, other=0)
+    b_y = tl.load(tgt + src * P + o, mask=m, other=0.0)
+    b_lp = tl.where((b_t >= 0) & (b_t < V), b_y - b_lse, float("nan"))
+    p_out = src * stride_out + r
+    tl.store(lse + p_out, b_lse, mask=m)
+    tl.store(logp + p_out, b_lp, mask=m)
+    tl.store(ent + p_out, b_lse - t / s, mask=m)
 
 
 @triton.heuristics({
     "HAS_OLD": lambda a: a["old"] is not None,
-    "HAS_TEACHERS": lambda a: a["delta"] is not None,
+    "HAS_TEACHERS": lambda a: a["pos"] is not None,
 })
 @triton.jit
-def _linear_token_fwd_kernel(logp, old, adv, delta, mask, a_hat, loss, coef, N,
+def _linear_token_fwd_kernel(logp, old, adv, pos, neg, mask, a_hat, loss, coef, delta, N,
                              lam, eps_w, eps_low, eps_high, clip_dual,
                              HAS_OLD: tl.constexpr, HAS_TEACHERS: tl.constexpr, HAS_DUAL: tl.constexpr,
                              BLOCK: tl.constexpr):
-    """Per token: A_hat, the PPO-clip loss and coef = dL_t/dlp_t (cepo_token), on contiguous [N] arrays."""
+    """Per token: Delta = pos - neg (0 where the mask is off or A = 0: those teachers are not scored),
+    A_hat, the PPO-clip loss and coef = dL_t/dlp_t (cepo_token), on contiguous [N] arrays."""
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     m = o < N
     b_lp = tl.load(logp + o, mask=m, other=0.0)
     b_old = b_lp
     if HAS_OLD:
         b_old = tl.load(old + o, mask=m, other=0.0)
-    b_d = b_lp
-    if HAS_TEACHERS:
-        b_d = tl.load(delta + o, mask=m, other=0.0)
     b_adv = tl.load(adv + o, mask=m, other=0.0)
     b_valid = tl.load(mask + o, mask=m, other=0) != 0
+    b_d = tl.zeros_like(b_lp)
+    if HAS_TEACHERS:
+        b_d = tl.load(pos + o, mask=m, other=0.0) - tl.load(neg + o, mask=m, other=0.0)
+        b_d = tl.where(b_valid & (b_adv != 0), b_d, 0.0)
     b_ahat, b_loss, b_coef = cepo_token(b_lp, b_old, b_adv, b_d, b_valid, lam, eps_w, eps_low, eps_high,
                                         clip_dual, HAS_OLD, HAS_TEACHERS, HAS_DUAL)
     tl.store(a_hat + o, b_ahat, mask=m)
     tl.store(loss + o, b_loss, mask=m)
     tl.store(coef + o, b_coef, mask=m)
+    tl.store(delta + o, b_d, mask=m)
 
 
 class Scored(NamedTuple):
-    """Per-row results of linear_fwd, each [S, M] fp32 (S row sources, M scored rows)."""
+    """Per-row results of linear_fwd, each [S, N] fp32 (S row sources); 0 at rows a source did not score."""
 
     lse: torch.Tensor
     logp: torch.Tensor
     entropy: torch.Tensor
 
 
-def linear_fwd(sources, weight, bias, targets, rows=None, *, temperature=1.0):
-    """Scores rows of 1-3 hidden-state sources against one weight; no autograd.
+def linear_fwd(sources, weight, bias, targets, rows=None, count=None, *, rows_from=0, temperature=1.0):
+    """Scores rows of 1-3 hidden-state sources against one weight in one launch; no autograd.
 
     sources: [N, H] tensors (last dim contiguous, the weight's dtype); weight [V, H] (last dim contiguous);
-    bias [V] or None; targets [N] integer; rows: None (all N rows) or int64 indices [M].
-    Returns Scored(lse, logp, entropy) of the scaled logits z / T; logp is NaN for a target outside [0, V).
+    bias [V] or None; targets [N] integer. rows: None (every row of every source), or int64 row ids [P]
+    scored, for sources >= rows_from, at positions < count ([1] int32 on the device: no host sync); the
+    sources before rows_from score every row. Returns Scored(lse, logp, entropy) of the scaled logits z / T;
+    logp is NaN for a target outside [0, V).
     """
     S = len(sources)
     N, H = sources[0].shape
     V = weight.shape[0]
-    M = N if rows is None else rows.numel()
     dev = weight.device
-    if M == 0:
-        empty = torch.empty(S, 0, dtype=torch.float32, device=dev)
-        return Scored(empty, empty, empty)
-    cfg = _FWD_CONFIG[S]
-    n_rb = triton.cdiv(M, cfg["BLOCK_N"])
+    P = N if rows is None else rows.numel()
+    if rows is not None and rows_from == 0:
+        out = torch.zeros(3, S, N, dtype=torch.float32, device=dev)
+    else:
+        out = alloc((3, S, N), torch.float32, dev)
+        if rows is not None:
+            out[:, rows_from:].zero_()
+    if P == 0 or N == 0:
+        return Scored(*out)
+    cfg = _FWD_CONFIG[32 if weight.dtype == torch.float32 else 16]
+    n_vrb = S * triton.cdiv(P, cfg["BLOCK_M"])
     n_tiles = triton.cdiv(V, cfg["BLOCK_V"])
-    tiles_per_split = triton.cdiv(n_tiles, min(n_tiles, max(1, triton.cdiv(_FWD_PROGRAMS, n_rb))))
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    want = _INTERPRET_SPLITS if interpret else triton.cdiv(_FWD_PROGRAMS, n_vrb)
+    tiles_per_split = triton.cdiv(n_tiles, min(n_tiles, max(1, want)))
     n_split = triton.cdiv(n_tiles, tiles_per_split)
-    stats = alloc((S, 4, n_split, M), torch.float32, dev)
+    stats = alloc((S, 3, n_split, P), torch.float32, dev)
+    tgt = alloc((S, P), torch.float32, dev)
     h = list(sources) + [sources[0]] * (3 - S)
-    _linear_fwd_kernel[(n_rb * n_split,)](
-        h[0], h[1], h[2], weight, bias, targets, rows, stats, M, V, H, tiles_per_split, 1.0 / temperature,
-        h[0].stride(0), h[1].stride(0), h[2].stride(0), weight.stride(0),
-        0 if bias is None else bias.stride(0), targets.stride(0), *stats.stride()[:3],
-        N_SRC=S, UPCAST_DOT=upcast_dot(weight.dtype), PRECISION=dot_precision(weight.dtype), **cfg)
-    # fixed-order combine of the splits: [S, n_split, M] -> [S, M]
-    m, s, t, y = stats.unbind(1)
-    mx = m.amax(1)  # NaN propagates
-    w = torch.exp(m - torch.where(mx == float("-inf"), torch.zeros_like(mx), mx)[:, None])
-    s_sum = (s * w).sum(1)
-    lse = mx + torch.log(s_sum)
-    ent = lse - (t * w).sum(1) / s_sum
-    tgt = targets if rows is None else targets.index_select(0, rows)
-    valid = (tgt >= 0) & (tgt < V)
-    logp = torch.where(valid, y.sum(1) - lse, torch.full_like(lse, float("nan")))
-    return Scored(lse, logp, ent)
+    _linear_fwd_kernel[(n_vrb * n_split,)](
+        h[0], h[1], h[2], weight, bias, targets, rows, count, stats, tgt, P, V, H, n_split, tiles_per_split,
+        1.0 / temperature, h[0].stride(0), h[1].stride(0), h[2].stride(0), weight.stride(0),
+        0 if bias is None else bias.stride(0), targets.stride(0), *stats.stride()[:3], N_SRC=S,
+        ROWS_FROM=rows_from, UPCAST_DOT=upcast_dot(weight.dtype), PRECISION=dot_precision(weight.dtype),
+        GROUP=_GROUP, **cfg)
+    _linear_combine_kernel[(triton.cdiv(P, _COMBINE_BLOCK), S)](
+        stats, tgt, targets, rows, count, out[0], out[1], out[2], P, V, n_split, targets.stride(0),
+        *stats.stride()[:3], out.stride(1), ROWS_FROM=rows_from, BLOCK=_COMBINE_BLOCK)
+    return Scored(*out)
 
 
-def token_fwd(logp, old, adv, delta, mask, params):
-    """(a_hat, loss, coef) [N] fp32 from contiguous [N] inputs (old, delta may be None); no autograd."""
+def token_fwd(logp, old, adv, pos, neg, mask, params):
+    """(a_hat, loss, coef, delta) [N] fp32 from contiguous [N] inputs (old, pos/neg may be None)."""
     N = logp.numel()
-    a_hat, loss, coef = (alloc(logp.shape, torch.float32, logp.device) for _ in range(3))
+    a_hat, loss, coef, delta = (alloc(logp.shape, torch.float32, logp.device) for _ in range(4))
     if N:
         dual = params.clip_dual is not None
         _linear_token_fwd_kernel[(triton.cdiv(N, _TOKEN_BLOCK),)](
-            logp, old, adv, delta, mask.to(torch.int8), a_hat, loss, coef, N, params.lam, params.eps_w,
+            logp, old, adv, pos, neg, mask, a_hat, loss, coef, delta, N, params.lam, params.eps_w,
             params.eps_low, params.eps_high, params.clip_dual if dual else 0.0, HAS_DUAL=dual,
             BLOCK=_TOKEN_BLOCK)
-    return a_hat, loss, coef
+    return a_hat, loss, coef, delta
 
 
 class _LossSpec(NamedTuple):
@@ -239,28 +283,16 @@ class _LossSpec(NamedTuple):
 
 
 def _policy_and_teachers(hidden, weight, bias, targets, spec, T):
-    """Policy (lse, logp, entropy) on all rows and teacher log-probs on the rows that need them."""
-    N = hidden.shape[0]
+    """Policy (lse, logp, entropy) on all rows, teacher log-probs on the rows that need them: one launch."""
     teacher_h = [t for t in (spec.pos_hidden, spec.neg_hidden) if t is not None]
-    if not teacher_h:
-        sc = linear_fwd([hidden], weight, bias, targets, temperature=T)
-        return sc.lse[0], sc.logp[0], sc.entropy[0], spec.pos_logp, spec.neg_logp, None
-    # METHOD.md property 4: rows with A = 0 (or masked) get A_hat = 0, so their teachers are not scored
-    scored = spec.mask & (spec.adv != 0)
-    lse, logp, ent = (alloc((N,), torch.float32, hidden.device) for _ in range(3))
-    t_logp = torch.zeros(len(teacher_h), N, dtype=torch.float32, device=hidden.device)
-    for sel, srcs in ((scored, [hidden, *teacher_h]), (~scored, [hidden])):
-        rows = sel.nonzero().squeeze(1)
-        if rows.numel():
-            sc = linear_fwd(srcs, weight, bias, targets, rows, temperature=T)
-            for dst, val in ((lse, sc.lse[0]), (logp, sc.logp[0]), (ent, sc.entropy[0])):
-                dst.index_copy_(0, rows, val)
-            if len(srcs) > 1:
-                t_logp.index_copy_(1, rows, sc.logp[1:])
-    it = iter(t_logp)
+    rows = count = None
+    if teacher_h:  # METHOD.md property 4: rows with A = 0 (or masked) get A_hat = 0: teachers not scored
+        rows, count = active_rows(spec.mask & (spec.adv != 0))
+    sc = linear_fwd([hidden, *teacher_h], weight, bias, targets, rows, count, rows_from=1, temperature=T)
+    it = iter(sc.logp[1:])
     pos = next(it) if spec.pos_hidden is not None else spec.pos_logp
     neg = next(it) if spec.neg_hidden is not None else spec.neg_logp
-    return lse, logp, ent, pos, neg, scored
+    return sc.lse[0], sc.logp[0], sc.entropy[0], pos, neg
 
 
 class _LinearFn(torch.autograd.Function):
@@ -273,13 +305,9 @@ class _LinearFn(torch.autograd.Function):
             sc = linear_fwd([hidden], weight, bias, targets, temperature=temperature)
             lse, logp, ent, coef, extra = sc.lse[0], sc.logp[0], sc.entropy[0], None, ()
         else:
-            lse, logp, ent, pos, neg, scored = _policy_and_teachers(hidden, weight, bias, targets, spec,
-                                                                    temperature)
-            delta = None if pos is None else pos - neg
-            if delta is not None and scored is not None:
-                delta = torch.where(scored, delta, torch.zeros_like(delta))  # unscored rows: no evidence
-            a_hat, loss, coef = token_fwd(logp, spec.old, spec.adv, delta, spec.mask, spec.params)
-            extra = (loss, a_hat, torch.zeros_like(a_hat) if delta is None else delta)
+            lse, logp, ent, pos, neg = _policy_and_teachers(hidden, weight, bias, targets, spec, temperature)
+            a_hat, loss, coef, delta = token_fwd(logp, spec.old, spec.adv, pos, neg, spec.mask, spec.params)
+            extra = (loss, a_hat, delta)
             ctx.mark_non_differentiable(*extra[1:])
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent, coef)
         ctx.temperature = temperature
@@ -428,26 +456,47 @@ def linear_teacher_logprobs(pos_hidden, neg_hidden, weight, targets, *, bias=Non
     check_temperature(temperature)
     lead = first.shape[:-1]
     N = targets.numel()
+    count = None
     if rows is not None:
         check_tensor("rows", rows, device=first.device)
         if rows.dtype == torch.bool:
             check_tensor("rows", rows, shape=lead)
-            rows = rows.reshape(-1).nonzero().squeeze(1)
+            rows, count = active_rows(rows.reshape(-1))  # no host sync
         elif rows.is_floating_point() or rows.is_complex() or rows.dim() != 1:
             raise TypeError(f"rows: expected a bool mask of shape {tuple(lead)} or a 1-D integer index "
                             f"tensor, got dtype {rows.dtype} and shape {tuple(rows.shape)}")
         else:
-            rows = rows.long()
-            if rows.numel() and not bool(((rows >= 0) & (rows < N)).all()):
+            rows = rows.long().contiguous()
+            if rows.numel() and not bool(((rows >= 0) & (rows < N)).all()):  # a check of explicit indices
                 raise ValueError(f"rows: expected indices in [0, {N}), got values outside")
+            count = torch.full((1,), rows.numel(), dtype=torch.int32, device=rows.device)
     srcs = [_rows2d(t.detach().to(weight.dtype)) for _, t in given]
-    out = torch.zeros(len(srcs), N, dtype=torch.float32, device=first.device)
-    if rows is None:
-        out = linear_fwd(srcs, _lastdim(weight.detach()), None if bias is None else bias.detach(),
-                         targets.reshape(-1), temperature=temperature).logp
-    elif rows.numel():
-        sc = linear_fwd(srcs, _lastdim(weight.detach()), None if bias is None else bias.detach(),
-                        targets.reshape(-1), rows, temperature=temperature)
-        out.index_copy_(1, rows, sc.logp)
+    out = linear_fwd(srcs, _lastdim(weight.detach()), None if bias is None else bias.detach(),
+                     targets.reshape(-1), rows, count, temperature=temperature).logp
     it = iter(out.reshape(len(srcs), *lead))
     return tuple(next(it) if t is not None else None for t in (pos_hidden, neg_hidden))
+
+
+def compile_cases(ptr, precision):
+    """(name, kernel, pointer types, constexprs, launch config) of every config the forward launches."""
+    f32 = "*fp32"
+    for n_src, rows_from, has_bias, has_rows in ((1, 0, False, False), (1, 0, True, True), (2, 0, True, True),
+                                                 (2, 1, True, True), (3, 1, False, True), (3, 1, True, True)):
+        yield (f"linear_fwd src{n_src} rows_from={rows_from} bias={int(has_bias)} rows={int(has_rows)}",
+               _linear_fwd_kernel,
+               dict(h0=ptr, h1=ptr, h2=ptr, weight=ptr, bias=ptr, targets="*i64", rows="*i64", count="*i32",
+                    stats=f32, tgt=f32),
+               dict(N_SRC=n_src, ROWS_FROM=rows_from, HAS_BIAS=has_bias, HAS_ROWS=has_rows, UPCAST_DOT=False,
+                    PRECISION=precision, GROUP=_GROUP), _FWD_CONFIG[32 if ptr == "*fp32" else 16])
+    if ptr == "*bf16":  # no dtype-dependent pointer: compiled once
+        for has_rows in (False, True):
+            yield (f"linear_combine rows={int(has_rows)}", _linear_combine_kernel,
+                   dict(stats=f32, tgt=f32, targets="*i64", rows="*i64", count="*i32", lse=f32, logp=f32,
+                        ent=f32), dict(ROWS_FROM=1, HAS_ROWS=has_rows, BLOCK=_COMBINE_BLOCK),
+                   dict(num_warps=4, num_stages=3))
+        for has_old, has_teachers in ((False, False), (True, True)):
+            yield (f"linear_token old={int(has_old)} teachers={int(has_teachers)}", _linear_token_fwd_kernel,
+                   {**dict.fromkeys(("logp", "old", "adv", "pos", "neg", "a_hat", "loss", "coef", "delta"),
+                                    f32), "mask": "*i1"},
+                   dict(HAS_OLD=has_old, HAS_TEACHERS=has_teachers, HAS_DUAL=True, BLOCK=_TOKEN_BLOCK),
+                   dict(num_warps=4, num_stages=3))
