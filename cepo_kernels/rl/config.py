@@ -338,8 +338,28 @@ def _field_help() -> dict[str, str]:
     return helps
 
 
+class _Parser(argparse.ArgumentParser):
+    """Exact option names only (no silent abbreviations), and a suggestion for a mistyped one."""
+
+    def error(self, message):
+        import difflib
+
+        if message.startswith("unrecognized arguments:"):
+            known = [o for a in self._actions for o in a.option_strings]
+            hints = []
+            for word in message.split(":", 1)[1].split():
+                if word.startswith("--"):
+                    close = difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.6)
+                    if close:
+                        hints.append(f"{word} -> did you mean {close[0]}?")
+            if hints:
+                message += " (" + "; ".join(hints) + ")"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
+        allow_abbrev=False,
         prog="cepo-train",
         description="RLVR training with CEPO / RLSD / GRPO on fused Triton kernels. With no arguments: the "
         "embedded arithmetic task on a tiny model, runnable on a CPU in a few minutes.",
