@@ -128,7 +128,7 @@ def test_step(benchmark, mode, shape, case, algo, path, zero_groups):
 
 
 @pytest.mark.parametrize("path", ["shared", "naive"], ids=["cepo", "naive-cepo"])
-def test_max_response_len(benchmark, path, budget_s=150.0, card_gb=80.0):
+def test_max_response_len(benchmark, path, budget_s=90.0, card_gb=80.0):
     """Doubling search from 2048 response tokens (4x1 shape, full parameters) until a step runs out of the
     memory of an 80 GB card or budget_s has passed; records the longest length that ran (max_fit) and the
     first that did not (first_oom, None when the time ran out first)."""
