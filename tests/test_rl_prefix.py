@@ -201,9 +201,9 @@ def run_metrics(tmp_path, name, **kw):
 
 
 def test_trainer_accounting_and_no_share_prefix_equivalence(tmp_path):
-    """lambda reaches 0 after t_warm = 1 of 3 steps. lr = 1e-12 leaves the fp32 weights unchanged (an AdamW
-    step moves a weight by <= lr, far below its ulp), so both runs see identical rollouts at every step and
-    any difference in their losses comes from the shared path's arithmetic alone."""
+    """lambda reaches 0 after t_warm = 1 of 3 steps. lr = 1e-12: an AdamW step moves a weight by about lr,
+    below the ulp of all but the tiniest fp32 weights, so both runs see the same model and the same rollouts
+    at every step, and any difference in their losses comes from the shared path's arithmetic alone."""
     a = run_metrics(tmp_path, "shared")
     b = run_metrics(tmp_path, "plain", share_prefix=False)
     lams = [lam_at(s, 0.5, 1) for s in range(3)]
