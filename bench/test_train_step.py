@@ -15,6 +15,7 @@ and its equality with the plain path, for the policy, both teachers and the loss
 """
 
 import copy
+import gc
 import importlib.util
 import time
 
@@ -79,6 +80,7 @@ def model_4b(mode):
         pytest.skip("LoRA mode needs peft (pip install peft)")
     if mode not in _HELD:
         _HELD.clear()
+        gc.collect()
         torch.cuda.empty_cache()
         _HELD[mode] = build_model(QWEN3_4B, dtype=torch.bfloat16, device="cuda",
                                   lora=16 if mode == "lora" else 0, checkpointing=True)
