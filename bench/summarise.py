@@ -12,14 +12,26 @@ def main(path):
     print()
     print(f"card: {info.get('gpu', '?')}; torch {info.get('torch', '?')}; triton {info.get('triton', '?')}")
     print()
-    print("| benchmark | median ms | min ms | peak extra GiB |")
-    print("|---|---:|---:|---:|")
+    print("| benchmark | median ms | min ms | peak extra GiB | peak GiB | longest response fitting |")
+    print("|---|---:|---:|---:|---:|---:|")
     for bench in data.get("benchmarks", []):
         stats, extra = bench["stats"], bench.get("extra_info", {})
-        peak = extra.get("peak_extra_gib")
-        peak_s = f"{peak:.2f}" if isinstance(peak, (int, float)) else ""
+        cells = [_num(extra.get("peak_extra_gib")), _num(extra.get("peak_gib")), _fit(extra)]
         name = bench["fullname"].split("::")[-1]
-        print(f"| {name} | {stats['median'] * 1e3:.2f} | {stats['min'] * 1e3:.2f} | {peak_s} |")
+        times = f"{stats['median'] * 1e3:.2f} | {stats['min'] * 1e3:.2f}"
+        print(f"| {name} | {times} | " + " | ".join(cells) + " |")
+
+
+def _num(x):
+    return f"{x:.2f}" if isinstance(x, (int, float)) else ""
+
+
+def _fit(extra):
+    """bench/test_train_step.py's max-length search: the longest that ran (< the first that did not)."""
+    if "max_fit" not in extra:
+        return ""
+    oom = extra.get("first_oom")
+    return f"{extra['max_fit']} (< {oom})" if oom else f">= {extra['max_fit']} (time out)"
 
 
 if __name__ == "__main__":

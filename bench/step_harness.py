@@ -1,0 +1,218 @@
+"""One RL update step on given token ids, built from the package's pieces (for bench/test_train_step.py).
+
+A step, as ../shared/ANCHORS.md measures it: the teacher passes (no grad) and the policy's forward and
+backward, the old log-probs given (computed once, outside the timed step, by the same path). The paths:
+
+- "shared": as cepo-train runs it. Each distinct context (prompt, prompt + r+, prompt + r-) runs once per
+  group and its key/value cache is reused by the group's responses (rl/prefix.prefix_hidden); the policy
+  pass shares the prompt too, except under gradient checkpointing, where it takes the plain path as the
+  trainer does. Teachers only for rows with A != 0 and only when lambda > 0; loss by linear_cepo_loss /
+  linear_grpo_loss, teachers by linear_teacher_logprobs (the logits never exist).
+- "plain": every row's full context, left-padded (teacher.pack + model.response_hidden), same kernels.
+- "naive": HF logits ([n, R, V] materialised) + log_softmax for the policy and both teachers, the loss in
+  torch eager (cepo_ref.cepo_loss), every teacher row with A != 0 run in full.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+import cepo_ref
+from cepo_kernels import linear_cepo_loss, linear_grpo_loss, linear_logprobs, linear_teacher_logprobs
+from cepo_kernels.rl.model import base_model, lm_head, response_hidden
+from cepo_kernels.rl.prefix import prefix_hidden
+from cepo_kernels.rl.teacher import pack
+
+PATHS = ("shared", "plain", "naive")
+
+
+@dataclass
+class StepBatch:
+    """Token ids of a rollout batch: n_groups groups of group_size responses (groups contiguous)."""
+
+    prompts: list[list[int]]  # one per group
+    pos_answers: list[list[int]]  # r+ tokens (the answer inserted after the prompt), one per group
+    neg_answers: list[list[int]]  # r- tokens, one per group
+    responses: list[list[int]]  # n_groups * group_size
+    advantages: torch.Tensor  # [B] fp32
+    group_size: int
+    pad_id: int = 0
+
+    def group(self, row: int) -> int:
+        return row // self.group_size
+
+    def context(self, kind: str, row: int) -> list[int]:
+        g = self.group(row)
+        if kind == "policy":
+            return self.prompts[g]
+        answer = self.pos_answers[g] if kind == "pos" else self.neg_answers[g]
+        return self.prompts[g] + answer
+
+
+def make_batch(vocab: int, n_groups: int, group_size: int, prompt_len: int, resp_len: int, answer_len: int,
+               *, zero_groups: int = 0, ragged: bool = False, seed: int = 0, device="cpu") -> StepBatch:
+    """Random token ids in [1, vocab) (0 is the pad id, never a real token). ragged: response lengths spread
+    over [resp_len // 2, resp_len] (else all resp_len); the first zero_groups groups get A = 0."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(1, vocab, (n,), generator=g).tolist()  # noqa: E731
+    B = n_groups * group_size
+    lens = [resp_len] * B
+    if ragged:
+        lens = torch.randint(max(resp_len // 2, 1), resp_len + 1, (B,), generator=g).tolist()
+    adv = torch.randn(B, generator=g)
+    adv[: zero_groups * group_size] = 0.0
+    return StepBatch(prompts=[ids(prompt_len) for _ in range(n_groups)],
+                     pos_answers=[ids(answer_len) for _ in range(n_groups)],
+                     neg_answers=[ids(answer_len) for _ in range(n_groups)],
+                     responses=[ids(n) for n in lens], advantages=adv.to(device), group_size=group_size)
+
+
+@dataclass
+class TokenCounter:
+    """Counts the non-pad token ids fed to the decoder's embedding (what a path actually runs)."""
+
+    pad_id: int
+    tokens: int = 0
+    positions: int = 0  # including pads
+    handle: object = field(default=None, repr=False)
+
+    def attach(self, model):
+        emb = base_model(model).get_input_embeddings()
+
+        def hook(_module, args):
+            ids = args[0]
+            self.tokens += int((ids != self.pad_id).sum())
+            self.positions += ids.numel()
+
+        self.handle = emb.register_forward_pre_hook(hook)
+        return self
+
+    def detach(self):
+        self.handle.remove()
+
+
+def targets_mask(batch: StepBatch, rows: list[int], R: int, device):
+    t = torch.full((len(rows), R), batch.pad_id, dtype=torch.long)
+    m = torch.zeros((len(rows), R), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids = batch.responses[r][:R]
+        t[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        m[i, : len(ids)] = True
+    return t.to(device), m.to(device)
+
+
+def _checkpointing(model) -> bool:
+    base = base_model(model)
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers >= 5 name first
+        if hasattr(base, name):
+            return bool(getattr(base, name))
+    return False
+
+
+def hidden(model, batch: StepBatch, kind: str, rows: list[int], path: str, device) -> torch.Tensor:
+    """Hidden states [n, R, H] predicting the responses of `rows` under context `kind` (policy/pos/neg)."""
+    resp = [batch.responses[r] for r in rows]
+    shared = path == "shared" and not (torch.is_grad_enabled() and _checkpointing(model))
+    if shared:
+        keys = [tuple(batch.context(kind, r)) for r in rows]
+        distinct = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+        return prefix_hidden(model, [list(k) for k in distinct], resp, [distinct[k] for k in keys],
+                             pad_id=batch.pad_id, device=device)
+    packed = pack([batch.context(kind, r) for r in rows], resp, batch.pad_id, device)
+    return response_hidden(model, packed)
+
+
+def _naive_logits(model, batch, kind, rows, device):
+    """HF logits [n, R, V] at the positions predicting the responses (the plain, padded layout)."""
+    packed = pack([batch.context(kind, r) for r in rows], [batch.responses[r] for r in rows], batch.pad_id,
+                  device)
+    logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                   position_ids=packed.position_ids, use_cache=False).logits
+    R = packed.targets.shape[1]
+    return logits[:, packed.start - 1 : packed.start - 1 + R]
+
+
+@torch.no_grad()
+def old_logprobs(model, batch: StepBatch, path: str, device) -> torch.Tensor:
+    """The policy's log-probs [B, R] of every response (the old log-probs of the update)."""
+    was = model.training
+    model.eval()
+    rows = list(range(len(batch.responses)))
+    try:
+        if path == "naive":
+            logits = _naive_logits(model, batch, "policy", rows, device)
+            targets, _ = targets_mask(batch, rows, logits.shape[1], device)
+            return cepo_ref.token_logprobs(logits, targets)
+        h = hidden(model, batch, "policy", rows, path, device)
+        targets, _ = targets_mask(batch, rows, h.shape[1], device)
+        weight, bias = lm_head(model)
+        return linear_logprobs(h, weight, targets, bias=bias)
+    finally:
+        model.train(was)
+
+
+@torch.no_grad()
+def teacher_logprobs(model, batch: StepBatch, path: str, old: torch.Tensor, device):
+    """(pos_logp, neg_logp) [B, R]: both teachers on the rows with A != 0; other rows keep pos = neg = old."""
+    was = model.training
+    model.eval()
+    pos, neg = old.clone(), old.clone()
+    rows = [r for r in range(len(batch.responses)) if float(batch.advantages[r]) != 0.0]
+    try:
+        if not rows:
+            return pos, neg
+        idx = torch.tensor(rows, device=device)
+        if path == "naive":
+            for kind, dst in (("pos", pos), ("neg", neg)):
+                logits = _naive_logits(model, batch, kind, rows, device)
+                targets, _ = targets_mask(batch, rows, logits.shape[1], device)
+                dst[idx, : logits.shape[1]] = cepo_ref.token_logprobs(logits, targets).to(dst.dtype)
+                del logits
+            return pos, neg
+        h_pos = hidden(model, batch, "pos", rows, path, device)
+        h_neg = hidden(model, batch, "neg", rows, path, device)
+        R = h_pos.shape[1]
+        targets, _ = targets_mask(batch, rows, R, device)
+        weight, bias = lm_head(model)
+        p, n = linear_teacher_logprobs(h_pos, h_neg, weight, targets, bias=bias)
+        pos[idx, :R], neg[idx, :R] = p.to(pos.dtype), n.to(neg.dtype)
+        return pos, neg
+    finally:
+        model.train(was)
+
+
+def step(model, batch: StepBatch, *, algo: str, path: str, old: torch.Tensor, lam: float = 0.5, device="cpu",
+         backward: bool = True) -> dict:
+    """One update step's passes: teachers (cepo, lam > 0) then the policy's loss and its backward.
+
+    Returns dict(loss (detached), pos_logp, neg_logp). The gradient accumulates into the parameters' .grad
+    (zero them before the call).
+    """
+    if algo not in ("grpo", "cepo"):
+        raise ValueError(f"algo: expected 'grpo' or 'cepo', got {algo!r}")
+    if path not in PATHS:
+        raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
+    pos = neg = None
+    if algo == "cepo" and lam > 0:
+        pos, neg = teacher_logprobs(model, batch, path, old, device)
+    model.train()
+    rows = list(range(len(batch.responses)))
+    teachers = {} if pos is None else dict(pos_logp=pos, neg_logp=neg, lam=lam)
+    if path == "naive":
+        logits = _naive_logits(model, batch, "policy", rows, device)
+        targets, mask = targets_mask(batch, rows, logits.shape[1], device)
+        out = cepo_ref.cepo_loss(logits, targets, batch.advantages, mask, old_logp=old, **teachers)
+    else:
+        h = hidden(model, batch, "policy", rows, path, device)
+        targets, mask = targets_mask(batch, rows, h.shape[1], device)
+        weight, bias = lm_head(model)
+        if teachers:
+            out = linear_cepo_loss(h, weight, targets, batch.advantages, mask, old_logp=old, bias=bias,
+                                   **teachers)
+        else:
+            out = linear_grpo_loss(h, weight, targets, batch.advantages, mask, old_logp=old, bias=bias)
+    if backward:
+        out.loss.backward()
+    return dict(loss=out.loss.detach(), pos_logp=pos, neg_logp=neg)
