@@ -344,6 +344,7 @@ class Trainer:
                 self.optimizer.step()
                 losses.append(loss_total)
                 grad_norms.append(grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)  # no gradients held through the next rollouts
         metrics = {k: v / max(tokens, 1.0) for k, v in sums.items()}
         metrics.update(
             loss=float(np.mean(losses)) if losses else None,  # None: every update was skipped
