@@ -57,6 +57,8 @@ class TrainConfig:
     eval_size: int = 64
     # "module:function" called as fn(response_text, reference_answer) -> float; None -> \boxed{} match
     reward_fn: str | None = None
+    # the authors' format bonus: reward = (1 - b) x accuracy + b x (an answer in \boxed{}); 0.1 in their runs
+    format_bonus: float = 0.0
 
     # rollouts
     prompts_per_step: int = 16
@@ -116,6 +118,10 @@ class TrainConfig:
     keep_last: int = 2
     resume: str | None = None
     progress: bool = True
+    # credit maps (cepo-viz): save per-token Delta, w, A_hat at step 1 and every credit_every steps (0: never)
+    credit_every: int = 10
+    # groups (prompts, with all their responses) saved per credit file
+    credit_samples: int = 4
 
     def __post_init__(self):
         check_config(self)
@@ -201,6 +207,8 @@ def check_config(cfg: TrainConfig):
         "eval_every",
         "save_every",
         "lora_dropout",
+        "credit_every",
+        "credit_samples",
         allow_zero=True,
     )
     if not 0.0 < cfg.top_p <= 1.0:
@@ -212,6 +220,8 @@ def check_config(cfg: TrainConfig):
             raise ValueError(f"{name}: expected a value in [0, 1), got {getattr(cfg, name)}")
     if not 0.0 <= cfg.sft_noise <= 1.0:
         raise ValueError(f"sft_noise: expected a value in [0, 1], got {cfg.sft_noise}")
+    if not 0.0 <= cfg.format_bonus <= 1.0:
+        raise ValueError(f"format_bonus: expected a value in [0, 1], got {cfg.format_bonus}")
     if not 0.0 <= cfg.min_lr_ratio <= 1.0:
         raise ValueError(f"min_lr_ratio: expected a value in [0, 1], got {cfg.min_lr_ratio}")
     if "{answer}" not in cfg.teacher_template:

@@ -20,6 +20,7 @@ import torch
 from cepo_kernels import group_advantages, linear_cepo_loss, linear_logprobs, linear_teacher_logprobs
 from cepo_kernels.rl import checkpoint as ckpt
 from cepo_kernels.rl.config import TrainConfig, lam_at, lr_factor
+from cepo_kernels.rl.credit import save_credit
 from cepo_kernels.rl.metrics import delta_stats, peak_memory_mb
 from cepo_kernels.rl.model import (
     export_model,
@@ -30,7 +31,13 @@ from cepo_kernels.rl.model import (
     response_hidden,
     trainable_parameters,
 )
-from cepo_kernels.rl.reward import answers_match, extract_boxed, load_reward_fn, safe_rewards
+from cepo_kernels.rl.reward import (
+    answers_match,
+    extract_boxed,
+    load_reward_fn,
+    safe_rewards,
+    with_format_bonus,
+)
 from cepo_kernels.rl.rollout import generate
 from cepo_kernels.rl.sft import supervised_warmup
 from cepo_kernels.rl.task import encode, load_problems, render_prompt
@@ -69,6 +76,8 @@ class Trainer:
         self.reward_fn = reward_fn or (
             lambda text, ref: 1.0 if answers_match(self.extract(text), ref) else 0.0
         )
+        if cfg.format_bonus > 0:  # issue 12: the authors' 0.9 x accuracy + 0.1 x format
+            self.reward_fn = with_format_bonus(self.reward_fn, cfg.format_bonus, self.extract)
         self.model, self.tok = load_model_and_tokenizer(cfg, self.device, self.dtype)
         self.eos_ids = self._eos_ids()
         self.resume_from = ckpt.resolve_checkpoint(cfg.resume) if cfg.resume else None
@@ -305,6 +314,9 @@ class Trainer:
                                  cfg.teacher_template, cfg.system_prompt, self.extract)
             pos_logp, neg_logp = self._teacher_logprobs(plan, responses, old_logp, weight, bias)
         t2 = time.perf_counter()
+        # issue 12: credit maps (cepo-viz), before the update changes the weights
+        save_credit(self, step=s + 1, problems=problems, responses=responses, texts=texts, rewards=rewards,
+                    adv=adv, pos_logp=pos_logp, neg_logp=neg_logp, mask=packed.mask, lam=lam, plan=plan)
 
         upd = self._update(packed, adv, old_logp, pos_logp, neg_logp, lam)
         with warnings.catch_warnings():  # when every update was skipped (NaN), the schedule still advances
