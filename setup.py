@@ -18,5 +18,11 @@ setup(
         "train": ["transformers>=4.45", "peft>=0.12", "tqdm", "matplotlib"],
         "trl": ["trl"],
     },
-    entry_points={"console_scripts": ["cepo-train=cepo_kernels.rl.cli:main"]},
+    entry_points={
+        "console_scripts": [
+            "cepo-train=cepo_kernels.rl.cli:main",
+            "cepo-viz=cepo_kernels.rl.viz:main",
+            "cepo-compare=cepo_kernels.rl.compare:main",
+        ]
+    },
 )
