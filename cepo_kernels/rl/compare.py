@@ -224,8 +224,12 @@ def compare(base: dict, out: Path, algos: list[str], seeds: list[int], last: int
     out.mkdir(parents=True, exist_ok=True)
     machine_path = out / "machine.json"
     machine = json.loads(machine_path.read_text()) if machine_path.is_file() else {}
-    machine.update(machine_info())
-    machine["command"] = ["cepo-compare", *(argv or [])]
+    info = machine_info()
+    machine.setdefault("started_utc", machine.get("date_utc", info["date_utc"]))  # the first invocation
+    machine.setdefault("command", ["cepo-compare", *(argv or [])])
+    machine.update(info)  # date_utc: this (latest) invocation
+    machine["latest_command"] = ["cepo-compare", *(argv or [])]
+    machine["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS")
     machine.setdefault("run_wall_s", {})
     for seed in seeds:
         for algo in algos:

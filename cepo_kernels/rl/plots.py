@@ -3,7 +3,8 @@
 Nine panels from each run's metrics.jsonl: batch reward, held-out accuracy (greedy; step 0 is the
 evaluation before training, from summary.json), lambda, mean Delta on the responses with A > 0 (solid)
 and A < 0 (dashed), the wrong-direction fraction, the PPO clip fraction, the policy entropy, and the
-teacher cost (sequences given teacher passes per step, and the seconds spent on them per step).
+teacher cost (sequences given teacher passes per step, and the seconds per step of the no-grad scoring
+sweep, `time_teachers`: the old log-probs of every run, plus the teachers' for CEPO and RLSD).
 Runs whose config.json files are equal except for seed, out_dir, resume and progress are seeds of one
 configuration: they are drawn as their mean with a band of +- one standard deviation (over the steps
 all of them have). Otherwise each run is its own line.
@@ -24,7 +25,7 @@ PANELS = (
     ("clip fraction", ("clip_frac",)),
     ("entropy", ("entropy",)),
     ("teacher rows per step", ("teacher_rows",)),
-    ("teacher time per step (s)", ("time_teachers",)),
+    ("scoring time per step (s): old + teacher log-probs", ("time_teachers",)),
 )
 SEED_KEYS = ("seed", "out_dir", "resume", "progress")
 
