@@ -81,7 +81,7 @@ def test_curves_png_panels(compared):
     info = plot_curves(dirs, compared / "again.png", title="t")
     assert info["panels"] == [name for name, _ in PANELS]
     assert {"reward (batch mean)", "held-out accuracy (greedy)", "lambda", "entropy", "clip fraction",
-            "wrong-direction fraction", "teacher time per step (s)"} <= set(info["panels"])
+            "wrong-direction fraction", "teacher rows per step"} <= set(info["panels"])
     # seeds of one configuration share a line (mean and band); the label says what differs: the algorithm
     assert sorted(info["labels"]) == ["cepo (2 seeds)", "grpo (2 seeds)", "rlsd (2 seeds)"]
     with Image.open(info["path"]) as im:
