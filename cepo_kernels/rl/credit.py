@@ -5,8 +5,8 @@ Every `credit_every` steps (and at step 1) the trainer hands the tensors of the 
 `credit_samples` groups of the rollout batch, each with its question, r+ and r-, and for every response
 its text, reward, advantage A and, token by token, the token string, Delta = log P_T+ - log P_T-, the
 weight w = clip(exp(sign(A) Delta), 1 - eps_w, 1 + eps_w) and A_hat (cepo_kernels.cepo_advantages with
-the step's lambda). A file is a few kB on the embedded task (about 1 MB for 4 groups of 8 responses of
-2048 tokens), so they are kept by default. `cepo-viz` (cepo_kernels.rl.viz) renders them.
+the step's lambda). A file is under 1 kB on the embedded task (it grows linearly with the saved tokens:
+a string and three numbers each), so they are kept by default. `cepo-viz` (cepo_kernels.rl.viz) renders them.
 
 GRPO runs no teacher (Delta = 0, w = 1, A_hat = A); RLSD's Delta is log P_T+ - log P_old.
 """
