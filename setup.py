@@ -22,5 +22,11 @@ setup(
         # the whole test suite: the training-loop and TRL tests need those extras too
         "test": ["pytest>=7", "pytest-benchmark>=4", *TRAIN, *TRL],
     },
-    entry_points={"console_scripts": ["cepo-train=cepo_kernels.rl.cli:main"]},
+    entry_points={
+        "console_scripts": [
+            "cepo-train=cepo_kernels.rl.cli:main",
+            "cepo-viz=cepo_kernels.rl.viz:main",
+            "cepo-compare=cepo_kernels.rl.compare:main",
+        ]
+    },
 )

@@ -60,6 +60,8 @@ class TrainConfig:
     # "module:function" or "path/to/file.py:function", called as fn(response_text, reference_answer) ->
     # float; a module is looked up in the current directory first. None -> \boxed{} match
     reward_fn: str | None = None
+    # the authors' format bonus: reward = (1 - b) x accuracy + b x (an answer in \boxed{}); 0.1 in their runs
+    format_bonus: float = 0.0
 
     # rollouts
     prompts_per_step: int = 16
@@ -124,6 +126,10 @@ class TrainConfig:
     keep_last: int = 2
     resume: str | None = None
     progress: bool = True
+    # credit maps (cepo-viz): save per-token Delta, w, A_hat at step 1 and every credit_every steps (0: never)
+    credit_every: int = 10
+    # groups (prompts, with all their responses) saved per credit file
+    credit_samples: int = 4
 
     def __post_init__(self):
         check_config(self)
@@ -214,6 +220,8 @@ def check_config(cfg: TrainConfig):
         "t_warm",
         "eval_every",
         "save_every",
+        "credit_every",
+        "credit_samples",
         allow_zero=True,
     )
     if not 0.0 <= cfg.lora_dropout < 1.0:
@@ -229,6 +237,8 @@ def check_config(cfg: TrainConfig):
             raise ValueError(f"{name}: expected a value in [0, 1), got {getattr(cfg, name)}")
     if not 0.0 <= cfg.sft_noise <= 1.0:
         raise ValueError(f"sft_noise: expected a value in [0, 1], got {cfg.sft_noise}")
+    if not 0.0 <= cfg.format_bonus <= 1.0:
+        raise ValueError(f"format_bonus: expected a value in [0, 1], got {cfg.format_bonus}")
     if not 0.0 <= cfg.min_lr_ratio <= 1.0:
         raise ValueError(f"min_lr_ratio: expected a value in [0, 1], got {cfg.min_lr_ratio}")
     if "{answer}" not in cfg.teacher_template:

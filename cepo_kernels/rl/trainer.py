@@ -23,6 +23,7 @@ import torch
 from cepo_kernels import group_advantages, linear_cepo_loss, linear_logprobs, linear_teacher_logprobs
 from cepo_kernels.rl import checkpoint as ckpt
 from cepo_kernels.rl.config import TrainConfig, lam_at, lr_factor
+from cepo_kernels.rl.credit import save_credit
 from cepo_kernels.rl.metrics import delta_stats, peak_memory_mb
 from cepo_kernels.rl.model import (
     export_model,
@@ -34,7 +35,13 @@ from cepo_kernels.rl.model import (
     trainable_parameters,
 )
 from cepo_kernels.rl.prefix import SharedPrefixUnsupported, prefix_hidden
-from cepo_kernels.rl.reward import answers_match, extract_boxed, load_reward_fn, safe_rewards
+from cepo_kernels.rl.reward import (
+    answers_match,
+    extract_boxed,
+    load_reward_fn,
+    safe_rewards,
+    with_format_bonus,
+)
 from cepo_kernels.rl.rollout import NonFiniteModelError, generate
 from cepo_kernels.rl.rundir import (
     RunDir,
@@ -89,6 +96,8 @@ class Trainer:
         self.out, in_place = self._resolve_out_dir()
         self.cfg = cfg = dataclasses.replace(cfg, out_dir=str(self.out))
         self.rundir = RunDir(self.out, resuming=in_place)  # held (locked) until close()
+        if cfg.format_bonus > 0:  # issue 12: the authors' 0.9 x accuracy + 0.1 x format
+            self.reward_fn = with_format_bonus(self.reward_fn, cfg.format_bonus, self.extract)
         self.model, self.tok = load_model_and_tokenizer(cfg, self.device, self.dtype)
         self.eos_ids = self._eos_ids()
         self.share_prefix = cfg.share_prefix
@@ -416,6 +425,9 @@ class Trainer:
                 pos_logp, neg_logp, teacher_tokens = self._teacher_logprobs(plan, responses, old_logp, weight,
                                                                             bias)
         t2 = time.perf_counter()
+        # issue 12: credit maps (cepo-viz), before the update changes the weights
+        save_credit(self, step=s + 1, problems=problems, responses=responses, texts=texts, rewards=rewards,
+                    adv=adv, pos_logp=pos_logp, neg_logp=neg_logp, mask=mask, lam=lam, plan=plan)
 
         upd, update_tokens = self._update(row_prompts, responses, mask, adv, old_logp, pos_logp, neg_logp,
                                           lam)

@@ -1,0 +1,291 @@
+"""`cepo-compare`: CEPO vs GRPO vs RLSD with several seeds each and everything else equal.
+
+    cepo-compare --out docs/compare-2026-11-30 --seeds 5            # the default cepo-train config
+    cepo-compare --out /tmp/c --seeds 2 --steps 3 --sft-steps 10    # any cepo-train flag sets the base
+
+Runs every (seed, algo) sequentially in this process (seed-major, so a stopped comparison has whole
+seeds), each into OUT/runs/<algo>-seed<k>/ (metrics.jsonl, summary.json, config.json, credit/; the model
+checkpoints are deleted unless --keep-models). A run whose summary.json exists is not run again, so the
+command can be repeated to finish a stopped comparison or just to redo the report. Then it writes:
+
+- OUT/table.md and OUT/results.json: per algorithm, the final held-out accuracy (greedy, the last
+  evaluation) and the final reward (mean batch reward of the last `--last` steps): mean, sample standard
+  deviation, min and max over seeds; and the paired comparison per seed of CEPO against each baseline
+  (difference per seed, its mean, and wins / ties / losses);
+- OUT/curves.png: the training curves of all runs (cepo_kernels.rl.plots), mean and spread per algorithm;
+- OUT/machine.json: date, machine, versions, the command line and the wall time of every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ALGOS = ("cepo", "grpo", "rlsd")
+
+
+def _ensure_interpreter(argv):
+    """Re-executes with TRITON_INTERPRET=1 on a machine without a GPU (the kernels need it before import)."""
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    if "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    os.execve(sys.executable, [sys.executable, "-m", "cepo_kernels.rl.compare", *argv], env)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cepo-compare",
+        description="CEPO vs GRPO vs RLSD over several seeds, everything else equal. Flags not listed here "
+        "are cepo-train options and set the shared configuration (see cepo-train --help).",
+    )
+    p.add_argument("--out", required=True, help="output directory (runs/, table.md, curves.png, ...)")
+    p.add_argument("--seeds", default="5",
+                   help="a count N (seeds 0..N-1) or a comma-separated list (default 5)")
+    p.add_argument("--algos", default=",".join(ALGOS), help=f"comma-separated (default {','.join(ALGOS)})")
+    p.add_argument("--last", type=int, default=5, help="steps averaged for the final reward (default 5)")
+    p.add_argument("--keep-models", action="store_true", help="keep each run's checkpoints and final model")
+    return p
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        if "," in text:
+            seeds = [int(s) for s in text.split(",") if s.strip()]
+        else:
+            seeds = list(range(int(text)))
+    except ValueError:
+        raise ValueError(
+            f"seeds: expected a count or a comma-separated list of integers, got {text!r}"
+        ) from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds: expected at least one seed and no repeats, got {text!r}")
+    return seeds
+
+
+def run_dir(out: Path, algo: str, seed: int) -> Path:
+    return out / "runs" / f"{algo}-seed{seed}"
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def final_numbers(rdir: Path, last: int) -> dict:
+    """Final held-out accuracy (the last evaluation) and the mean batch reward of the last `last` steps."""
+    rows = read_metrics(rdir / "metrics.jsonl")
+    evals = [r["eval_accuracy"] for r in rows if r.get("eval_accuracy") is not None]
+    summary = json.loads((rdir / "summary.json").read_text())
+    tail = rows[-last:]
+    return {
+        "eval_accuracy_start": summary.get("eval_accuracy_start"),
+        "eval_accuracy_end": evals[-1] if evals else None,
+        "reward_end": sum(r["reward_mean"] for r in tail) / len(tail) if tail else None,
+        "steps": len(rows),
+        "wall_s": summary.get("wall_s"),
+    }
+
+
+def _stats(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+def summarize(results: dict, algos: list[str], seeds: list[int]) -> dict:
+    """Per-algorithm statistics and CEPO's paired differences per seed (seeds with both runs done)."""
+    out = {"per_algo": {}, "paired": {}}
+    for metric in ("eval_accuracy_end", "reward_end"):
+        for algo in algos:
+            vals = [results[algo][s][metric] for s in seeds if s in results[algo]]
+            vals = [v for v in vals if v is not None]
+            if vals:
+                out["per_algo"].setdefault(algo, {})[metric] = _stats(vals)
+        if "cepo" not in algos:
+            continue
+        for base in (a for a in algos if a != "cepo"):
+            common = [s for s in seeds if s in results["cepo"] and s in results[base]]
+            diffs = {s: results["cepo"][s][metric] - results[base][s][metric] for s in common}
+            if not diffs:
+                continue
+            d = list(diffs.values())
+            out["paired"].setdefault(f"cepo-{base}", {})[metric] = {
+                "per_seed": {str(s): v for s, v in diffs.items()},
+                "mean": statistics.fmean(d),
+                "std": statistics.stdev(d) if len(d) > 1 else 0.0,
+                "wins": sum(v > 1e-12 for v in d),
+                "ties": sum(abs(v) <= 1e-12 for v in d),
+                "losses": sum(v < -1e-12 for v in d),
+            }
+    return out
+
+
+def table_markdown(summary: dict, results: dict, algos: list[str], seeds: list[int], last: int) -> str:
+    names = {"eval_accuracy_end": "final held-out accuracy",
+             "reward_end": f"final reward (last {last} steps)"}
+    lines = ["| algo | seeds | " + " | ".join(f"{n}: mean ± std [min, max]" for n in names.values()) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for algo in algos:
+        st = summary["per_algo"].get(algo, {})
+        cells = []
+        for m in names:
+            s = st.get(m)
+            cells.append(f"{s['mean']:.3f} ± {s['std']:.3f} [{s['min']:.3f}, {s['max']:.3f}]" if s else "-")
+        lines.append(f"| {algo} | {len(results[algo])} | " + " | ".join(cells) + " |")
+    lines += ["", "Per seed (held-out accuracy start -> end; final reward):", "",
+              "| seed | " + " | ".join(algos) + " |", "|---|" + "---|" * len(algos)]
+    for s in seeds:
+        cells = []
+        for algo in algos:
+            r = results[algo].get(s)
+            cells.append(
+                f"{r['eval_accuracy_start']:.3f} -> {r['eval_accuracy_end']:.3f}; {r['reward_end']:.3f}"
+                if r and r["eval_accuracy_start"] is not None and r["eval_accuracy_end"] is not None
+                else "-"
+            )
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    if summary["paired"]:
+        lines += ["", "Paired by seed (CEPO minus the baseline; wins / ties / losses of CEPO):", "",
+                  "| comparison | metric | mean difference ± std | per seed | W / T / L |",
+                  "|---|---|---|---|---|"]
+        for name, per in summary["paired"].items():
+            for m, d in per.items():
+                seeds_txt = ", ".join(f"{k}: {v:+.3f}" for k, v in d["per_seed"].items())
+                lines.append(f"| {name} | {names[m]} | {d['mean']:+.3f} ± {d['std']:.3f} | {seeds_txt} | "
+                             f"{d['wins']} / {d['ties']} / {d['losses']} |")
+    return "\n".join(lines) + "\n"
+
+
+def machine_info() -> dict:
+    import torch
+
+    info = {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+    }
+    for mod in ("triton", "transformers", "numpy", "matplotlib"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            info[mod] = None
+    try:
+        with open("/proc/cpuinfo") as fh:
+            models = [ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")]
+        info["cpu_model"] = models[0] if models else None
+    except OSError:
+        pass
+    return info
+
+
+def run_one(base: dict, algo: str, seed: int, rdir: Path, keep_models: bool) -> float:
+    """Trains one run into rdir (replacing an unfinished one); returns its wall time."""
+    from cepo_kernels.rl.config import config_from_dict
+    from cepo_kernels.rl.trainer import Trainer
+
+    if rdir.exists():
+        shutil.rmtree(rdir)
+    cfg = config_from_dict({**base, "algo": algo, "seed": seed, "out_dir": str(rdir), "progress": False,
+                            "resume": None})
+    t0 = time.perf_counter()
+    Trainer(cfg).train()
+    wall = time.perf_counter() - t0
+    if not keep_models:
+        for sub in ("checkpoints", "final_model"):
+            shutil.rmtree(rdir / sub, ignore_errors=True)
+    return wall
+
+
+def compare(base: dict, out: Path, algos: list[str], seeds: list[int], last: int = 5,
+            keep_models: bool = False, argv: list[str] | None = None, log=print) -> dict:
+    """Runs the missing runs, then writes table.md, results.json, curves.png and machine.json into out."""
+    out.mkdir(parents=True, exist_ok=True)
+    machine_path = out / "machine.json"
+    machine = json.loads(machine_path.read_text()) if machine_path.is_file() else {}
+    info = machine_info()
+    machine.setdefault("started_utc", machine.get("date_utc", info["date_utc"]))  # the first invocation
+    machine.setdefault("command", ["cepo-compare", *(argv or [])])
+    machine.update(info)  # date_utc: this (latest) invocation
+    machine["latest_command"] = ["cepo-compare", *(argv or [])]
+    machine["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS")
+    machine.setdefault("run_wall_s", {})
+    for seed in seeds:
+        for algo in algos:
+            rdir = run_dir(out, algo, seed)
+            if (rdir / "summary.json").is_file():
+                continue
+            log(f"cepo-compare: {algo} seed {seed} -> {rdir}")
+            wall = run_one(base, algo, seed, rdir, keep_models)
+            machine["run_wall_s"][f"{algo}-seed{seed}"] = round(wall, 1)
+            machine_path.write_text(json.dumps(machine, indent=2))
+            log(f"cepo-compare: {algo} seed {seed} done in {wall:.0f} s: "
+                f"{json.dumps(final_numbers(rdir, last))}")
+    results = {a: {s: final_numbers(run_dir(out, a, s), last) for s in seeds} for a in algos}
+    summary = summarize(results, algos, seeds)
+    (out / "results.json").write_text(json.dumps(
+        {"base_config": base, "algos": algos, "seeds": seeds, "last": last,
+         "runs": {a: {str(s): v for s, v in r.items()} for a, r in results.items()}, **summary}, indent=2))
+    table = table_markdown(summary, results, algos, seeds, last)
+    (out / "table.md").write_text(table)
+    from cepo_kernels.rl.plots import plot_curves
+
+    plot_curves([run_dir(out, a, s) for a in algos for s in seeds], out / "curves.png",
+                title=f"CEPO vs GRPO vs RLSD, {len(seeds)} seeds each (mean ± std band)")
+    machine_path.write_text(json.dumps(machine, indent=2))
+    log(table)
+    log(f"cepo-compare: wrote {out / 'table.md'}, {out / 'results.json'}, {out / 'curves.png'}")
+    return summary
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    _ensure_interpreter(argv)
+    import logging
+    import warnings
+
+    from cepo_kernels.rl.config import parse_args
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
+    args, rest = build_parser().parse_known_args(argv)
+    try:
+        seeds = parse_seeds(args.seeds)
+        algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+        bad = [a for a in algos if a not in ALGOS]
+        if bad or not algos:
+            raise ValueError(f"algos: expected a comma-separated subset of {ALGOS}, got {args.algos!r}")
+        if args.last < 1:
+            raise ValueError(f"last: expected a positive value, got {args.last}")
+        base = parse_args(rest).to_dict()
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"cepo-compare: error: {e}", file=sys.stderr)
+        return 2
+    compare(base, Path(args.out), algos, seeds, args.last, args.keep_models, argv,
+            log=lambda m: print(m, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

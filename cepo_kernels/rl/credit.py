@@ -1,0 +1,161 @@
+"""What the trainer saves for the credit maps: per-token Delta, w and A_hat of a few sampled groups.
+
+Every `credit_every` steps (and at step 1) the trainer hands the tensors of the step it already has to
+`save_credit`, which writes `credit/step_NNNNNN.json.gz` into the run directory: the first
+`credit_samples` groups of the rollout batch, each with its question, r+ and r-, and for every response
+its text, reward, advantage A and, token by token, the token string, Delta = log P_T+ - log P_T-, the
+weight w = clip(exp(sign(A) Delta), 1 - eps_w, 1 + eps_w) and A_hat (cepo_kernels.cepo_advantages with
+the step's lambda). A file is under 1 kB on the embedded task (it grows linearly with the saved tokens:
+a string and three numbers each), so they are kept by default. `cepo-viz` (cepo_kernels.rl.viz) renders them.
+
+GRPO runs no teacher (Delta = 0, w = 1, A_hat = A); RLSD's Delta is log P_T+ - log P_old.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import torch
+
+CREDIT_DIR = "credit"
+FORMAT_VERSION = 1
+
+
+def credit_path(out_dir: str | Path, step: int) -> Path:
+    return Path(out_dir) / CREDIT_DIR / f"step_{step:06d}.json.gz"
+
+
+def should_save(step: int, every: int) -> bool:
+    """Step (1-based) gets a credit file: step 1 and every `every` steps; never when every == 0."""
+    return every > 0 and (step == 1 or step % every == 0)
+
+
+def token_weights(delta: torch.Tensor, adv: torch.Tensor, eps_w: float) -> torch.Tensor:
+    """w [B, T] = clip(exp(sign(A) Delta), 1 - eps_w, 1 + eps_w) (the method's token weight)."""
+    return torch.exp(torch.sign(adv)[:, None] * delta).clamp(1.0 - eps_w, 1.0 + eps_w)
+
+
+def _r4(values) -> list[float]:
+    return [round(float(v), 4) for v in values]
+
+
+def credit_record(
+    *,
+    step: int,
+    algo: str,
+    lam: float,
+    eps_w: float,
+    tokenizer,
+    questions: list[str],
+    references: list[str],
+    responses: list[list[int]],
+    texts: list[str],
+    rewards: list[float],
+    adv: torch.Tensor,
+    pos_logp: torch.Tensor,
+    neg_logp: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int,
+    n_groups: int,
+    plan=None,
+) -> dict:
+    """The JSON-able record of the first n_groups groups of a step (see the module docstring)."""
+    from cepo_kernels import cepo_advantages
+
+    n = min(n_groups, len(questions)) * group_size
+    adv_n = adv[:n].detach().float()
+    delta = (pos_logp[:n] - neg_logp[:n]).detach().float()
+    m = mask[:n]
+    delta = torch.where(m, delta, torch.zeros_like(delta))
+    w = token_weights(delta, adv_n, eps_w)
+    a_hat = cepo_advantages(adv_n, pos_logp[:n].detach().float().contiguous(),
+                            neg_logp[:n].detach().float().contiguous(), m, lam=lam, eps_w=eps_w)
+    delta, w, a_hat, adv_l = delta.cpu(), w.cpu(), a_hat.cpu(), adv_n.cpu().tolist()
+    groups = []
+    for g in range(n // group_size):
+        resp = []
+        for i in range(g * group_size, (g + 1) * group_size):
+            ids = responses[i][: delta.shape[1]]
+            k = len(ids)
+            resp.append({
+                "text": texts[i],
+                "reward": round(float(rewards[i]), 4),
+                "adv": round(adv_l[i], 4),
+                "tokens": [tokenizer.decode([t]) for t in ids],
+                "delta": _r4(delta[i, :k]),
+                "w": _r4(w[i, :k]),
+                "a_hat": _r4(a_hat[i, :k]),
+            })  # fmt: skip
+        groups.append({
+            "question": questions[g],
+            "r_plus": references[g],
+            "r_minus": plan.neg_answers[g] if plan is not None else None,
+            "r_minus_how": plan.neg_how[g] if plan is not None else None,
+            "responses": resp,
+        })  # fmt: skip
+    return {"version": FORMAT_VERSION, "step": step, "algo": algo, "lambda": lam, "eps_w": eps_w,
+            "group_size": group_size, "groups": groups}  # fmt: skip
+
+
+def write_credit(out_dir: str | Path, record: dict) -> Path:
+    """Writes the record atomically (temporary file, then rename) and returns its path."""
+    path = credit_path(out_dir, record["step"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with gzip.open(tmp, "wt", encoding="utf-8") as fh:
+        json.dump(record, fh, separators=(",", ":"))
+    os.replace(tmp, path)
+    return path
+
+
+def save_credit(trainer, *, step, problems, responses, texts, rewards, adv, pos_logp, neg_logp, mask, lam,
+                plan) -> Path | None:
+    """The trainer's hook: writes credit/step_NNNNNN.json.gz when this (1-based) step is due."""
+    cfg = trainer.cfg
+    if not should_save(step, cfg.credit_every) or cfg.credit_samples <= 0:
+        return None
+    record = credit_record(
+        step=step, algo=cfg.algo, lam=lam, eps_w=cfg.eps_w, tokenizer=trainer.tok,
+        questions=[trainer.question(p) for p in problems], references=[p.answer for p in problems],
+        responses=responses, texts=texts, rewards=rewards, adv=adv, pos_logp=pos_logp, neg_logp=neg_logp,
+        mask=mask, group_size=cfg.group_size, n_groups=cfg.credit_samples, plan=plan,
+    )  # fmt: skip
+    return write_credit(trainer.out, record)
+
+
+def load_credit(path: str | Path) -> dict:
+    """A credit file; ValueError naming the file when it is unreadable or lacks a field."""
+    path = Path(path)
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            rec = json.load(fh)
+    except (OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"{path}: unreadable credit file ({type(e).__name__}: {e}); truncated or corrupt?"
+        ) from None
+    if not isinstance(rec, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(rec).__name__}")
+    for key in ("step", "algo", "lambda", "eps_w", "groups"):
+        if key not in rec:
+            raise ValueError(f"{path}: missing field {key!r} (fields present: {sorted(rec)})")
+    for g, group in enumerate(rec["groups"]):
+        for key in ("question", "r_plus", "r_minus", "responses"):
+            if key not in group:
+                raise ValueError(f"{path}: group {g}: missing field {key!r}")
+        for r, resp in enumerate(group["responses"]):
+            for key in ("reward", "adv", "tokens", "delta", "w", "a_hat"):
+                if key not in resp:
+                    raise ValueError(f"{path}: group {g} response {r}: missing field {key!r}")
+            n = len(resp["tokens"])
+            if not len(resp["delta"]) == len(resp["w"]) == len(resp["a_hat"]) == n:
+                raise ValueError(
+                    f"{path}: group {g} response {r}: tokens, delta, w and a_hat differ in length"
+                )
+    return rec
+
+
+def credit_files(run_dir: str | Path) -> list[Path]:
+    return sorted((Path(run_dir) / CREDIT_DIR).glob("step_*.json.gz"))

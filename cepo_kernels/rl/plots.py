@@ -1,0 +1,163 @@
+"""Training curves of one or several run directories as one PNG (matplotlib, headless Agg backend).
+
+Nine panels from each run's metrics.jsonl: batch reward, held-out accuracy (greedy; step 0 is the
+evaluation before training, from summary.json), lambda, mean Delta on the responses with A > 0 (solid)
+and A < 0 (dashed), the wrong-direction fraction, the PPO clip fraction, the policy entropy, and the
+teacher cost (sequences given teacher passes per step, and the seconds per step of the no-grad scoring
+sweep, `time_teachers`: the old log-probs of every run, plus the teachers' for CEPO and RLSD).
+Runs whose config.json files are equal except for seed, out_dir, resume and progress are seeds of one
+configuration: they are drawn as their mean with a band of +- one standard deviation (over the steps
+all of them have). Otherwise each run is its own line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+PANELS = (
+    ("reward (batch mean)", ("reward_mean",)),
+    ("held-out accuracy (greedy)", ("eval_accuracy",)),
+    ("lambda", ("lambda",)),
+    ("mean Delta: A>0 solid, A<0 dashed", ("delta_mean_pos", "delta_mean_neg")),
+    ("wrong-direction fraction", ("frac_wrong_dir",)),
+    ("clip fraction", ("clip_frac",)),
+    ("entropy", ("entropy",)),
+    ("teacher rows per step", ("teacher_rows",)),
+    ("scoring time per step (s): old + teacher log-probs", ("time_teachers",)),
+)
+SEED_KEYS = ("seed", "out_dir", "resume", "progress")
+
+
+class RunDataError(ValueError):
+    """A run directory with missing or unreadable data (the message names the path and what is missing)."""
+
+
+def load_run(run_dir: str | Path) -> dict:
+    """{"dir", "rows" (metrics.jsonl lines), "config" (or None), "summary" (or None)} of a run directory."""
+    rdir = Path(run_dir)
+    if not rdir.is_dir():
+        raise RunDataError(f"{rdir}: no such run directory")
+    path = rdir / "metrics.jsonl"
+    if not path.is_file():
+        raise RunDataError(f"{rdir}: no metrics.jsonl (not a cepo-train run directory, or no step finished)")
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if lineno == len(path.read_text().splitlines()):  # a line cut by a crash: ignore the last one
+                break
+            raise RunDataError(f"{path}:{lineno}: invalid JSON") from None
+        if not isinstance(row, dict) or "step" not in row:
+            raise RunDataError(f"{path}:{lineno}: expected an object with a 'step' field")
+        rows.append(row)
+    if not rows:
+        raise RunDataError(f"{path}: empty (no step finished yet)")
+    extra = {}
+    for name in ("config", "summary"):
+        p = rdir / f"{name}.json"
+        try:
+            extra[name] = json.loads(p.read_text()) if p.is_file() else None
+        except json.JSONDecodeError:
+            extra[name] = None
+    return {"dir": rdir, "rows": rows, **extra}
+
+
+def group_runs(runs: list[dict]) -> list[dict]:
+    """Groups of runs that are seeds of one configuration, with a label naming what differs between groups."""
+    groups: list[dict] = []
+    for run in runs:
+        cfg = run["config"]
+        key = None if cfg is None else json.dumps({k: v for k, v in cfg.items() if k not in SEED_KEYS},
+                                                  sort_keys=True)
+        for g in groups:
+            if key is not None and g["key"] == key:
+                g["runs"].append(run)
+                break
+        else:
+            groups.append({"key": key, "runs": [run], "config": cfg})
+    configs = [g["config"] for g in groups if g["config"] is not None]
+    differ = sorted({k for c in configs for k in c if k not in SEED_KEYS and any(
+        d.get(k) != c.get(k) for d in configs)})
+    for g in groups:
+        cfg = g["config"]
+        if cfg is None:
+            g["label"] = g["runs"][0]["dir"].name
+            continue
+        if differ:
+            parts = [str(cfg.get(k)) if k == "algo" else f"{k}={cfg.get(k)}" for k in differ]
+            label = ", ".join(parts)
+        else:
+            label = str(cfg.get("algo", g["runs"][0]["dir"].name))
+        n = len(g["runs"])
+        g["label"] = label + (f" ({n} seeds)" if n > 1 else (f" (seed {cfg.get('seed')})" if len(groups) > 1
+                                                            else ""))
+    return groups
+
+
+def _series(run: dict, key: str) -> dict[int, float]:
+    out = {}
+    if key == "eval_accuracy" and run["summary"] and run["summary"].get("eval_accuracy_start") is not None:
+        out[0] = float(run["summary"]["eval_accuracy_start"])
+    for row in run["rows"]:
+        v = row.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[int(row["step"])] = float(v)
+    return out
+
+
+def plot_curves(run_dirs, out_png: str | Path, title: str | None = None, dpi: int = 100) -> dict:
+    """Writes the PNG; returns {"path", "panels" (axes titles), "labels" (legend entries)}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    runs = [load_run(d) for d in run_dirs]
+    if not runs:
+        raise RunDataError("no run directories given")
+    groups = group_runs(runs)
+    fig, axes = plt.subplots(3, 3, figsize=(15, 11))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (name, keys) in zip(axes.flat, PANELS, strict=True):
+        ax.set_title(name, fontsize=11)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        for gi, g in enumerate(groups):
+            color = colors[gi % len(colors)]
+            for ki, key in enumerate(keys):
+                style = "-" if ki == 0 else "--"
+                label = g["label"] if ki == 0 else None
+                series = [_series(r, key) for r in g["runs"]]
+                series = [s for s in series if s]
+                if not series:
+                    continue
+                marker = "o" if key == "eval_accuracy" else None
+                if len(series) == 1:
+                    xs = sorted(series[0])
+                    ax.plot(xs, [series[0][x] for x in xs], style, color=color, label=label, marker=marker,
+                            markersize=4)
+                    continue
+                xs = sorted(set.intersection(*(set(s) for s in series)))
+                vals = np.array([[s[x] for x in xs] for s in series])
+                mean, std = vals.mean(axis=0), vals.std(axis=0, ddof=1)
+                ax.plot(xs, mean, style, color=color, label=label, marker=marker, markersize=4)
+                ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.18, linewidth=0)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=11,
+                   bbox_to_anchor=(0.5, 0.0))
+    if title:
+        fig.suptitle(title, fontsize=13)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97 if title else 1))
+    panels = [ax.get_title() for ax in axes.flat]
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=dpi)
+    plt.close(fig)
+    return {"path": out_png, "panels": panels, "labels": labels}
