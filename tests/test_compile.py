@@ -36,8 +36,21 @@ def run_report(*args):
 
 
 @pytest.fixture(scope="module")
-def logits_rows():
-    return run_report("--only", "logits", "--dtypes", "bf16,fp16,fp32")
+def rows():
+    """The whole report, once (one subprocess): logits kernels in three dtypes, linear kernels in bf16;
+    with CEPO_COMPILE_ALL=1 also every candidate config of the GPU sweep (~2 more minutes)."""
+    sweep = ["--sweep"] if os.environ.get("CEPO_COMPILE_ALL") == "1" else []
+    return run_report("--dtypes", "bf16,fp16,fp32", "--linear-dtypes", "bf16", *sweep)
+
+
+@pytest.fixture(scope="module")
+def logits_rows(rows):
+    return [r for r in rows if not r["case"].startswith("linear")]
+
+
+@pytest.fixture(scope="module")
+def linear_rows(rows):
+    return [r for r in rows if r["case"].startswith("linear")]
 
 
 def test_every_logits_kernel_compiles(logits_rows):
@@ -63,11 +76,6 @@ def test_logits_hot_loops_use_128_bit_global_access(logits_rows):
         assert r.get("loop_load_bits") == 128, r
         if r["kernel"] == "_logprobs_bwd_kernel":
             assert r["store_bits"] == 128, r
-
-
-@pytest.fixture(scope="module")
-def linear_rows():
-    return run_report("--only", "linear", "--dtypes", "bf16")
 
 
 def test_every_linear_kernel_compiles(linear_rows):
