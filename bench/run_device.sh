@@ -11,7 +11,8 @@ stamp=$(date -u +%Y-%m-%d)
 table=cepo_kernels/ops/configs.json
 python - <<'PY' | tee "$out/$stamp-env.txt"
 import torch, triton
-print(f"card: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}")
+card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+print(f"card: {card}; torch {torch.__version__}; triton {triton.__version__}")
 PY
 python -m pytest -q -m gpu tests 2>&1 | tee "$out/$stamp-gpu-tests.txt"
 # the sweep: ~30 configs x (compile + a few hundred ms of timing); the table then serves every launch below

@@ -24,21 +24,22 @@ from cepo_kernels.ops import configs  # noqa: E402
 
 def sweep(keys, measure, card, table=None):
     """measure(key, cfg) -> milliseconds, or None for a rejected candidate. Returns {key: {"best", "ms"}}
-    and writes each key's fastest config for `card` into the table (nothing for a key with no survivor)."""
-    results, best = {}, {}
+    and writes each key's fastest config for `card` into the table as soon as that key is done (so a run
+    cut short keeps what it measured; nothing for a key with no survivor)."""
+    results = {}
     for key in keys:
         timings = {}
         for cfg in configs.SWEEP[key]:
             ms = measure(key, cfg)
             if ms is not None:
                 timings[(cfg["BLOCK_V"], cfg["num_warps"])] = ms
+        best = None
         if timings:
-            (bv, nw), ms = min(timings.items(), key=lambda kv: kv[1])
-            best[key] = {"BLOCK_V": bv, "num_warps": nw}
-        results[key] = {"best": best.get(key), "ms": {f"BLOCK_V={bv},num_warps={nw}": round(ms, 4)
-                                                      for (bv, nw), ms in timings.items()}}
-    if best:
-        configs.write_table(card, best, table)
+            (bv, nw), _ = min(timings.items(), key=lambda kv: kv[1])
+            best = {"BLOCK_V": bv, "num_warps": nw}
+            configs.write_table(card, {key: best}, table)
+        results[key] = {"best": best, "ms": {f"BLOCK_V={bv},num_warps={nw}": round(ms, 4)
+                                             for (bv, nw), ms in timings.items()}}
     return results
 
 
