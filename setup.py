@@ -11,6 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["cepo_kernels", "cepo_kernels.*", "cepo_ref", "cepo_ref.*"]),
+    package_data={"cepo_kernels.ops": ["configs.json"]},  # the per-GPU config table, when tuned
     install_requires=[
         "torch>=2.4",
         "triton>=3.6; platform_system == 'Linux'",

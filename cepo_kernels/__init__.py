@@ -6,6 +6,7 @@ without one, set TRITON_INTERPRET=1 before importing to run the kernels through 
 """
 
 from cepo_kernels._params import CEPOOutput, LossParams
+from cepo_kernels.ops.advantages import group_advantages
 from cepo_kernels.ops.linear import (
     linear_cepo_loss,
     linear_grpo_loss,
@@ -13,7 +14,6 @@ from cepo_kernels.ops.linear import (
     linear_teacher_logprobs,
 )
 from cepo_kernels.ops.logits import cepo_advantages, cepo_loss, grpo_loss, token_logprobs
-from cepo_kernels.rl.advantages import group_advantages
 
 __version__ = "0.1.0"
 

@@ -22,7 +22,7 @@ from cepo_kernels._params import (
     check_tensor,
     token_normaliser,
 )
-from cepo_kernels.rl.advantages import check_group_inputs
+from cepo_kernels.ops.advantages import check_group_inputs
 
 
 def token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False):

@@ -470,3 +470,66 @@ def test_large_vocab_int64_addressing(device):
     assert_close(out.logp[rows], r64.logp, rt.logp, atol=scaled_atol(r64.logp), name="logp")
     assert_close(out.advantages[rows], r64.advantages, rt.advantages, atol=1e-6, name="advantages")
     assert_close(x.grad[rows], g64, gt, atol=scaled_atol(g64, 1e-5), name="dlogits")
+
+
+@pytest.mark.parametrize("fn", ["cepo_loss", "grpo_loss", "token_logprobs", "cepo_advantages"])
+def test_no_host_sync_with_tensor_metrics(fn):
+    """With metrics="tensor" (or none), a bool mask and num_tokens as a tensor, forward and backward never
+    read a tensor on the host (what CUDA graph capture needs); the metrics equal the default floats."""
+    case = make_case(3, 6, 507, torch.float32, seed=37, per_token=True)
+    x, tg, adv, mask, old = (case[k] for k in ("full", "targets", "adv", "mask", "old"))
+    leaf = x.clone().requires_grad_()
+    kw = dict(old_logp=old, num_tokens=torch.tensor(20.0))
+    if fn == "cepo_loss":
+        kw.update(pos_logits=case["pos"], neg_logits=case["neg"])
+    with pytest.MonkeyPatch.context() as mp:
+        def refuse(self, *args, **kwargs):
+            raise AssertionError("host sync: a tensor was read on the host")
+
+        for name in ("item", "tolist", "nonzero", "__bool__", "__float__", "__int__"):
+            mp.setattr(torch.Tensor, name, refuse)
+        if fn == "token_logprobs":
+            lp, ent = cepo_kernels.token_logprobs(leaf, tg, return_entropy=True)
+            (lp.sum() + ent.sum()).backward()
+            return
+        if fn == "cepo_advantages":
+            cepo_kernels.cepo_advantages(adv, case["pos"][..., 0], case["neg"][..., 0], mask, lam=0.5)
+            return
+        out = getattr(cepo_kernels, fn)(leaf, tg, adv, mask, metrics="tensor", **kw)
+        out.loss.backward()
+        none = getattr(cepo_kernels, fn)(leaf.detach(), tg, adv, mask, metrics=False, **kw)
+    assert none.metrics == {}
+    floats = getattr(cepo_kernels, fn)(leaf.detach(), tg, adv, mask, **kw).metrics
+    assert set(out.metrics) == set(floats)
+    for k, v in out.metrics.items():
+        assert v.dim() == 0 and v.dtype == torch.float32 and float(v) == floats[k], k
+
+
+def test_bad_metrics_option():
+    x, tg = torch.randn(2, 3, 11), torch.randint(0, 11, (2, 3))
+    with pytest.raises(ValueError, match="metrics"):
+        cepo_kernels.cepo_loss(x, tg, torch.randn(2), torch.ones(2, 3, dtype=torch.bool), metrics="floats")
+
+
+@pytest.mark.parametrize("fn", ["cepo_loss", "token_logprobs"])
+def test_inplace_backward_invalidates_the_saved_logits(fn):
+    """inplace=True overwrites the logits with dlogits: a second backward through the same graph (or any
+    other reader of the saved logits) must raise, not compute with the gradients as if they were logits."""
+    case = make_case(3, 6, 507, torch.float32, seed=41)
+    leaf = case["full"].detach().clone().requires_grad_()
+    x = leaf * 1  # a non-leaf, as the output of an lm_head
+    version = x._version
+    if fn == "cepo_loss":
+        loss = cepo_kernels.cepo_loss(x, case["targets"], case["adv"], case["mask"], old_logp=case["old"],
+                                      pos_logits=case["pos"], neg_logits=case["neg"], inplace=True).loss
+    else:
+        loss = cepo_kernels.token_logprobs(x, case["targets"], inplace=True).sum()
+    loss.backward(retain_graph=True)
+    assert x._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    # without inplace the graph can be re-run
+    y = leaf.detach().clone().requires_grad_() * 1
+    loss = cepo_kernels.token_logprobs(y, case["targets"]).sum()
+    loss.backward(retain_graph=True)
+    loss.backward()

@@ -1,5 +1,6 @@
 """Pieces shared by the logits and the linear kernels.
 
+- `online_lse` / `lse_entropy`: the logits kernels' online logsumexp, kept per lane (one max per tile).
 - `lse_tile`: one step of the online logsumexp (with the entropy accumulator) over a vocabulary tile.
 - `cepo_token`: the per-token CEPO/PPO arithmetic (Delta -> A_hat -> ratio -> loss and dL/dlp).
 - torch-side helpers that turn the kernels' per-token outputs into the reduced loss and the metrics.
@@ -35,14 +36,33 @@ def lse_tile(b_z, m_i, s_i, t_i, nan_i):
     return m_new, s_new, t_new, nan_new
 
 
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
 @triton.jit
-def lse_finish(m_i, s_i, t_i, nan_i):
-    """(lse, entropy) from the running state; any NaN logit makes both NaN."""
-    lse = m_i + tl.log(s_i)
-    ent = lse - t_i / s_i
-    lse = tl.where(nan_i > 0, float("nan"), lse)
-    ent = tl.where(nan_i > 0, float("nan"), ent)
-    return lse, ent
+def online_lse(b_x, mx, m_i, s_i, t_i, c, WITH_ENT: tl.constexpr):
+    """Folds a tile of raw logits b_x [BLOCK_V] (tile max mx) into per-lane sums, for lse = logsumexp(x / T).
+
+    m_i: running max of the raw logits (scalar); s_i [BLOCK_V]: sum exp((x - m) / T) per lane;
+    t_i [BLOCK_V]: sum exp((x - m) / T) * x per lane (only when WITH_ENT); c = log2(e) / T.
+    No per-tile sum reduction; NaN needs no counter: a NaN logit makes its lane's sum NaN (whatever
+    max does with it) and a NaN max makes every sum NaN.
+    """
+    m_new = tl.maximum(m_i, mx)
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid -inf - -inf
+    alpha = tl.math.exp2((m_i - m_ref) * c)
+    b_p = tl.math.exp2(b_x * c - m_ref * c)  # [BLOCK_V], one FMA and one ex2 per element; 0 at -inf
+    s_i = s_i * alpha + b_p
+    if WITH_ENT:
+        t_i = t_i * alpha + b_p * tl.where(b_p > 0, b_x, 0.0)  # no 0 * -inf
+    return m_new, s_i, t_i
+
+
+@triton.jit
+def lse_entropy(m, s, t, inv_temp):
+    """(lse, entropy) of x / T from the reduced online_lse state (entropy meaningful only with WITH_ENT)."""
+    lse = tl.where(m == float("-inf"), 0.0, m) * inv_temp + tl.log(s)
+    return lse, lse - t / s * inv_temp
 
 
 @triton.jit
@@ -97,44 +117,40 @@ def reduce_loss(loss_tok, mask, reduction, num_tokens):
     return (reduction_weights(mask, reduction, num_tokens) * loss_tok).sum()
 
 
+def check_metrics_option(metrics):
+    if metrics not in (True, False, "tensor"):
+        raise ValueError(f"metrics: expected True, False or 'tensor', got {metrics!r}")
+
+
 @torch.no_grad()
-def loss_metrics(lp, old_logp, adv, a_hat, delta, mask, params):
-    """Scalar metrics over the valid tokens, with one host sync for all of them.
+def loss_metrics(lp, old_logp, adv, a_hat, delta, mask, params, as_tensors=False):
+    """Scalar metrics over the valid tokens: a dict of floats read with one host sync, or (as_tensors)
+    of 0-dim tensors with none.
 
     lp, adv, a_hat, mask [B, T]; old_logp and delta [B, T] or None. An empty selection gives 0.0.
+    The means over the valid tokens are one weighted sum of a stacked [K, B*T] matrix (few eager ops).
     """
-    m = mask.float()
-    n = m.sum()
-
-    def mean(x, sel=None):
-        w = m if sel is None else m * sel.float()
-        return (x.float() * w).sum() / w.sum().clamp_min(1.0)
-
-    ratio = torch.ones_like(lp) if old_logp is None else torch.exp(
-        (lp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    ratio = torch.where(mask, ratio, torch.ones_like(ratio))  # masked tokens may hold NaN
+    m = mask.reshape(-1).float()
+    zero = torch.zeros_like(lp)
+    if old_logp is None:
+        log_ratio = zero
+    else:  # masked tokens may hold NaN
+        log_ratio = torch.where(mask, (lp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP), zero)
+    ratio = torch.exp(log_ratio)
     clip_high = (a_hat > 0) & (ratio > 1.0 + params.eps_high)
     clip_low = (a_hat < 0) & (ratio < 1.0 - params.eps_low)
-    if params.clip_dual is None:
-        dual = torch.zeros_like(mask)
-    else:
-        dual = (a_hat < 0) & (ratio > params.clip_dual)
-    delta_stats = delta_metrics(torch.zeros_like(lp) if delta is None else delta, adv, mask)
-    safe_lp = torch.where(mask, lp, torch.zeros_like(lp))
-    values = torch.stack([
-        n,
-        mean(clip_high | clip_low),
-        mean(clip_low),
-        mean(clip_high),
-        mean(dual),
-        mean(ratio),
-        mean(-torch.log(ratio)),
-        *delta_stats.values(),
-        mean(torch.where(mask, adv.abs(), torch.zeros_like(adv))),
-        mean(a_hat.abs()),
-        mean(safe_lp),
-    ]).tolist()
-    return dict(zip(METRIC_NAMES, values, strict=True))
+    dual = zero.bool() if params.clip_dual is None else (a_hat < 0) & (ratio > params.clip_dual)
+    per_token = torch.stack([
+        clip_high | clip_low, clip_low, clip_high, dual, ratio, -log_ratio,
+        torch.where(mask, adv.abs(), zero), a_hat.abs(), torch.where(mask, lp, zero),
+    ]).reshape(9, -1).float()  # [K, B*T]
+    n = m.sum()
+    means = per_token @ m / n.clamp_min(1.0)
+    delta_stats = delta_metrics(zero if delta is None else delta, adv, mask)
+    values = torch.cat([n[None], means[:6], torch.stack(list(delta_stats.values())), means[6:]])
+    if as_tensors:
+        return dict(zip(METRIC_NAMES, values.unbind(), strict=True))
+    return dict(zip(METRIC_NAMES, values.tolist(), strict=True))
 
 
 @torch.no_grad()

@@ -28,45 +28,35 @@ from cepo_kernels._params import (
     check_temperature,
     check_tensor,
 )
-from cepo_kernels.ops._common import cepo_token, loss_metrics, lse_finish, lse_tile, reduce_loss
+from cepo_kernels.ops import configs
+from cepo_kernels.ops._common import (
+    LOG2E,
+    cepo_token,
+    check_metrics_option,
+    loss_metrics,
+    lse_entropy,
+    reduce_loss,
+)
+from cepo_kernels.ops._logits_tiles import _dlogit_target, _dlogits, _scan, _target_logit, _target_logp
 
 
-@triton.jit
-def _fold_tile(x_ptrs, m_load, o_v, tgt, inv_temp, m_i, s_i, e_i, n_i, zt_i):
-    """Loads one vocabulary tile, folds it into the online logsumexp and picks the target's logit."""
-    b_z = tl.load(x_ptrs, mask=m_load, other=float("-inf")).to(tl.float32) * inv_temp  # [BLOCK_V]
-    m_i, s_i, e_i, n_i = lse_tile(b_z, m_i, s_i, e_i, n_i)
-    # the gather compares offsets with the target: an out-of-range target reads nothing
-    zt_i += tl.sum(tl.where(o_v == tgt, b_z, 0.0), axis=0)
-    return m_i, s_i, e_i, n_i, zt_i
-
-
-@triton.jit
-def _finish_row(m_i, s_i, e_i, n_i, zt_i, tgt, V):
-    lse, ent = lse_finish(m_i, s_i, e_i, n_i)
-    lp = tl.where((tgt >= 0) & (tgt < V), zt_i - lse, float("nan"))
-    return lp, lse, ent
-
-
+@triton.heuristics({"WITH_ENT": lambda a: a["ent"] is not None})
 @triton.jit(do_not_specialize=["T", "V"])
-def _logprobs_fwd_kernel(logits, targets, lp, lse, ent, T, V, s_b, s_t, inv_temp, BLOCK_V: tl.constexpr):
+def _logprobs_fwd_kernel(logits, targets, lp, lse, ent, T, V, s_b, s_t, inv_temp,
+                         WITH_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     x_row = logits + b * s_b + (row - b * T) * s_t
     tgt = tl.load(targets + row)
-    m_i = tl.full([], float("-inf"), tl.float32)
-    s_i = tl.zeros([], tl.float32)
-    e_i = tl.zeros([], tl.float32)
-    n_i = tl.zeros([], tl.int32)
-    zt_i = tl.zeros([], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        o_v = start + tl.arange(0, BLOCK_V)
-        m_i, s_i, e_i, n_i, zt_i = _fold_tile(x_row + o_v, o_v < V, o_v, tgt, inv_temp,
-                                              m_i, s_i, e_i, n_i, zt_i)
-    b_lp, b_lse, b_ent = _finish_row(m_i, s_i, e_i, n_i, zt_i, tgt, V)
-    tl.store(lp + row, b_lp)
+    in_range = (tgt >= 0) & (tgt < V)
+    z_t = _target_logit(x_row, tgt, in_range, inv_temp)
+    c = inv_temp * LOG2E
+    m_x, s_x, t_x, _, _, _, _ = _scan(x_row, x_row, x_row, V, c, False, False, WITH_ENT, BLOCK_V)
+    b_lse, b_ent = lse_entropy(m_x, s_x, t_x, inv_temp)
+    tl.store(lp + row, _target_logp(z_t, in_range, b_lse))
     tl.store(lse + row, b_lse)
-    tl.store(ent + row, b_ent)
+    if WITH_ENT:
+        tl.store(ent + row, b_ent)
 
 
 @triton.heuristics({
@@ -88,38 +78,47 @@ def _cepo_fwd_kernel(
     b = row // T
     t = row - b * T
     tgt = tl.load(targets + row)
+    in_range = (tgt >= 0) & (tgt < V)
     valid = tl.load(mask + row) != 0
     b_a = tl.load(adv + row)
     used = valid & (b_a != 0)
-    V_t = tl.where(used, V, 0)  # teachers of masked or A = 0 tokens are not read: A_hat = 0 whatever Delta is
-    # policy (x), positive (p) and negative (n) teacher: max, sum exp, sum p*z, NaN count, target logit
-    m_x = tl.full([], float("-inf"), tl.float32)
-    s_x = tl.zeros([], tl.float32)
-    e_x = tl.zeros([], tl.float32)
-    n_x = tl.zeros([], tl.int32)
-    z_x = tl.zeros([], tl.float32)
-    m_p, s_p, e_p, n_p, z_p = m_x, s_x, e_x, n_x, z_x
-    m_n, s_n, e_n, n_n, z_n = m_x, s_x, e_x, n_x, z_x
-    for start in range(0, V, BLOCK_V):
-        o_v = start + tl.arange(0, BLOCK_V)
-        m_v = o_v < V
-        m_x, s_x, e_x, n_x, z_x = _fold_tile(logits + b * s_b + t * s_t + o_v, m_v, o_v, tgt, inv_temp,
-                                             m_x, s_x, e_x, n_x, z_x)
-        if HAS_POS_LOGITS:
-            m_p, s_p, e_p, n_p, z_p = _fold_tile(pos_logits + b * s_pb + t * s_pt + o_v, o_v < V_t, o_v,
-                                                 tgt, inv_temp, m_p, s_p, e_p, n_p, z_p)
-        if HAS_NEG_LOGITS:
-            m_n, s_n, e_n, n_n, z_n = _fold_tile(neg_logits + b * s_nb + t * s_nt + o_v, o_v < V_t, o_v,
-                                                 tgt, inv_temp, m_n, s_n, e_n, n_n, z_n)
-    b_lp, b_lse, _ = _finish_row(m_x, s_x, e_x, n_x, z_x, tgt, V)
+    c = inv_temp * LOG2E
+    x_row = logits + b * s_b + t * s_t
+    p_row = x_row
+    n_row = x_row
+    if HAS_POS_LOGITS:
+        p_row = pos_logits + b * s_pb + t * s_pt
+    if HAS_NEG_LOGITS:
+        n_row = neg_logits + b * s_nb + t * s_nt
+    # the target logits first (scalar loads, whose latency the scan hides)
+    z_x = _target_logit(x_row, tgt, in_range, inv_temp)
+    z_p = 0.0
+    z_n = 0.0
+    if HAS_POS_LOGITS:
+        z_p = _target_logit(p_row, tgt, in_range, inv_temp)
+    if HAS_NEG_LOGITS:
+        z_n = _target_logit(n_row, tgt, in_range, inv_temp)
+    if HAS_POS_LOGITS or HAS_NEG_LOGITS:
+        # teachers of masked or A = 0 tokens are not read: A_hat = 0 whatever Delta is
+        if used:
+            m_x, s_x, _, m_p, s_p, m_n, s_n = _scan(x_row, p_row, n_row, V, c, HAS_POS_LOGITS, HAS_NEG_LOGITS,
+                                                    False, BLOCK_V)
+        else:
+            m_x, s_x, _, m_p, s_p, m_n, s_n = _scan(x_row, p_row, n_row, V, c, False, False, False, BLOCK_V)
+    else:
+        m_x, s_x, _, m_p, s_p, m_n, s_n = _scan(x_row, p_row, n_row, V, c, False, False, False, BLOCK_V)
+    b_lse, _ = lse_entropy(m_x, s_x, s_x, inv_temp)
+    b_lp = _target_logp(z_x, in_range, b_lse)
     b_delta = 0.0
     if HAS_TEACHERS:
         if HAS_POS_LOGITS:
-            b_pos, _, _ = _finish_row(m_p, s_p, e_p, n_p, z_p, tgt, V)
+            lse_p, _ = lse_entropy(m_p, s_p, s_p, inv_temp)
+            b_pos = _target_logp(z_p, in_range, lse_p)
         else:
             b_pos = tl.load(pos_logp + row)
         if HAS_NEG_LOGITS:
-            b_neg, _, _ = _finish_row(m_n, s_n, e_n, n_n, z_n, tgt, V)
+            lse_n, _ = lse_entropy(m_n, s_n, s_n, inv_temp)
+            b_neg = _target_logp(z_n, in_range, lse_n)
         else:
             b_neg = tl.load(neg_logp + row)
         b_delta = tl.where(used, b_pos - b_neg, 0.0)
@@ -149,6 +148,8 @@ def _logprobs_bwd_kernel(
     t = row - b * T
     x_row = logits + b * s_b + t * s_t
     d_row = dlogits + b * s_db + t * s_dt
+    o_v = tl.arange(0, BLOCK_V)
+    V_main = V - V % BLOCK_V
     tgt = tl.load(targets + row)
     g_lp = tl.load(grad_lp + row)
     skip = g_lp == 0.0
@@ -158,28 +159,34 @@ def _logprobs_bwd_kernel(
         skip = skip & (g_ent == 0.0)
     if skip:
         # masked, clipped or A_hat = 0: zero gradient, the logits are not read
-        for start in range(0, V, BLOCK_V):
-            o_v = start + tl.arange(0, BLOCK_V)
-            tl.store(d_row + o_v, tl.zeros([BLOCK_V], tl.float32).to(dlogits.dtype.element_ty), mask=o_v < V)
+        b_zero = tl.zeros([BLOCK_V], tl.float32).to(dlogits.dtype.element_ty)
+        for start in range(0, V_main, BLOCK_V):
+            tl.store(d_row + start + o_v, b_zero)
+        if V_main < V:
+            tl.store(d_row + V_main + o_v, b_zero, mask=V_main + o_v < V)
     else:
-        g_lp = tl.where((tgt < 0) | (tgt >= V), float("nan"), g_lp)  # the log-prob itself is NaN
+        in_range = (tgt >= 0) & (tgt < V)
+        g_lp = tl.where(in_range, g_lp, float("nan"))  # the log-prob itself is NaN
         b_lse = tl.load(lse + row)
-        b_ent = tl.load(ent + row)
-        for start in range(0, V, BLOCK_V):
-            o_v = start + tl.arange(0, BLOCK_V)
-            m_v = o_v < V
-            b_lp = tl.load(x_row + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temp - b_lse
-            b_p = tl.exp(b_lp)  # [BLOCK_V]
-            b_d = g_lp * (tl.where(o_v == tgt, 1.0, 0.0) - b_p)
-            if HAS_GRAD_ENT:
-                b_d -= g_ent * tl.where(b_p > 0, b_p * (b_lp + b_ent), 0.0)
-            b_d = b_d * inv_temp
-            if ROUND_BF16:
-                # Triton's interpreter truncates fp32 -> bf16; round to nearest even as a GPU does
-                b_bits = b_d.to(tl.uint32, bitcast=True)
-                b_bits = (b_bits + 0x7FFF + ((b_bits >> 16) & 1)) & 0xFFFF0000
-                b_d = tl.where(b_d == b_d, b_bits.to(tl.float32, bitcast=True), b_d)
-            tl.store(d_row + o_v, b_d.to(dlogits.dtype.element_ty), mask=m_v)
+        b_ent = 0.0
+        if HAS_GRAD_ENT:
+            b_ent = tl.load(ent + row)
+        # the target's entry (onehot = 1), from one scalar load before the row is overwritten (in place)
+        tgt_c = tl.where(in_range, tgt, 0)
+        d_t = _dlogit_target(tl.load(x_row + tgt_c).to(tl.float32), g_lp, g_ent, b_lse, b_ent, inv_temp,
+                             HAS_GRAD_ENT, ROUND_BF16)
+        for start in range(0, V_main, BLOCK_V):
+            b_x = tl.load(x_row + start + o_v).to(tl.float32)
+            b_d = _dlogits(b_x, g_lp, g_ent, b_lse, b_ent, inv_temp, HAS_GRAD_ENT, ROUND_BF16)
+            tl.store(d_row + start + o_v, b_d.to(dlogits.dtype.element_ty))
+        if V_main < V:
+            m_v = V_main + o_v < V
+            b_x = tl.load(x_row + V_main + o_v, mask=m_v, other=float("-inf")).to(tl.float32)
+            b_d = _dlogits(b_x, g_lp, g_ent, b_lse, b_ent, inv_temp, HAS_GRAD_ENT, ROUND_BF16)
+            tl.store(d_row + V_main + o_v, b_d.to(dlogits.dtype.element_ty), mask=m_v)
+        tl.debug_barrier()  # every thread's tile stores land before the target's entry is overwritten
+        if in_range:
+            tl.store(d_row + tgt_c, d_t.to(dlogits.dtype.element_ty))
 
 
 @triton.jit
@@ -199,50 +206,41 @@ def _alloc(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _config(x, kind):
-    """(BLOCK_V, num_warps): one fixed config per kernel; under Triton's CPU interpreter the cost is per
-    tile (not per element), so fewer, larger tiles run faster there."""
-    if x.device.type == "cpu":
-        return 2048, 1
-    return _GPU_CONFIG[kind]
-
-
-_GPU_CONFIG = {"fwd": (4096, 8), "bwd": (4096, 8)}
-
-
-def _autotuned(kernel, inplace=False):
-    """CEPO_KERNELS_AUTOTUNE=1 opts into autotuning BLOCK_V / num_warps (never for in-place writes)."""
+def _autotuned(kernel, key, inplace=False):
+    """CEPO_KERNELS_AUTOTUNE=1 opts into autotuning BLOCK_V / num_warps over configs.SWEEP (never for
+    in-place writes, which a re-run would corrupt)."""
     if inplace or os.environ.get("CEPO_KERNELS_AUTOTUNE", "0") != "1":
         return None
-    if kernel not in _AUTOTUNED:
-        configs = [triton.Config({"BLOCK_V": bv}, num_warps=nw) for bv in (1024, 2048, 4096, 8192)
-                   for nw in (4, 8, 16)]
-        _AUTOTUNED[kernel] = triton.autotune(configs, key=["V"])(kernel)
-    return _AUTOTUNED[kernel]
+    if (kernel, key) not in _AUTOTUNED:
+        candidates = [triton.Config({"BLOCK_V": c["BLOCK_V"]}, num_warps=c["num_warps"])
+                      for c in configs.SWEEP[key]]
+        _AUTOTUNED[(kernel, key)] = triton.autotune(candidates, key=["V"])(kernel)
+    return _AUTOTUNED[(kernel, key)]
 
 
 _AUTOTUNED = {}
 
 
-def _launch(kernel, n, x, kind, *args, inplace=False, **kwargs):
+def _launch(kernel, n, x, key, *args, inplace=False, **kwargs):
+    """One program per row; BLOCK_V and num_warps from configs.get(key, device) (ops/configs.py)."""
     if n == 0:
         return
     if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise RuntimeError("cepo_kernels: CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 "
                            "before importing triton/cepo_kernels, or move the inputs to a GPU")
-    tuned = _autotuned(kernel, inplace) if x.device.type == "cuda" else None
+    tuned = _autotuned(kernel, key, inplace) if x.device.type == "cuda" else None
     if tuned is not None:
         tuned[(n,)](*args, **kwargs)
     else:
-        block_v, num_warps = _config(x, kind)
-        kernel[(n,)](*args, **kwargs, BLOCK_V=block_v, num_warps=num_warps)
+        kernel[(n,)](*args, **kwargs, **configs.get(key, x.device))
 
 
-def logprobs_fwd(logits, targets, temperature=1.0):
-    """logits [B, T, V] (last dim contiguous), targets [B*T] int64 -> (logp, lse, entropy), [B*T] fp32."""
+def logprobs_fwd(logits, targets, temperature=1.0, with_entropy=True):
+    """logits [B, T, V] (last dim contiguous), targets [B*T] int64 -> (logp, lse, entropy or None), fp32."""
     B, T, V = logits.shape
-    lp, lse, ent = (_alloc((B * T,), torch.float32, logits.device) for _ in range(3))
-    _launch(_logprobs_fwd_kernel, B * T, logits, "fwd", logits, targets, lp, lse, ent, T, V,
+    lp, lse = (_alloc((B * T,), torch.float32, logits.device) for _ in range(2))
+    ent = _alloc((B * T,), torch.float32, logits.device) if with_entropy else None
+    _launch(_logprobs_fwd_kernel, B * T, logits, "logprobs_fwd", logits, targets, lp, lse, ent, T, V,
             logits.stride(0), logits.stride(1), 1.0 / temperature)
     return lp, lse, ent
 
@@ -262,7 +260,8 @@ def cepo_fwd(logits, targets, adv, mask, params, *, old_logp=None, pos_logits=No
     pos_s = (0, 0) if pos_logits is None else pos_logits.stride()[:2]
     neg_s = (0, 0) if neg_logits is None else neg_logits.stride()[:2]
     p = params
-    _launch(_cepo_fwd_kernel, N, logits, "fwd",
+    key = f"cepo_fwd_x{1 + (pos_logits is not None) + (neg_logits is not None)}"
+    _launch(_cepo_fwd_kernel, N, logits, key,
             logits, pos_logits, neg_logits, targets, adv, mask, old_logp, pos_logp, neg_logp,
             lp, lse, a_hat, loss, coef, delta,
             T, V, logits.stride(0), logits.stride(1), *pos_s, *neg_s,
@@ -278,7 +277,7 @@ def logprobs_bwd(logits, targets, lse, ent, grad_lp, grad_ent=None, temperature=
     """
     B, T, V = logits.shape
     dlogits = logits if inplace else _alloc(logits.shape, logits.dtype, logits.device)
-    _launch(_logprobs_bwd_kernel, B * T, logits, "bwd", logits, dlogits, targets, lse, ent,
+    _launch(_logprobs_bwd_kernel, B * T, logits, "logits_bwd", logits, dlogits, targets, lse, ent,
             grad_lp.float().contiguous(), None if grad_ent is None else grad_ent.float().contiguous(),
             T, V, logits.stride(0), logits.stride(1), dlogits.stride(0), dlogits.stride(1),
             1.0 / temperature, ROUND_BF16=dlogits.device.type == "cpu" and dlogits.dtype == torch.bfloat16,
@@ -302,26 +301,35 @@ def cepo_advantages_fwd(adv, pos_logp, neg_logp, mask, lam, eps_w):
     return out
 
 
+def _bump_if_inplace(ctx, logits):
+    """After an in-place backward the logits' storage holds dlogits: bump their version counter so that
+    any later reader of the saved logits (a second backward with retain_graph, another op that saved
+    them) raises autograd's "modified by an inplace operation" error instead of reading gradients."""
+    if ctx.inplace:
+        torch.autograd.graph.increment_version(logits)
+
+
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, temperature, inplace):
-        lp, lse, ent = logprobs_fwd(logits, targets, temperature)
-        ctx.save_for_backward(logits, targets, lse, ent)
+    def forward(ctx, logits, targets, temperature, inplace, with_entropy):
+        lp, lse, ent = logprobs_fwd(logits, targets, temperature, with_entropy)
+        ctx.save_for_backward(logits, targets, lse, lse if ent is None else ent)
         ctx.temperature, ctx.inplace = temperature, inplace
         ctx.set_materialize_grads(False)
-        return lp, ent
+        return (lp, ent) if with_entropy else lp
 
     @staticmethod
-    def backward(ctx, grad_lp, grad_ent):
+    def backward(ctx, grad_lp, grad_ent=None):
         logits, targets, lse, ent = ctx.saved_tensors
         if grad_lp is None and grad_ent is None:
-            return None, None, None, None
+            return None, None, None, None, None
         if grad_lp is None:
             grad_lp = torch.zeros_like(lse)
         dlogits = logprobs_bwd(logits, targets, lse, ent, grad_lp.reshape(-1),
                                None if grad_ent is None else grad_ent.reshape(-1), ctx.temperature,
                                ctx.inplace)
-        return dlogits, None, None, None
+        _bump_if_inplace(ctx, logits)
+        return dlogits, None, None, None, None
 
 
 class _CEPOLoss(torch.autograd.Function):
@@ -339,6 +347,7 @@ class _CEPOLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, *_):
         logits, targets, lse, coef = ctx.saved_tensors
         dlogits = cepo_bwd(logits, targets, lse, coef, grad_loss, ctx.temperature, ctx.inplace)
+        _bump_if_inplace(ctx, logits)
         return dlogits, None, None, None, None
 
 
@@ -372,15 +381,16 @@ def token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False, in
     check_logits_and_targets(logits, targets)
     check_temperature(temperature)
     x = _as_btv(logits)
-    lp, ent = _TokenLogprobs.apply(x, targets.reshape(-1).long().contiguous(), float(temperature),
-                                   bool(inplace))
-    lp, ent = lp.reshape(targets.shape), ent.reshape(targets.shape)
-    return (lp, ent) if return_entropy else lp
+    out = _TokenLogprobs.apply(x, targets.reshape(-1).long().contiguous(), float(temperature), bool(inplace),
+                               bool(return_entropy))
+    if return_entropy:
+        return out[0].reshape(targets.shape), out[1].reshape(targets.shape)
+    return out.reshape(targets.shape)
 
 
 def cepo_loss(logits, targets, advantages, mask, *, old_logp=None, pos_logits=None, neg_logits=None,
               pos_logp=None, neg_logp=None, lam=None, eps_w=0.2, eps_low=0.2, eps_high=0.28, clip_dual=3.0,
-              temperature=1.0, reduction="token-mean", num_tokens=None, inplace=False):
+              temperature=1.0, reduction="token-mean", num_tokens=None, inplace=False, metrics=True):
     """The CEPO policy loss (PPO-clip on the contrastively reweighted advantage), fused over logits.
 
     One pass over the vocabulary reads the policy logits and the teachers' logits of each token together.
@@ -401,11 +411,17 @@ def cepo_loss(logits, targets, advantages, mask, *, old_logp=None, pos_logits=No
         reduction: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "sum" or "none".
         num_tokens: token-mean denominator (gradient accumulation across micro-batches).
         inplace: the backward writes dlogits into the logits' storage (no extra [N, V] buffer); the
-            logits are clobbered and must not be used after backward.
+            logits are clobbered and must not be used after backward (their version counter is bumped,
+            so autograd raises if anything that saved them reads them later).
+        metrics: True (default): a dict of Python floats, all read with one device-to-host copy;
+            "tensor": the same keys as 0-dim fp32 tensors on the device (no host sync: CUDA-graph
+            capturable with a bool mask and num_tokens given as a number or a tensor); False: {} (none
+            computed).
     Returns:
         CEPOOutput(loss: scalar ([B, T] / [N] for "none"), logp: fp32 detached, advantages: fp32 A_hat
-        detached, metrics: dict of floats).
+        detached, metrics: dict of floats, or of tensors with metrics="tensor").
     """
+    check_metrics_option(metrics)
     params, batch = check_logits_loss(
         logits, targets, advantages, mask, old_logp=old_logp, pos_logits=pos_logits, neg_logits=neg_logits,
         pos_logp=pos_logp, neg_logp=neg_logp, num_tokens=num_tokens, lam=lam, eps_w=eps_w, eps_low=eps_low,
@@ -428,7 +444,11 @@ def cepo_loss(logits, targets, advantages, mask, *, old_logp=None, pos_logits=No
     loss_tok, lp, a_hat = loss_tok.reshape(B, T), lp.reshape(B, T), a_hat.reshape(B, T)
     delta = None if delta is None else delta.detach().reshape(B, T)
     loss = reduce_loss(loss_tok, batch.mask, reduction, num_tokens)
-    metrics = loss_metrics(lp, batch.old_logp, batch.advantages, a_hat, delta, batch.mask, params)
+    if metrics:
+        metrics = loss_metrics(lp, batch.old_logp, batch.advantages, a_hat, delta, batch.mask, params,
+                               as_tensors=metrics == "tensor")
+    else:
+        metrics = {}
     shape = (-1,) if batch.flat else (B, T)
     if reduction == "none":
         loss = loss.reshape(shape)
@@ -436,11 +456,11 @@ def cepo_loss(logits, targets, advantages, mask, *, old_logp=None, pos_logits=No
 
 
 def grpo_loss(logits, targets, advantages, mask, *, old_logp=None, eps_low=0.2, eps_high=0.28, clip_dual=3.0,
-              temperature=1.0, reduction="token-mean", num_tokens=None, inplace=False):
+              temperature=1.0, reduction="token-mean", num_tokens=None, inplace=False, metrics=True):
     """cepo_loss without teachers (A_hat = A): the fused PPO-clip GRPO loss. Same arguments and output."""
     return cepo_loss(logits, targets, advantages, mask, old_logp=old_logp, eps_low=eps_low, eps_high=eps_high,
                      clip_dual=clip_dual, temperature=temperature, reduction=reduction, num_tokens=num_tokens,
-                     inplace=inplace)
+                     inplace=inplace, metrics=metrics)
 
 
 @torch.no_grad()

@@ -1,0 +1,102 @@
+"""The logits kernels' launch configs (cepo_kernels/ops/configs.py) and the GPU sweep's table writing
+(bench/tune_logits.py, run with a stand-in timing function: the real one needs a GPU)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import cepo_kernels
+from cepo_kernels.ops import configs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_tuner():
+    spec = importlib.util.spec_from_file_location("tune_logits", ROOT / "bench" / "tune_logits.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def table(tmp_path, monkeypatch):
+    path = tmp_path / "configs.json"
+    monkeypatch.setenv("CEPO_KERNELS_CONFIGS", str(path))
+    monkeypatch.setattr(configs, "card_name", lambda device: "Fake H200")
+    yield path
+    configs._tables.clear()
+
+
+def test_defaults_without_a_table(table):
+    cuda = torch.device("cuda", 0)
+    for key in configs.KEYS:
+        assert configs.get(key, cuda) == configs.DEFAULTS[key]
+        assert configs.get(key, torch.device("cpu")) == configs.INTERPRETER
+
+
+def test_sweep_writes_the_fastest_config_per_card_and_the_launchers_read_it(table):
+    tuner = load_tuner()
+    table.write_text(json.dumps({"Other GPU": {"logits_bwd": {"BLOCK_V": 2048, "num_warps": 4}}}))
+
+    def fake_ms(key, cfg):  # fastest: 8192 x 8 for the forwards; the backward's 16384 is "rejected"
+        if key == "logits_bwd" and cfg["BLOCK_V"] == 16384:
+            return None
+        return abs(cfg["BLOCK_V"] - 8192) / 1024 + abs(cfg["num_warps"] - 8) + (key == "logits_bwd")
+
+    results = tuner.sweep(configs.KEYS, fake_ms, "Fake H200")
+    assert results["cepo_fwd_x3"]["best"] == {"BLOCK_V": 8192, "num_warps": 8}
+    assert len(results["logits_bwd"]["ms"]) == len(configs.SWEEP["logits_bwd"]) - 1
+    written = json.loads(table.read_text())
+    assert written["Other GPU"] == {"logits_bwd": {"BLOCK_V": 2048, "num_warps": 4}}  # kept
+    assert written["Fake H200"] == {k: {"BLOCK_V": 8192, "num_warps": 8} for k in configs.KEYS}
+    cuda = torch.device("cuda", 0)
+    assert configs.get("cepo_fwd_x1", cuda) == {"BLOCK_V": 8192, "num_warps": 8}
+    with configs.override({"cepo_fwd_x1": {"BLOCK_V": 1024, "num_warps": 2}}):
+        assert configs.get("cepo_fwd_x1", cuda) == {"BLOCK_V": 1024, "num_warps": 2}
+        assert configs.get("cepo_fwd_x1", torch.device("cpu")) == {"BLOCK_V": 1024, "num_warps": 2}
+    assert configs.get("cepo_fwd_x1", torch.device("cpu")) == configs.INTERPRETER
+
+
+def test_malformed_table_and_config_raise(table):
+    table.write_text(json.dumps({"Fake H200": {"cepo_fwd_x1": {"BLOCK_V": 1000, "num_warps": 8}}}))
+    with pytest.raises(ValueError, match="configs.json"):
+        configs.get("cepo_fwd_x1", torch.device("cuda", 0))
+    with pytest.raises(ValueError, match="unknown kernel key"):
+        with configs.override({"cepo_fwd": {"BLOCK_V": 1024, "num_warps": 4}}):
+            pass
+
+
+def test_overridden_config_gives_the_same_results():
+    """A config from the table changes only the tiling: same loss and gradient (CPU interpreter)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 1000, generator=g)
+    tg = torch.randint(0, 1000, (2, 3), generator=g)
+    adv, mask = torch.randn(2, generator=g), torch.ones(2, 3, dtype=torch.bool)
+
+    def run():
+        leaf = x.clone().requires_grad_()
+        out = cepo_kernels.cepo_loss(leaf, tg, adv, mask, pos_logits=x + 0.1, neg_logits=x - 0.1,
+                                     metrics=False)
+        out.loss.backward()
+        return out.loss, leaf.grad
+
+    base = run()
+    small = {k: {"BLOCK_V": 256, "num_warps": 4} for k in configs.KEYS}
+    with configs.override(small):
+        tiled = run()
+    torch.testing.assert_close(tiled[0], base[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(tiled[1], base[1], rtol=1e-5, atol=1e-8)
+
+
+def test_import_reads_no_table_and_does_not_import_the_training_loop():
+    code = ("import sys, cepo_kernels; from cepo_kernels.ops import configs; "
+            "assert not configs._tables and not configs._cards; "
+            "assert not any(m.startswith('cepo_kernels.rl') for m in sys.modules), sorted(sys.modules); "
+            "from cepo_kernels.rl.advantages import group_advantages; "
+            "assert group_advantages is cepo_kernels.group_advantages")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
