@@ -1,14 +1,21 @@
-"""Turns a pytest-benchmark JSON file into a markdown table with the card, versions and date."""
+"""Turns pytest-benchmark JSON files into markdown tables with the card, versions and date.
+
+    python bench/summarise.py RESULT.json [RESULT.json ...]   (missing or empty files are noted, not fatal)
+"""
 
 import json
 import sys
 
 
 def main(path):
-    with open(path) as f:
-        data = json.load(f)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        print(f"# {path}: no results ({e})\n")
+        return
     info = data.get("machine_info", {})
-    print(f"# Benchmarks, {data.get('datetime', '?')}")
+    print(f"# Benchmarks, {data.get('datetime', '?')} ({path})")
     print()
     print(f"card: {info.get('gpu', '?')}; torch {info.get('torch', '?')}; triton {info.get('triton', '?')}")
     print()
@@ -35,4 +42,6 @@ def _fit(extra):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    for p in sys.argv[1:]:
+        main(p)
+        print()
