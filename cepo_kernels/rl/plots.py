@@ -105,6 +105,8 @@ def _series(run: dict, key: str) -> dict[int, float]:
         out[0] = float(run["summary"]["eval_accuracy_start"])
     for row in run["rows"]:
         v = row.get(key)
+        if key == "time_teachers" and isinstance(v, (int, float)):
+            v += row.get("time_old_logp", 0.0)  # logged apart since 2026-11-30; the panel shows their sum
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             out[int(row["step"])] = float(v)
     return out
