@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import assert_close, err, poison
 
+import cepo_kernels
 import cepo_ref
 from cepo_kernels.ops import linear_bwd as linear_bwd_mod
 from cepo_kernels.ops.linear import (
@@ -470,3 +471,32 @@ def test_realistic_shape_sampled_rows():
             same = cepo_ref.linear_logprobs(x[0, sel], w, tq[0, sel])
             assert_close(lp_k[0, sel], ref, same, atol=1e-4, name="policy logp")
     assert torch.isfinite(out.loss) and (hk.grad[1] == 0).all() and torch.isfinite(wk.grad).all()
+
+
+@pytest.mark.parametrize("fn", ["linear_cepo_loss", "linear_grpo_loss"])
+def test_linear_loss_without_host_syncs(fn, device):
+    """metrics="tensor", a bool mask and num_tokens as a tensor: forward and backward never read a tensor on
+    the host (what CUDA graph capture needs), and the metrics equal the default floats."""
+    hidden, weight, bias, targets = make_linear((2, 5), torch.float32, device, seed=41)
+    g = torch.Generator().manual_seed(42)
+    adv = torch.tensor([0.7, -0.7], device=device)
+    mask = torch.ones(2, 5, dtype=torch.bool, device=device)
+    mask[1, 3:] = False
+    kw = dict(bias=bias, old_logp=-torch.rand(2, 5, generator=g).to(device) - 5.0,
+              num_tokens=torch.tensor(8.0, device=device))
+    if fn == "linear_cepo_loss":
+        kw.update(pos_hidden=torch.randn(2, 5, H, generator=g).to(device), neg_logp=kw["old_logp"])
+    h, w = leaves(hidden, weight)
+    with pytest.MonkeyPatch.context() as mp:
+        def refuse(self, *args, **kwargs):
+            raise AssertionError("host sync: a tensor was read on the host")
+
+        for name in ("item", "tolist", "nonzero", "__bool__", "__float__", "__int__"):
+            mp.setattr(torch.Tensor, name, refuse)
+        out = getattr(cepo_kernels, fn)(h, w, targets, adv, mask, metrics="tensor", **kw)
+        out.loss.backward()
+    floats = getattr(cepo_kernels, fn)(hidden, weight, targets, adv, mask, **kw).metrics
+    assert set(out.metrics) == set(floats)
+    for k, v in out.metrics.items():
+        assert v.dim() == 0 and float(v) == floats[k], k
+    assert getattr(cepo_kernels, fn)(hidden, weight, targets, adv, mask, metrics=False, **kw).metrics == {}

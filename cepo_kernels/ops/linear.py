@@ -28,7 +28,7 @@ from cepo_kernels._params import (
     check_tensor,
     resolve_lam,
 )
-from cepo_kernels.ops._common import cepo_token, loss_metrics, reduce_loss
+from cepo_kernels.ops._common import cepo_token, check_metrics_option, loss_metrics, reduce_loss
 from cepo_kernels.ops.linear_bwd import active_rows, alloc, dot_precision, grouped, linear_bwd, upcast_dot
 
 # per operand width: 16-bit dots run on the tensor cores (wgmma m64n128); fp32 IEEE dots run on the FMA
@@ -368,7 +368,7 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retu
 def linear_cepo_loss(hidden, weight, targets, advantages, mask, *, old_logp=None, pos_hidden=None,
                      neg_hidden=None, pos_logp=None, neg_logp=None, bias=None, lam=None, eps_w=0.2,
                      eps_low=0.2, eps_high=0.28, clip_dual=3.0, temperature=1.0, reduction="token-mean",
-                     num_tokens=None):
+                     num_tokens=None, metrics=True):
     """The CEPO loss (cepo_loss of API.md) from hidden states and the lm_head, logits never materialised.
 
     Args:
@@ -379,12 +379,14 @@ def linear_cepo_loss(hidden, weight, targets, advantages, mask, *, old_logp=None
             weight in the same launch as the policy rows, only where mask and advantage != 0), or
         pos_logp, neg_logp: the teachers' log-probs [B, T] / [N]. Each teacher independently; both or none
             (RLSD: pos_hidden and neg_logp = the old student log-probs).
-        lam, eps_w, eps_low, eps_high, clip_dual, temperature, reduction, num_tokens: as cepo_loss.
+        lam, eps_w, eps_low, eps_high, clip_dual, temperature, reduction, num_tokens, metrics: as cepo_loss
+            (metrics="tensor" keeps them on the device: no host sync).
     Returns:
         CEPOOutput(loss, logp, advantages=A_hat, metrics). loss is differentiable w.r.t. hidden, weight and
         bias; logp and A_hat fp32 detached, shaped like targets. Metric delta_* statistics count the rows
         whose teachers were scored (Delta = 0 elsewhere).
     """
+    check_metrics_option(metrics)
     check_linear(hidden, weight, bias)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden: expected [B, T, H] or [N, H], got shape {tuple(hidden.shape)}")
@@ -409,7 +411,11 @@ def linear_cepo_loss(hidden, weight, targets, advantages, mask, *, old_logp=None
     lp, loss_tok, a_hat, delta = (x.reshape(B, T) for x in (lp.detach(), loss_tok, a_hat, delta))
     loss = reduce_loss(loss_tok, b.mask, reduction, num_tokens)
     has_teachers = pos_h is not None or neg_h is not None or b.pos_logp is not None
-    metrics = loss_metrics(lp, b.old_logp, b.advantages, a_hat, delta if has_teachers else None, b.mask, p)
+    if metrics:
+        metrics = loss_metrics(lp, b.old_logp, b.advantages, a_hat, delta if has_teachers else None, b.mask,
+                               p, as_tensors=metrics == "tensor")
+    else:
+        metrics = {}
     shape = (-1,) if b.flat else (B, T)
     if reduction == "none":
         loss = loss.reshape(shape)
@@ -417,14 +423,15 @@ def linear_cepo_loss(hidden, weight, targets, advantages, mask, *, old_logp=None
 
 
 def linear_grpo_loss(hidden, weight, targets, advantages, mask, *, old_logp=None, bias=None, eps_low=0.2,
-                     eps_high=0.28, clip_dual=3.0, temperature=1.0, reduction="token-mean", num_tokens=None):
+                     eps_high=0.28, clip_dual=3.0, temperature=1.0, reduction="token-mean", num_tokens=None,
+                     metrics=True):
     """linear_cepo_loss without teachers (A_hat = A): the PPO-clip GRPO loss from hidden states.
 
     Args and Returns: as linear_cepo_loss.
     """
     return linear_cepo_loss(hidden, weight, targets, advantages, mask, old_logp=old_logp, bias=bias,
                             eps_low=eps_low, eps_high=eps_high, clip_dual=clip_dual, temperature=temperature,
-                            reduction=reduction, num_tokens=num_tokens)
+                            reduction=reduction, num_tokens=num_tokens, metrics=metrics)
 
 
 @torch.no_grad()

@@ -317,7 +317,7 @@ class Trainer:
                 hi = min(lo + mini, B)
                 num_tokens = mask[lo:hi].sum()
                 self.optimizer.zero_grad(set_to_none=True)
-                loss_total, bad = 0.0, False
+                loss_total = torch.zeros((), device=self.device)
                 for rows in self._chunks(list(range(lo, hi)), responses):
                     h, t, _ = self._forward_rows(rows, lambda r: prompts[r], responses)
                     run += t
@@ -326,35 +326,30 @@ class Trainer:
                     targets, m = self._targets(rows, responses, R)
                     out = linear_cepo_loss(
                         h, weight, targets, adv[idx], m, old_logp=old_logp[idx, :R],
-                        num_tokens=num_tokens if cfg.reduction == "token-mean" else None,
+                        num_tokens=num_tokens if cfg.reduction == "token-mean" else None, metrics="tensor",
                         **opts, **{k: v[idx, :R] for k, v in teachers.items()},
                     )  # fmt: skip
-                    loss_value = float(out.loss.detach())  # the one host sync of the micro-batch
-                    if not math.isfinite(loss_value):
-                        bad = True
-                        break
                     out.loss.backward()
-                    loss_total += loss_value
-                    n_tok = seq_tokens[rows].sum()
+                    loss_total = loss_total + out.loss.detach().float()
+                    n_tok = float(seq_tokens[rows].sum())
                     tokens += n_tok
                     for k in LOSS_METRICS:
-                        sums[k] = sums.get(k, 0.0) + n_tok * float(out.metrics.get(k, 0.0))
-                grad_norm = None
-                if not bad:
-                    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf  # 0: no clipping
-                    grad_norm = float(
-                        torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), max_norm)
-                    )
-                    bad = not math.isfinite(grad_norm)
-                if bad:
+                        sums[k] = sums.get(k, 0.0) + n_tok * out.metrics[k]
+                max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf  # 0: no clipping
+                norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), max_norm)
+                # the one host sync of an update: a non-finite loss or gradient skips it
+                loss_value, grad_norm = torch.stack([loss_total, norm.float().to(loss_total.device)]).tolist()
+                if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                     n_nan += 1
                     self.optimizer.zero_grad(set_to_none=True)
                     continue
                 self.optimizer.step()
-                losses.append(loss_total)
+                losses.append(loss_value)
                 grad_norms.append(grad_norm)
         self.optimizer.zero_grad(set_to_none=True)  # no gradients held through the next rollouts
-        metrics = {k: v / max(tokens, 1.0) for k, v in sums.items()}
+        names = list(sums)
+        values = torch.stack([sums[k].float() for k in names]).tolist() if names else []
+        metrics = {k: v / max(tokens, 1.0) for k, v in zip(names, values, strict=True)}
         metrics.update(
             loss=float(np.mean(losses)) if losses else None,  # None: every update was skipped
             grad_norm=float(np.mean(grad_norms)) if grad_norms else None,
