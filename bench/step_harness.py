@@ -21,8 +21,8 @@ import torch
 
 import cepo_ref
 from cepo_kernels import linear_cepo_loss, linear_grpo_loss, linear_logprobs, linear_teacher_logprobs
-from cepo_kernels.rl.model import base_model, lm_head, response_hidden
-from cepo_kernels.rl.prefix import prefix_hidden
+from cepo_kernels.rl.model import base_model, lm_head
+from cepo_kernels.rl.prefix import context_hidden, response_targets
 from cepo_kernels.rl.teacher import pack
 
 PATHS = ("shared", "plain", "naive")
@@ -94,13 +94,7 @@ class TokenCounter:
 
 
 def targets_mask(batch: StepBatch, rows: list[int], R: int, device):
-    t = torch.full((len(rows), R), batch.pad_id, dtype=torch.long)
-    m = torch.zeros((len(rows), R), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids = batch.responses[r][:R]
-        t[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        m[i, : len(ids)] = True
-    return t.to(device), m.to(device)
+    return response_targets([batch.responses[r] for r in rows], R, batch.pad_id, device)
 
 
 def _checkpointing(model) -> bool:
@@ -112,16 +106,12 @@ def _checkpointing(model) -> bool:
 
 
 def hidden(model, batch: StepBatch, kind: str, rows: list[int], path: str, device) -> torch.Tensor:
-    """Hidden states [n, R, H] predicting the responses of `rows` under context `kind` (policy/pos/neg)."""
-    resp = [batch.responses[r] for r in rows]
+    """Hidden states [n, R, H] predicting the responses of `rows` under context `kind` (policy/pos/neg),
+    shared or plain as the trainer chooses (rl/prefix.context_hidden)."""
     shared = path == "shared" and not (torch.is_grad_enabled() and _checkpointing(model))
-    if shared:
-        keys = [tuple(batch.context(kind, r)) for r in rows]
-        distinct = {k: i for i, k in enumerate(dict.fromkeys(keys))}
-        return prefix_hidden(model, [list(k) for k in distinct], resp, [distinct[k] for k in keys],
-                             pad_id=batch.pad_id, device=device)
-    packed = pack([batch.context(kind, r) for r in rows], resp, batch.pad_id, device)
-    return response_hidden(model, packed)
+    contexts, resp = [batch.context(kind, r) for r in rows], [batch.responses[r] for r in rows]
+    h, _, _ = context_hidden(model, contexts, resp, pad_id=batch.pad_id, device=device, share=shared)
+    return h
 
 
 def _naive_logits(model, batch, kind, rows, device):

@@ -16,7 +16,8 @@ import inspect
 
 import torch
 
-from cepo_kernels.rl.model import base_model
+from cepo_kernels.rl.model import base_model, response_hidden
+from cepo_kernels.rl.teacher import pack
 
 
 class SharedPrefixUnsupported(RuntimeError):
@@ -53,11 +54,11 @@ def prefix_hidden(model, prefixes: list[list[int]], responses: list[list[int]], 
         attn[i, L - len(p) :] = 1
     plen = attn.sum(dim=1)
     pos = (attn.cumsum(dim=1) - 1).clamp_min(0)
-    ids, attn, pos, plen = ids.to(device), attn.to(device), pos.to(device), plen.to(device)
+    ids, attn, pos, plen = (to_device(t, device) for t in (ids, attn, pos, plen))
     # transformers >= 5.x names the argument `cache`, earlier releases `past_key_values`
     arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
     out = decoder(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **{arg: cache})
-    rows = torch.tensor(owner, dtype=torch.long, device=device)
+    rows = to_device(torch.tensor(owner, dtype=torch.long), device)
     first = out.last_hidden_state[:, -1][rows]  # [n, H]: the state that predicts response token 0
     R = max([len(r) for r in responses] + [1])
     if R == 1:
@@ -72,8 +73,43 @@ def prefix_hidden(model, prefixes: list[list[int]], responses: list[list[int]], 
         if r:
             rids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
             rattn[i, : len(r)] = 1
-    rids, rattn = rids.to(device), rattn.to(device)
+    rids, rattn = to_device(rids, device), to_device(rattn, device)
     full_attn = torch.cat([attn[rows], rattn], dim=1)
     rpos = plen[rows, None] + torch.arange(R - 1, device=device)[None]
     out = decoder(input_ids=rids, attention_mask=full_attn, position_ids=rpos, use_cache=True, **{arg: cache})
     return torch.cat([first[:, None], out.last_hidden_state], dim=1)  # [n, R, H]
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on the device without a blocking copy (pinned memory, non_blocking) on a GPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def context_hidden(model, contexts: list[list[int]], responses: list[list[int]], *, pad_id: int, device,
+                   share: bool) -> tuple[torch.Tensor, int, int]:
+    """(hidden [n, R, H] predicting each response after its context, R = the longest response; tokens run;
+    tokens the plain per-response path runs). With share, each distinct context runs once (prefix_hidden;
+    raises SharedPrefixUnsupported for a model whose cache cannot be reused); else every row in full."""
+    naive = sum(len(c) + len(r) for c, r in zip(contexts, responses, strict=True))
+    if share:
+        keys = [tuple(c) for c in contexts]
+        distinct = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+        prefixes = [list(k) for k in distinct]
+        owner = [distinct[k] for k in keys]
+        h = prefix_hidden(model, prefixes, responses, owner, pad_id=pad_id, device=device)
+        return h, sum(map(len, prefixes)) + sum(map(len, responses)), naive
+    return response_hidden(model, pack(contexts, responses, pad_id, device)), naive, naive
+
+
+def response_targets(responses: list[list[int]], R: int, pad_id: int, device):
+    """targets [n, R] (pad_id past each response) and mask [n, R] bool, on the device."""
+    t = torch.full((len(responses), R), pad_id, dtype=torch.long)
+    m = torch.zeros((len(responses), R), dtype=torch.bool)
+    for i, ids in enumerate(responses):
+        ids = ids[:R]
+        t[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        m[i, : len(ids)] = True
+    return to_device(t, device), to_device(m, device)

@@ -31,10 +31,9 @@ from cepo_kernels.rl.model import (
     load_model_and_tokenizer,
     resolve_device,
     resolve_dtype,
-    response_hidden,
     trainable_parameters,
 )
-from cepo_kernels.rl.prefix import SharedPrefixUnsupported, prefix_hidden
+from cepo_kernels.rl.prefix import SharedPrefixUnsupported, context_hidden, response_targets, to_device
 from cepo_kernels.rl.reward import (
     answers_match,
     extract_boxed,
@@ -53,7 +52,7 @@ from cepo_kernels.rl.rundir import (
 )
 from cepo_kernels.rl.sft import supervised_warmup
 from cepo_kernels.rl.task import encode, load_problems, render_prompt
-from cepo_kernels.rl.teacher import pack, plan_teachers
+from cepo_kernels.rl.teacher import plan_teachers
 
 log = logging.getLogger("cepo_kernels.rl")
 LOSS_METRICS = ("clip_frac", "adv_abs_mean", "adv_hat_abs_mean", "approx_kl", "ratio_mean")
@@ -219,36 +218,24 @@ class Trainer:
         return chunks + ([cur] if cur else [])
 
     def _forward_rows(self, rows: list[int], prefix_of, responses) -> tuple[torch.Tensor, int, int]:
-        """(hidden [n, R, H] predicting the responses of `rows`, R = their longest response; tokens run;
-        tokens the plain per-response path would run). prefix_of(row) -> the row's context ids; rows with
-        the same context share it: with share_prefix it is run once for them (rl/prefix.py)."""
-        resp = [responses[r] for r in rows]
-        naive = sum(len(prefix_of(r)) + len(responses[r]) for r in rows)
-        if self.share_prefix and not (torch.is_grad_enabled() and self.cfg.gradient_checkpointing):
-            keys = [tuple(prefix_of(r)) for r in rows]
-            distinct = {k: i for i, k in enumerate(dict.fromkeys(keys))}
-            owner = [distinct[k] for k in keys]
-            prefixes = [list(k) for k in distinct]
+        """(hidden [n, R, H] predicting the responses of `rows`; tokens run; tokens of the plain path):
+        rl/prefix.context_hidden, sharing contexts unless disabled, unsupported, or under gradient
+        checkpointing with gradients on. prefix_of(row) -> the row's context ids."""
+        contexts, resp = [prefix_of(r) for r in rows], [responses[r] for r in rows]
+        share = self.share_prefix and not (torch.is_grad_enabled() and self.cfg.gradient_checkpointing)
+        kw = dict(pad_id=self.tok.pad_token_id, device=self.device)
+        if share:
             try:
-                h = prefix_hidden(self.model, prefixes, resp, owner, pad_id=self.tok.pad_token_id,
-                                  device=self.device)
-                return h, sum(map(len, prefixes)) + sum(map(len, resp)), naive
+                return context_hidden(self.model, contexts, resp, share=True, **kw)
             except SharedPrefixUnsupported as e:
                 self.share_prefix = False
                 log.warning("shared prefixes are not supported for this model (%s): running every context "
                             "in full", e)
-        packed = pack([prefix_of(r) for r in rows], resp, self.tok.pad_token_id, self.device)
-        return response_hidden(self.model, packed), naive, naive
+        return context_hidden(self.model, contexts, resp, share=False, **kw)
 
     def _targets(self, rows, responses, R):
         """targets [n, R] (pad id past each response) and mask [n, R] of rows, on the device."""
-        t = torch.full((len(rows), R), self.tok.pad_token_id, dtype=torch.long)
-        m = torch.zeros((len(rows), R), dtype=torch.bool)
-        for i, r in enumerate(rows):
-            ids = responses[r][:R]
-            t[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            m[i, : len(ids)] = True
-        return t.to(self.device), m.to(self.device)
+        return response_targets([responses[r] for r in rows], R, self.tok.pad_token_id, self.device)
 
     @torch.no_grad()
     def _old_logprobs(self, prompts, responses, weight, bias):
@@ -263,7 +250,7 @@ class Trainer:
             targets, _ = self._targets(rows, responses, h.shape[1])
             lp, en = linear_logprobs(h, weight, targets, bias=bias, temperature=self.cfg.temperature,
                                      return_entropy=True)
-            idx = torch.tensor(rows, device=self.device)
+            idx = to_device(torch.tensor(rows), self.device)
             logp[idx, : h.shape[1]] = lp.float()
             ent[idx, : h.shape[1]] = en.float()
             tokens, naive = tokens + t, naive + nv
@@ -282,7 +269,7 @@ class Trainer:
             h_pos, t, _ = self._forward_rows(rows, lambda r: plan.pos_prefixes[where[r]], responses)
             tokens += t
             targets, _ = self._targets(rows, responses, h_pos.shape[1])
-            dst = torch.tensor(rows, device=self.device)
+            dst = to_device(torch.tensor(rows), self.device)
             R = h_pos.shape[1]
             if self.cfg.algo == "cepo":
                 h_neg, t, _ = self._forward_rows(rows, lambda r: plan.neg_prefixes[where[r]], responses)
@@ -322,7 +309,7 @@ class Trainer:
                     h, t, _ = self._forward_rows(rows, lambda r: prompts[r], responses)
                     run += t
                     R = h.shape[1]
-                    idx = torch.tensor(rows, device=self.device)
+                    idx = to_device(torch.tensor(rows), self.device)
                     targets, m = self._targets(rows, responses, R)
                     out = linear_cepo_loss(
                         h, weight, targets, adv[idx], m, old_logp=old_logp[idx, :R],
