@@ -482,28 +482,3 @@ def linear_teacher_logprobs(pos_hidden, neg_hidden, weight, targets, *, bias=Non
                      targets.reshape(-1), rows, count, temperature=temperature).logp
     it = iter(out.reshape(len(srcs), *lead))
     return tuple(next(it) if t is not None else None for t in (pos_hidden, neg_hidden))
-
-
-def compile_cases(ptr, precision):
-    """(name, kernel, pointer types, constexprs, launch config) of every config the forward launches."""
-    f32 = "*fp32"
-    for n_src, rows_from, has_bias, has_rows in ((1, 0, False, False), (1, 0, True, True), (2, 0, True, True),
-                                                 (2, 1, True, True), (3, 1, False, True), (3, 1, True, True)):
-        yield (f"linear_fwd src{n_src} rows_from={rows_from} bias={int(has_bias)} rows={int(has_rows)}",
-               _linear_fwd_kernel,
-               dict(h0=ptr, h1=ptr, h2=ptr, weight=ptr, bias=ptr, targets="*i64", rows="*i64", count="*i32",
-                    stats=f32, tgt=f32),
-               dict(N_SRC=n_src, ROWS_FROM=rows_from, HAS_BIAS=has_bias, HAS_ROWS=has_rows, UPCAST_DOT=False,
-                    PRECISION=precision, GROUP=_GROUP), _FWD_CONFIG[32 if ptr == "*fp32" else 16])
-    if ptr == "*bf16":  # no dtype-dependent pointer: compiled once
-        for has_rows in (False, True):
-            yield (f"linear_combine rows={int(has_rows)}", _linear_combine_kernel,
-                   dict(stats=f32, tgt=f32, targets="*i64", rows="*i64", count="*i32", lse=f32, logp=f32,
-                        ent=f32), dict(ROWS_FROM=1, HAS_ROWS=has_rows, BLOCK=_COMBINE_BLOCK),
-                   dict(num_warps=4, num_stages=3))
-        for has_old, has_teachers in ((False, False), (True, True)):
-            yield (f"linear_token old={int(has_old)} teachers={int(has_teachers)}", _linear_token_fwd_kernel,
-                   {**dict.fromkeys(("logp", "old", "adv", "pos", "neg", "a_hat", "loss", "coef", "delta"),
-                                    f32), "mask": "*i1"},
-                   dict(HAS_OLD=has_old, HAS_TEACHERS=has_teachers, HAS_DUAL=True, BLOCK=_TOKEN_BLOCK),
-                   dict(num_warps=4, num_stages=3))

@@ -329,24 +329,3 @@ def linear_bwd(hidden, weight, bias, targets, lse, g_lp, ent=None, g_ent=None, *
     if need_b:
         grad_b = db32.to(bias.dtype)
     return grad_h, grad_w, grad_b
-
-
-def compile_cases(ptr, precision):
-    """(name, kernel, pointer types, constexprs, launch config) of every config linear_bwd launches."""
-    f32 = "*fp32"
-    width = 32 if ptr == f32 else 16
-    g, mm = _G_CONFIG[width], _MM_CONFIG[width]
-    for has_bias, has_ent, filt in ((False, False, False), (True, True, False), (False, True, True)):
-        yield (f"linear_bwd_G bias={int(has_bias)} ent={int(has_ent)} filter={int(filt)}", _linear_bwd_kernel,
-               dict(hidden=ptr, weight=ptr, bias=ptr, targets="*i64", rows="*i64", count="*i32", lse=f32,
-                    g_lp=f32, ent=f32, g_ent=f32, grad_z=ptr, db_part=f32, tile_keep="*i32"),
-               dict(HAS_BIAS=has_bias, HAS_ENT=has_ent, HAS_DB=has_bias, FILTER=filt, UPCAST_DOT=False,
-                    PRECISION=precision, GROUP=_GROUP), g)
-    for acc, filt in ((False, False), (True, False), (True, True)):
-        common = dict(ACCUMULATE=acc, FILTER=filt, TILE_M=g["BLOCK_M"], TILE_V=g["BLOCK_V"], UPCAST_DOT=False,
-                      PRECISION=precision, GROUP=_GROUP)
-        yield (f"linear_bwd_dh accumulate={int(acc)} filter={int(filt)}", _linear_dh_kernel,
-               dict(grad_z=ptr, weight=ptr, dh=f32, count="*i32", tile_keep="*i32"), common, mm)
-        yield (f"linear_bwd_dw accumulate={int(acc)} filter={int(filt)}", _linear_dw_kernel,
-               dict(grad_z=ptr, hidden=ptr, rows="*i64", count="*i32", dw=f32 if acc else ptr,
-                    tile_keep="*i32"), common, mm)
