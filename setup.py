@@ -26,8 +26,8 @@ setup(
     entry_points={
         "console_scripts": [
             "cepo-train=cepo_kernels.rl.cli:main",
-            "cepo-viz=cepo_kernels.rl.viz:main",
-            "cepo-compare=cepo_kernels.rl.compare:main",
+            "cepo-viz=cepo_kernels.analysis.viz:main",
+            "cepo-compare=cepo_kernels.analysis.compare:main",
         ]
     },
 )

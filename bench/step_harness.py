@@ -18,12 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from cepo_kernels.rl.prefix import context_hidden, response_targets
+from cepo_kernels.rl.teacher import pack
 
 import cepo_ref
 from cepo_kernels import linear_cepo_loss, linear_grpo_loss, linear_logprobs, linear_teacher_logprobs
 from cepo_kernels.rl.model import base_model, lm_head
-from cepo_kernels.rl.prefix import context_hidden, response_targets
-from cepo_kernels.rl.teacher import pack
 
 PATHS = ("shared", "plain", "naive")
 

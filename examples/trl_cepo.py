@@ -27,7 +27,7 @@ from datasets import Dataset  # noqa: E402
 
 # was: from trl import GRPOConfig, GRPOTrainer
 from cepo_kernels.integrations.trl import CEPOConfig, CEPOTrainer  # noqa: E402, I001
-from cepo_kernels.rl.reward import boxed_reward, extract_boxed  # noqa: E402
+from cepo_kernels.step.rewards import boxed_reward, extract_boxed  # noqa: E402
 
 
 def correct(completions, answer, **kwargs):

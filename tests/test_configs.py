@@ -97,6 +97,6 @@ def test_import_reads_no_table_and_does_not_import_the_training_loop():
     code = ("import sys, cepo_kernels; from cepo_kernels.ops import configs; "
             "assert not configs._tables and not configs._cards; "
             "assert not any(m.startswith('cepo_kernels.rl') for m in sys.modules), sorted(sys.modules); "
-            "from cepo_kernels.rl.advantages import group_advantages; "
+            "from cepo_kernels.ops.advantages import group_advantages; "
             "assert group_advantages is cepo_kernels.group_advantages")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -6,8 +6,9 @@ import pytest
 
 from cepo_kernels.rl.checkpoint import resolve_checkpoint
 from cepo_kernels.rl.cli import main
-from cepo_kernels.rl.config import TrainConfig, config_from_dict, lam_at, lr_factor, parse_args, valid_keys
+from cepo_kernels.rl.config import TrainConfig, config_from_dict, lr_factor, parse_args, valid_keys
 from cepo_kernels.rl.task import arithmetic_problems, load_jsonl
+from cepo_kernels.step import lam_at
 
 
 def test_defaults_follow_the_paper_for_the_method():

@@ -152,7 +152,7 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint(tmp_path, monkeypatch, ca
 
 
 def test_second_ctrl_c_stops_at_once(tmp_path, monkeypatch, capsys):
-    real_update = Trainer._update
+    real_update = Trainer.update
 
     def twice(self, *args):
         if self.step_idx == 1:
@@ -160,7 +160,7 @@ def test_second_ctrl_c_stops_at_once(tmp_path, monkeypatch, capsys):
             os.kill(os.getpid(), signal.SIGINT)
         return real_update(self, *args)
 
-    monkeypatch.setattr(Trainer, "_update", twice)
+    monkeypatch.setattr(Trainer, "update", twice)
     out = tmp_path / "run"
     assert main([*FAST_ARGS, "--steps", "4", "--out-dir", str(out)]) == 130
     err = capsys.readouterr().err

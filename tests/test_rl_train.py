@@ -12,15 +12,23 @@ import pytest
 import torch
 from helpers import assert_close
 
-import cepo_kernels.rl.trainer as trainer_mod
-from cepo_kernels import group_advantages
+import cepo_kernels.rl.update as update_mod
 from cepo_kernels.rl.checkpoint import resolve_checkpoint
 from cepo_kernels.rl.cli import main
-from cepo_kernels.rl.config import TrainConfig, lam_at, parse_args
-from cepo_kernels.rl.model import lm_head
+from cepo_kernels.rl.config import TrainConfig, parse_args
 from cepo_kernels.rl.task import Problem, build_tiny_model, build_tokenizer
-from cepo_kernels.rl.teacher import plan_teachers
 from cepo_kernels.rl.trainer import NaNLossError, Trainer
+from cepo_kernels.step import (
+    choose_negatives,
+    lam_at,
+    micro_batches,
+    policy_logprobs,
+    sequence_advantages,
+    teacher_contexts,
+    teacher_logprobs,
+    teacher_rows,
+)
+from cepo_kernels.step.forward import lm_head
 
 TINY = dict(steps=3, prompts_per_step=2, group_size=4, max_new_tokens=6, micro_batch_size=8,
             mini_batch_prompts=1, sft_steps=30, sft_batch_size=32, eval_every=3, eval_size=8, progress=False,
@@ -101,13 +109,13 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_nan_loss_skips_then_aborts(tmp_path, monkeypatch, caplog):
-    real = trainer_mod.linear_cepo_loss
+    real = update_mod.policy_loss
 
     def poisoned(*args, **kwargs):
         out = real(*args, **kwargs)
         return out._replace(loss=out.loss * float("nan"))
 
-    monkeypatch.setattr(trainer_mod, "linear_cepo_loss", poisoned)
+    monkeypatch.setattr(update_mod, "policy_loss", poisoned)
     tr = Trainer(tiny(tmp_path, steps=5, max_nan_steps=2, sft_steps=0, eval_every=0))
     before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
     with caplog.at_level(logging.WARNING, logger="cepo_kernels.rl"):
@@ -190,16 +198,28 @@ def test_teacher_logprobs_match_the_model_on_the_context(tmp_path):
     responses = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
     responses[2] = responses[2][:-1]  # one truncated response: shorter, no eos
     rewards = [1.0, 0.0, 0.0, 1.0]
-    adv = group_advantages(torch.tensor(rewards), 2)
-    plan = plan_teachers(tok, questions, prompts, refs, texts, rewards, adv, 2)
-    assert plan.neg_answers == ["6", "77"]
+    adv = sequence_advantages(rewards, 2)
+    negatives = choose_negatives(texts, rewards, refs, 2)
+    assert [n.answer for n in negatives] == ["6", "77"]
+    per_row = lambda xs: [x for x in xs for _ in range(2)]  # noqa: E731
+    ctx = teacher_contexts(tok, teacher_rows(adv), prompt_ids=per_row(prompts), pos_answers=per_row(refs),
+                           neg_answers=per_row([n.answer for n in negatives]))
     weight, bias = lm_head(tr.model)
     tr.model.eval()
-    old, _, _, _ = tr._old_logprobs([p for p in prompts for _ in range(2)], responses, weight, bias)
-    pos, neg, _ = tr._teacher_logprobs(plan, responses, old, weight, bias)
+    lengths = [len(r) for r in responses]
+    batches = lambda rows: micro_batches(rows, lengths, 2, 3)  # noqa: E731 (split across micro-batches)
+    old = policy_logprobs(tr.forward, weight, bias, per_row(prompts), responses, batches,
+                          pad_id=tok.pad_token_id, device="cpu")
+    assert old.tokens == old.tokens_plain - 2 * len(prompts[0]) - 2 * len(prompts[1])  # one prompt per group
+    pos, neg, tokens = teacher_logprobs(tr.forward, weight, bias, ctx, responses, batches, default=old.logp,
+                                        lam=0.5, pad_id=tok.pad_token_id)
+    assert tokens > 0
+    skipped = teacher_logprobs(tr.forward, weight, bias, ctx, responses, batches, default=old.logp, lam=0.0,
+                               pad_id=tok.pad_token_id)
+    assert skipped.tokens == 0 and torch.equal(skipped.pos, old.logp) and torch.equal(skipped.neg, old.logp)
     model64 = copy.deepcopy(tr.model).double()  # the float64 reference of the same weights
     for i, resp in enumerate(responses):
-        for prefix_answer, got in ((refs[i // 2], pos), (plan.neg_answers[i // 2], neg)):
+        for prefix_answer, got in ((refs[i // 2], pos), (negatives[i // 2].answer, neg)):
             ctx = prompts[i // 2] + tok(" " + prefix_answer, add_special_tokens=False)["input_ids"]
             ids = torch.tensor([ctx + resp])
             want = {}

@@ -68,8 +68,8 @@ def tiny_dataset(chat: bool = False):
 def boxed_reward(completions, answer, **kwargs):
     """TRL reward function, as in the authors' runs: 0.9 x (the last \\boxed{} is the reference answer)
     + 0.1 x (a \\boxed{} is present). A random model's groups get mixed rewards even when none is right."""
-    from cepo_kernels.rl.reward import boxed_reward as score
-    from cepo_kernels.rl.reward import extract_boxed
+    from cepo_kernels.step.rewards import boxed_reward as score
+    from cepo_kernels.step.rewards import extract_boxed
 
     texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # plain or conversational
     return [0.9 * score(t, a) + 0.1 * (extract_boxed(t) is not None)

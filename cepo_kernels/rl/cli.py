@@ -53,6 +53,9 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
     trainer = None
     try:
+        if "--print-config" in argv:  # the resolved options as JSON, nothing run (cepo-compare uses it)
+            print(json.dumps(parse_args(argv).to_dict()))
+            return 0
         cfg = parse_args(argv)
         if not cfg.progress:
             _quiet_libraries()

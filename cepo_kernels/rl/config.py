@@ -142,13 +142,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def lam_at(step: int, lam0: float, t_warm: int) -> float:
-    """lambda of the step with 0-based index `step`; a pure function, so a resumed run continues it."""
-    if t_warm <= 0:
-        return 0.0
-    return max(0.0, lam0 * (1.0 - step / t_warm))
-
-
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Learning-rate multiplier of a 0-based step: linear warm-up, then cosine decay to min_ratio."""
     if warmup > 0 and step < warmup:
@@ -375,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
         "embedded arithmetic task on a tiny model, runnable on a CPU in a few minutes.",
     )
     parser.add_argument("--config", help="a .json or .yaml file of options (flags override it)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved options as JSON and exit without training")
     hints = typing.get_type_hints(TrainConfig)
     helps = _field_help()
     for f in fields(TrainConfig):
@@ -396,6 +391,7 @@ def parse_args(argv=None) -> TrainConfig:
     checkpoint's config replaces the defaults, so `cepo-train --resume DIR` alone continues the same run."""
     args = vars(build_parser().parse_args(argv))
     path = args.pop("config")
+    args.pop("print_config")
     values = load_config_file(path) if path else {}
     if path:
         config_from_dict(values, source=f"config file {path}")  # reject unknown keys before merging
@@ -431,7 +427,6 @@ def merge_resumed(saved: dict, given: dict) -> dict:
 
 __all__ = [
     "TrainConfig",
-    "lam_at",
     "lr_factor",
     "config_from_dict",
     "load_config_file",

@@ -1,5 +1,5 @@
-"""The policy model: loading (embedded or a local Hugging Face directory), LoRA, and the two pieces the
-fused loss needs: the last hidden states (without the lm_head) and the lm_head's weight and bias."""
+"""The policy model of cepo-train: device and dtype, loading (embedded or a local Hugging Face directory),
+LoRA, gradient checkpointing, export."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from cepo_kernels.rl.task import build_tiny_model, build_tokenizer
+from cepo_kernels.step.forward import base_model
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,31 +85,6 @@ def apply_lora(model, cfg):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
-
-
-def base_model(model):
-    """The transformers model under a peft wrapper (LoRA layers stay injected in it)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight [V, H], bias [V] or None) of the output projection."""
-    head = base_model(model).get_output_embeddings()
-    return head.weight, getattr(head, "bias", None)
-
-
-def response_hidden(model, packed, rows=None) -> torch.Tensor:
-    """Last hidden states [b, R, H] at the positions that predict the response tokens.
-
-    Runs the decoder only (no lm_head, so no [b, T, V] logits); column start - 1 + t predicts token t.
-    """
-    ids, attn, pos = packed.input_ids, packed.attention_mask, packed.position_ids
-    if rows is not None:
-        ids, attn, pos = ids[rows], attn[rows], pos[rows]
-    decoder = base_model(model).get_decoder()
-    hidden = decoder(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
-    R = packed.targets.shape[1]
-    return hidden[:, packed.start - 1 : packed.start - 1 + R]  # [b, R, H]
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:

@@ -3,11 +3,10 @@ and its files (metrics.jsonl, partial checkpoints) repaired after a crash, kill 
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 try:
@@ -94,64 +93,20 @@ def clean_partial_checkpoints(ckpt_root: Path) -> list[str]:
     return removed
 
 
-def read_metrics(path: Path, upto_step: int | None = None) -> list[dict]:
-    """The records of a metrics.jsonl, optionally only those with step <= upto_step.
+def resolve_out_dir(out_dir: str | None, algo: str, resume_from: Path | None) -> tuple[Path, bool]:
+    """(run directory, whether it is the resumed run's own). A resumed run continues where it was
+    resumed from; an --out-dir elsewhere branches it into that new directory."""
+    from cepo_kernels.rl.checkpoint import run_dir_of
 
-    A torn last line (the process was killed mid-write, or the disk filled up) is dropped with a
-    warning; any other unreadable line is an error naming the file and line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    rows = []
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict) or "step" not in row:
-                raise ValueError("not a step record")
-        except ValueError as e:
-            if all(not rest.strip() for rest in lines[i:]):
-                log.warning("%s:%d: dropped a torn last line (%s): %.60r", path, i, e, line)
-                continue
-            raise ValueError(f"resume: {path}:{i}: unreadable metrics line ({e})") from None
-        if upto_step is None or row["step"] <= upto_step:
-            rows.append(row)
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]):
-    """Rewrites path with rows, atomically (a temporary file renamed over it)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(json_safe(r), allow_nan=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def append_jsonl(path: Path, row: dict):
-    """Appends one record as a line and flushes it to disk."""
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def write_json(path: Path, obj):
-    """Writes a JSON file atomically, with non-finite numbers as null (valid JSON)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def json_safe(obj):
-    """obj with every NaN/inf float replaced by None (JSON has no NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
+    if resume_from is None:
+        default = Path("runs") / f"{algo}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return Path(out_dir or default).absolute(), False
+    source = run_dir_of(resume_from)
+    if out_dir is None or (source is not None and Path(out_dir).resolve() == source.resolve()):
+        if source is None:
+            raise ValueError(
+                f"out_dir: the checkpoint {str(resume_from)!r} is not inside a run directory "
+                "(RUN/checkpoints/step_NNNNNN): give --out-dir for the continued run"
+            )
+        return source.absolute(), True
+    return Path(out_dir).absolute(), False

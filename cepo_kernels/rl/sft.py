@@ -8,7 +8,7 @@ import random
 import torch
 
 from cepo_kernels.rl.task import sft_texts
-from cepo_kernels.rl.teacher import pack, teacher_prefix
+from cepo_kernels.step.contexts import pack, teacher_prefix
 
 
 def supervised_warmup(model, tokenizer, problems, cfg, device) -> list[float]:

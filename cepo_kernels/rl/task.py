@@ -1,5 +1,5 @@
 """Data and models: the embedded arithmetic task (problems, tokenizer, tiny Qwen2 model), JSONL loading,
-local Hugging Face checkpoints, and prompt templating."""
+and the warm-up demonstrations."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from cepo_kernels.step.contexts import encode, render_prompt
 
 SPECIALS = ["<pad>", "<unk>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHARS = list("0123456789+-*=(){}\\ .,?abcdefghijklmnopqrstuvwxyz")
@@ -147,20 +149,6 @@ def load_problems(cfg) -> tuple[list[Problem], list[Problem]]:
     if n_eval == 0:
         return probs, []
     return probs[:-n_eval], probs[-n_eval:]
-
-
-def render_prompt(tokenizer, question: str, system_prompt: str | None = None) -> str:
-    """The question through the tokenizer's chat template (generation prompt added); raw text without one."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        messages.append({"role": "user", "content": question})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return (system_prompt + "\n" if system_prompt else "") + question
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    """Token ids of text with no special tokens added (templates already carry theirs)."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def sft_texts(

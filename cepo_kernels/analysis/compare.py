@@ -3,16 +3,17 @@
     cepo-compare --out docs/compare-2026-11-30 --seeds 5            # the default cepo-train config
     cepo-compare --out /tmp/c --seeds 2 --steps 3 --sft-steps 10    # any cepo-train flag sets the base
 
-Runs every (seed, algo) sequentially in this process (seed-major, so a stopped comparison has whole
-seeds), each into OUT/runs/<algo>-seed<k>/ (metrics.jsonl, summary.json, config.json, credit/; the model
-checkpoints are deleted unless --keep-models). A run whose summary.json exists is not run again, so the
-command can be repeated to finish a stopped comparison or just to redo the report. Then it writes:
+Runs every (seed, algo) sequentially, each as its own `cepo-train` process (seed-major, so a stopped
+comparison has whole seeds), each into OUT/runs/<algo>-seed<k>/ (metrics.jsonl, summary.json, config.json,
+credit/; the model checkpoints are deleted unless --keep-models). A run whose summary.json exists is not
+run again, so the command can be repeated to finish a stopped comparison or just to redo the report. Then it writes:
 
 - OUT/table.md and OUT/results.json: per algorithm, the final held-out accuracy (greedy, the last
   evaluation) and the final reward (mean batch reward of the last `--last` steps): mean, sample standard
   deviation, min and max over seeds; and the paired comparison per seed of CEPO against each baseline
   (difference per seed, its mean, and wins / ties / losses);
-- OUT/curves.png: the training curves of all runs (cepo_kernels.rl.plots), mean and spread per algorithm;
+- OUT/curves.png: the training curves of all runs (cepo_kernels.analysis.plots), mean and spread per
+  algorithm;
 - OUT/machine.json: date, machine, versions, the command line and the wall time of every run.
 """
 
@@ -24,26 +25,14 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+from cepo_kernels.runfiles import atomic_write, read_metrics, write_json
+
 ALGOS = ("cepo", "grpo", "rlsd")
-
-
-def _ensure_interpreter(argv):
-    """Re-executes with TRITON_INTERPRET=1 on a machine without a GPU (the kernels need it before import)."""
-    import torch
-
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-        return
-    if "triton" not in sys.modules:
-        os.environ["TRITON_INTERPRET"] = "1"
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    os.execve(sys.executable, [sys.executable, "-m", "cepo_kernels.rl.compare", *argv], env)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,10 +67,6 @@ def parse_seeds(text: str) -> list[int]:
 
 def run_dir(out: Path, algo: str, seed: int) -> Path:
     return out / "runs" / f"{algo}-seed{seed}"
-
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
 def final_numbers(rdir: Path, last: int) -> dict:
@@ -200,18 +185,38 @@ def machine_info() -> dict:
     return info
 
 
-def run_one(base: dict, algo: str, seed: int, rdir: Path, keep_models: bool) -> float:
-    """Trains one run into rdir (replacing an unfinished one); returns its wall time."""
-    from cepo_kernels.rl.config import config_from_dict
-    from cepo_kernels.rl.trainer import Trainer
+def _cepo_train(args: list[str], **kw) -> subprocess.CompletedProcess:
+    """`cepo-train ARGS` in a child process (the comparison drives the loop through its command line)."""
+    return subprocess.run([sys.executable, "-m", "cepo_kernels.rl.cli", *args], text=True, **kw)
 
+
+def base_config(args: list[str]) -> dict:
+    """The cepo-train config that `args` (cepo-train flags) give; ValueError with cepo-train's own message
+    when it refuses them."""
+    done = _cepo_train(["--print-config", *args], capture_output=True)
+    if done.returncode != 0:
+        lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
+        raise ValueError(lines[-1].removeprefix("cepo-train: error: ") if lines else
+                         f"cepo-train --print-config exited with {done.returncode}")
+    return json.loads(done.stdout)
+
+
+def run_one(base: dict, algo: str, seed: int, rdir: Path, keep_models: bool) -> float:
+    """Trains one run into rdir (replacing an unfinished one) with cepo-train; returns its wall time."""
     if rdir.exists():
         shutil.rmtree(rdir)
-    cfg = config_from_dict({**base, "algo": algo, "seed": seed, "out_dir": str(rdir), "progress": False,
-                            "resume": None})
+    rdir.parent.mkdir(parents=True, exist_ok=True)
+    cfg = {k: v for k, v in {**base, "algo": algo, "seed": seed, "out_dir": str(rdir), "progress": False,
+                             "resume": None}.items() if v is not None}
+    cfg_path = write_json(rdir.parent / f".{rdir.name}.config.json", cfg)
     t0 = time.perf_counter()
-    Trainer(cfg).train()
+    done = _cepo_train(["--config", str(cfg_path)], capture_output=True)
     wall = time.perf_counter() - t0
+    cfg_path.unlink(missing_ok=True)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+        raise RuntimeError(f"cepo-compare: the {algo} run with seed {seed} failed (exit {done.returncode}):\n"
+                           f"{tail}")
     if not keep_models:
         for sub in ("checkpoints", "final_model"):
             shutil.rmtree(rdir / sub, ignore_errors=True)
@@ -239,21 +244,21 @@ def compare(base: dict, out: Path, algos: list[str], seeds: list[int], last: int
             log(f"cepo-compare: {algo} seed {seed} -> {rdir}")
             wall = run_one(base, algo, seed, rdir, keep_models)
             machine["run_wall_s"][f"{algo}-seed{seed}"] = round(wall, 1)
-            machine_path.write_text(json.dumps(machine, indent=2))
+            write_json(machine_path, machine)
             log(f"cepo-compare: {algo} seed {seed} done in {wall:.0f} s: "
                 f"{json.dumps(final_numbers(rdir, last))}")
     results = {a: {s: final_numbers(run_dir(out, a, s), last) for s in seeds} for a in algos}
     summary = summarize(results, algos, seeds)
-    (out / "results.json").write_text(json.dumps(
-        {"base_config": base, "algos": algos, "seeds": seeds, "last": last,
-         "runs": {a: {str(s): v for s, v in r.items()} for a, r in results.items()}, **summary}, indent=2))
+    write_json(out / "results.json",
+               {"base_config": base, "algos": algos, "seeds": seeds, "last": last,
+                "runs": {a: {str(s): v for s, v in r.items()} for a, r in results.items()}, **summary})
     table = table_markdown(summary, results, algos, seeds, last)
-    (out / "table.md").write_text(table)
-    from cepo_kernels.rl.plots import plot_curves
+    atomic_write(out / "table.md", table.encode("utf-8"))
+    from cepo_kernels.analysis.plots import plot_curves
 
     plot_curves([run_dir(out, a, s) for a in algos for s in seeds], out / "curves.png",
                 title=f"CEPO vs GRPO vs RLSD, {len(seeds)} seeds each (mean ± std band)")
-    machine_path.write_text(json.dumps(machine, indent=2))
+    write_json(machine_path, machine)
     log(table)
     log(f"cepo-compare: wrote {out / 'table.md'}, {out / 'results.json'}, {out / 'curves.png'}")
     return summary
@@ -261,11 +266,8 @@ def compare(base: dict, out: Path, algos: list[str], seeds: list[int], last: int
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    _ensure_interpreter(argv)
     import logging
     import warnings
-
-    from cepo_kernels.rl.config import parse_args
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
@@ -278,12 +280,16 @@ def main(argv=None) -> int:
             raise ValueError(f"algos: expected a comma-separated subset of {ALGOS}, got {args.algos!r}")
         if args.last < 1:
             raise ValueError(f"last: expected a positive value, got {args.last}")
-        base = parse_args(rest).to_dict()
+        base = base_config(rest)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"cepo-compare: error: {e}", file=sys.stderr)
         return 2
-    compare(base, Path(args.out), algos, seeds, args.last, args.keep_models, argv,
-            log=lambda m: print(m, flush=True))
+    try:
+        compare(base, Path(args.out), algos, seeds, args.last, args.keep_models, argv,
+                log=lambda m: print(m, flush=True))
+    except RuntimeError as e:  # a run failed: its own message, and the finished runs are kept
+        print(e, file=sys.stderr)
+        return 1
     return 0
 
 

@@ -24,8 +24,8 @@ import json
 import sys
 from pathlib import Path
 
-from cepo_kernels.rl.credit import credit_files, load_credit
-from cepo_kernels.rl.plots import RunDataError, plot_curves
+from cepo_kernels.analysis.credit import credit_files, load_credit
+from cepo_kernels.analysis.plots import RunDataError, plot_curves
 
 
 def load_run_credit(run_dir: str | Path) -> dict:

@@ -1,8 +1,14 @@
-"""Shared prefixes: run a context common to several responses once and reuse its key/value cache.
+"""The model forwards of a step: last hidden states that predict the responses, and the lm_head.
+
+The loss and log-prob kernels take hidden states and the lm_head weight, so no forward here runs the
+head. Models are duck-typed Hugging Face causal LMs (`get_decoder()`, `get_output_embeddings()`; a
+peft wrapper is looked through); transformers is imported only for the shared-prefix cache.
+
+Shared prefixes: run a context common to several responses once and reuse its key/value cache.
 
 Within a group, the policy contexts share the prompt, the positive teacher's share prompt + r+, and the
 negative teacher's share prompt + r-. `prefix_hidden` runs each distinct prefix once (left-padded, as
-`teacher.pack` lays it out), repeats its cache for the rows that continue it, and runs only the response
+`contexts.pack` lays it out), repeats its cache for the rows that continue it, and runs only the response
 tokens on top, with the same position ids as the plain path (counted over the non-pad tokens). With
 gradients enabled the gradient flows through each shared prefix once.
 
@@ -16,8 +22,35 @@ import inspect
 
 import torch
 
-from cepo_kernels.rl.model import base_model, response_hidden
-from cepo_kernels.rl.teacher import pack
+from cepo_kernels.step.contexts import pack, to_device
+
+__all__ = ["base_model", "lm_head", "response_hidden", "SharedPrefixUnsupported", "prefix_hidden",
+           "context_hidden"]
+
+
+def base_model(model):
+    """The transformers model under a peft wrapper (LoRA layers stay injected in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [V, H], bias [V] or None) of the output projection."""
+    head = base_model(model).get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def response_hidden(model, packed, rows=None) -> torch.Tensor:
+    """Last hidden states [b, R, H] at the positions that predict the response tokens of a `pack`ed batch.
+
+    Runs the decoder only (no lm_head, so no [b, T, V] logits); column start - 1 + t predicts token t.
+    """
+    ids, attn, pos = packed.input_ids, packed.attention_mask, packed.position_ids
+    if rows is not None:
+        ids, attn, pos = ids[rows], attn[rows], pos[rows]
+    decoder = base_model(model).get_decoder()
+    hidden = decoder(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
+    R = packed.targets.shape[1]
+    return hidden[:, packed.start - 1 : packed.start - 1 + R]  # [b, R, H]
 
 
 class SharedPrefixUnsupported(RuntimeError):
@@ -80,14 +113,6 @@ def prefix_hidden(model, prefixes: list[list[int]], responses: list[list[int]], 
     return torch.cat([first[:, None], out.last_hidden_state], dim=1)  # [n, R, H]
 
 
-def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor on the device without a blocking copy (pinned memory, non_blocking) on a GPU."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def context_hidden(model, contexts: list[list[int]], responses: list[list[int]], *, pad_id: int, device,
                    share: bool) -> tuple[torch.Tensor, int, int]:
     """(hidden [n, R, H] predicting each response after its context, R = the longest response; tokens run;
@@ -102,14 +127,3 @@ def context_hidden(model, contexts: list[list[int]], responses: list[list[int]],
         h = prefix_hidden(model, prefixes, responses, owner, pad_id=pad_id, device=device)
         return h, sum(map(len, prefixes)) + sum(map(len, responses)), naive
     return response_hidden(model, pack(contexts, responses, pad_id, device)), naive, naive
-
-
-def response_targets(responses: list[list[int]], R: int, pad_id: int, device):
-    """targets [n, R] (pad_id past each response) and mask [n, R] bool, on the device."""
-    t = torch.full((len(responses), R), pad_id, dtype=torch.long)
-    m = torch.zeros((len(responses), R), dtype=torch.bool)
-    for i, ids in enumerate(responses):
-        ids = ids[:R]
-        t[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        m[i, : len(ids)] = True
-    return to_device(t, device), to_device(m, device)

@@ -1,16 +1,29 @@
-"""Teacher contexts and rewards on hand-written examples: r- choice, fallbacks, skipped rows, packing."""
+"""The step's text phases on hand-written examples: rewards, r- choice and fallbacks, the rows that need
+teachers, teacher contexts, packing."""
 
 import pytest
 import torch
 
-from cepo_kernels.rl.reward import answers_match, boxed_reward, extract_boxed, normalize_answer, safe_rewards
-from cepo_kernels.rl.task import build_tokenizer, encode, render_prompt
-from cepo_kernels.rl.teacher import (
-    fallback_answer,
+from cepo_kernels.rl.task import build_tokenizer
+from cepo_kernels.step import (
+    Negative,
+    choose_negatives,
+    encode,
     negative_answer,
     pack,
-    plan_teachers,
+    render_prompt,
+    sequence_advantages,
+    teacher_contexts,
     teacher_prefix,
+    teacher_rows,
+)
+from cepo_kernels.step.negatives import fallback_answer
+from cepo_kernels.step.rewards import (
+    answers_match,
+    boxed_reward,
+    extract_boxed,
+    normalize_answer,
+    safe_rewards,
 )
 
 
@@ -90,7 +103,7 @@ def test_teacher_prefix_default_inserts_answer_tokens(tok):
     assert tok.decode(custom) == "<|user|>2+3= answer 5 is 5<|assistant|>"
 
 
-def test_plan_skips_zero_advantage_rows_and_pairs_contexts(tok):
+def test_phases_skip_zero_advantage_rows_and_pair_contexts(tok):
     questions = ["2+3=", "4+4=", "1+1="]
     prompts = [encode(tok, render_prompt(tok, q)) for q in questions]
     refs = ["5", "8", "2"]
@@ -100,15 +113,28 @@ def test_plan_skips_zero_advantage_rows_and_pairs_contexts(tok):
         "\\boxed{3}", "oops", "\\boxed{1}", "\\boxed{1}",  # all wrong: A = 0, skipped
     ]
     rewards = [1.0, 0.0, 1.0, 0.0] + [1.0] * 4 + [0.0] * 4
-    adv = torch.tensor([1.0, -1.0, 1.0, -1.0] + [0.0] * 8)
-    plan = plan_teachers(tok, questions, prompts, refs, texts, rewards, adv, group_size=4)
-    assert plan.rows == [0, 1, 2, 3]
-    assert plan.neg_answers == ["6", "8", "3"]
-    assert plan.neg_how == ["answer", "all-correct", "answer"]
-    assert all(tok.decode(p) == "<|user|>2+3=<|assistant|> 5" for p in plan.pos_prefixes)
-    assert all(tok.decode(p) == "<|user|>2+3=<|assistant|> 6" for p in plan.neg_prefixes)
-    with pytest.raises(ValueError, match="texts, rewards, advantages"):
-        plan_teachers(tok, questions, prompts, refs, texts[:-1], rewards[:-1], adv[:-1], group_size=4)
+    adv = sequence_advantages(rewards, 4)
+    assert adv.tolist()[:4] == pytest.approx([0.866, -0.866, 0.866, -0.866], abs=1e-3)
+    assert adv.tolist()[4:] == [0.0] * 8
+    negatives = choose_negatives(texts, rewards, refs, 4)
+    assert negatives == [Negative("6", 1, "answer"), Negative("8", None, "all-correct"),
+                         Negative("3", 0, "answer")]
+    rows = teacher_rows(adv)
+    assert rows == [0, 1, 2, 3]
+    mask = torch.ones(12, 3, dtype=torch.bool)
+    mask[2] = False  # a row without a valid token needs no teacher either
+    assert teacher_rows(adv, mask) == [0, 1, 3]
+    per_row = lambda xs: [x for x in xs for _ in range(4)]  # noqa: E731
+    ctx = teacher_contexts(tok, rows, prompt_ids=per_row(prompts), pos_answers=per_row(refs),
+                           neg_answers=per_row([n.answer for n in negatives]))
+    assert ctx.rows == rows
+    assert all(tok.decode(p) == "<|user|>2+3=<|assistant|> 5" for p in ctx.pos_prefixes)
+    assert all(tok.decode(p) == "<|user|>2+3=<|assistant|> 6" for p in ctx.neg_prefixes)
+    assert ctx.pos_prefixes[0] is ctx.pos_prefixes[3]  # one token list per group
+    with pytest.raises(ValueError, match="texts, rewards"):
+        choose_negatives(texts[:-1], rewards[:-1], refs, 4)
+    with pytest.raises(ValueError, match="group_size"):
+        choose_negatives(texts, rewards, refs, 0)
 
 
 def test_pack_aligns_responses_and_renumbers_positions():

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import cepo_ref
-from cepo_kernels.rl import compare, viz
+from cepo_kernels.analysis import compare, viz
+from cepo_kernels.analysis.credit import credit_path, credit_record, load_credit, should_save, write_credit
+from cepo_kernels.analysis.plots import PANELS, RunDataError, plot_curves
 from cepo_kernels.rl.config import TrainConfig
-from cepo_kernels.rl.credit import credit_path, credit_record, load_credit, should_save, write_credit
-from cepo_kernels.rl.plots import PANELS, RunDataError, plot_curves
-from cepo_kernels.rl.reward import boxed_reward, with_format_bonus
 from cepo_kernels.rl.task import build_tokenizer
+from cepo_kernels.step.rewards import boxed_reward, with_format_bonus
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # the same tiny setting as tests/test_rl_train.py, fewer steps: 2 seeds x 3 algorithms

@@ -1,12 +1,13 @@
 """What the trainer saves for the credit maps: per-token Delta, w and A_hat of a few sampled groups.
 
 Every `credit_every` steps (and at step 1) the trainer hands the tensors of the step it already has to
-`save_credit`, which writes `credit/step_NNNNNN.json.gz` into the run directory: the first
+`CreditRecorder.record`, which writes `credit/step_NNNNNN.json.gz` into the run directory: the first
 `credit_samples` groups of the rollout batch, each with its question, r+ and r-, and for every response
 its text, reward, advantage A and, token by token, the token string, Delta = log P_T+ - log P_T-, the
 weight w = clip(exp(sign(A) Delta), 1 - eps_w, 1 + eps_w) and A_hat (cepo_kernels.cepo_advantages with
 the step's lambda). A file is under 1 kB on the embedded task (it grows linearly with the saved tokens:
-a string and three numbers each), so they are kept by default. `cepo-viz` (cepo_kernels.rl.viz) renders them.
+a string and three numbers each), so they are kept by default. `cepo-viz` (cepo_kernels.analysis.viz) renders
+them.
 
 GRPO runs no teacher (Delta = 0, w = 1, A_hat = A); RLSD's Delta is log P_T+ - log P_old.
 """
@@ -15,10 +16,12 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 from pathlib import Path
 
 import torch
+
+from cepo_kernels.runfiles import write_json_gz
+from cepo_kernels.step.advantages import token_advantages
 
 CREDIT_DIR = "credit"
 FORMAT_VERSION = 1
@@ -33,9 +36,13 @@ def should_save(step: int, every: int) -> bool:
     return every > 0 and (step == 1 or step % every == 0)
 
 
-def token_weights(delta: torch.Tensor, adv: torch.Tensor, eps_w: float) -> torch.Tensor:
-    """w [B, T] = clip(exp(sign(A) Delta), 1 - eps_w, 1 + eps_w) (the method's token weight)."""
-    return torch.exp(torch.sign(adv)[:, None] * delta).clamp(1.0 - eps_w, 1.0 + eps_w)
+def token_weights(adv: torch.Tensor, pos_logp: torch.Tensor, neg_logp: torch.Tensor, mask: torch.Tensor,
+                  eps_w: float) -> torch.Tensor:
+    """w [B, T] = clip(exp(sign(A) Delta), 1 - eps_w, 1 + eps_w) (docs/method.md §3), read off the kernels'
+    A_hat at lam = 1 (A_hat = A w); 1 on rows with A = 0 (sign(A) = 0)."""
+    a_hat = token_advantages(adv, pos_logp, neg_logp, mask, lam=1.0, eps_w=eps_w)
+    a = adv[:, None].expand_as(a_hat)
+    return torch.where(a != 0, a_hat / torch.where(a != 0, a, torch.ones_like(a)), torch.ones_like(a_hat))
 
 
 def _r4(values) -> list[float]:
@@ -60,19 +67,17 @@ def credit_record(
     mask: torch.Tensor,
     group_size: int,
     n_groups: int,
-    plan=None,
+    negatives=None,
 ) -> dict:
     """The JSON-able record of the first n_groups groups of a step (see the module docstring)."""
-    from cepo_kernels import cepo_advantages
-
     n = min(n_groups, len(questions)) * group_size
     adv_n = adv[:n].detach().float()
     delta = (pos_logp[:n] - neg_logp[:n]).detach().float()
     m = mask[:n]
     delta = torch.where(m, delta, torch.zeros_like(delta))
-    w = token_weights(delta, adv_n, eps_w)
-    a_hat = cepo_advantages(adv_n, pos_logp[:n].detach().float().contiguous(),
-                            neg_logp[:n].detach().float().contiguous(), m, lam=lam, eps_w=eps_w)
+    pos_n, neg_n = pos_logp[:n].detach().float().contiguous(), neg_logp[:n].detach().float().contiguous()
+    w = torch.where(m, token_weights(adv_n, pos_n, neg_n, m, eps_w), torch.ones_like(delta))
+    a_hat = token_advantages(adv_n, pos_n, neg_n, m, lam=lam, eps_w=eps_w)
     delta, w, a_hat, adv_l = delta.cpu(), w.cpu(), a_hat.cpu(), adv_n.cpu().tolist()
     groups = []
     for g in range(n // group_size):
@@ -92,8 +97,8 @@ def credit_record(
         groups.append({
             "question": questions[g],
             "r_plus": references[g],
-            "r_minus": plan.neg_answers[g] if plan is not None else None,
-            "r_minus_how": plan.neg_how[g] if plan is not None else None,
+            "r_minus": negatives[g].answer if negatives is not None else None,
+            "r_minus_how": negatives[g].how if negatives is not None else None,
             "responses": resp,
         })  # fmt: skip
     return {"version": FORMAT_VERSION, "step": step, "algo": algo, "lambda": lam, "eps_w": eps_w,
@@ -104,26 +109,32 @@ def write_credit(out_dir: str | Path, record: dict) -> Path:
     """Writes the record atomically (temporary file, then rename) and returns its path."""
     path = credit_path(out_dir, record["step"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with gzip.open(tmp, "wt", encoding="utf-8") as fh:
-        json.dump(record, fh, separators=(",", ":"))
-    os.replace(tmp, path)
-    return path
+    return write_json_gz(path, record)
 
 
-def save_credit(trainer, *, step, problems, responses, texts, rewards, adv, pos_logp, neg_logp, mask, lam,
-                plan) -> Path | None:
-    """The trainer's hook: writes credit/step_NNNNNN.json.gz when this (1-based) step is due."""
-    cfg = trainer.cfg
-    if not should_save(step, cfg.credit_every) or cfg.credit_samples <= 0:
-        return None
-    record = credit_record(
-        step=step, algo=cfg.algo, lam=lam, eps_w=cfg.eps_w, tokenizer=trainer.tok,
-        questions=[trainer.question(p) for p in problems], references=[p.answer for p in problems],
-        responses=responses, texts=texts, rewards=rewards, adv=adv, pos_logp=pos_logp, neg_logp=neg_logp,
-        mask=mask, group_size=cfg.group_size, n_groups=cfg.credit_samples, plan=plan,
-    )  # fmt: skip
-    return write_credit(trainer.out, record)
+class CreditRecorder:
+    """The training loop's one hook into the analysis tools: `record(...)` writes
+    credit/step_NNNNNN.json.gz into the run directory when the (1-based) step is due, else does nothing."""
+
+    def __init__(self, out_dir: str | Path, *, every: int, samples: int, algo: str, eps_w: float,
+                 group_size: int, tokenizer):
+        self.out_dir, self.every, self.samples = Path(out_dir), every, samples
+        self.algo, self.eps_w, self.group_size, self.tokenizer = algo, eps_w, group_size, tokenizer
+
+    def due(self, step: int) -> bool:
+        return self.samples > 0 and should_save(step, self.every)
+
+    def record(self, *, step, questions, references, negatives, responses, texts, rewards, adv, pos_logp,
+               neg_logp, mask, lam) -> Path | None:
+        if not self.due(step):
+            return None
+        rec = credit_record(
+            step=step, algo=self.algo, lam=lam, eps_w=self.eps_w, tokenizer=self.tokenizer,
+            questions=questions, references=references, responses=responses, texts=texts, rewards=rewards,
+            adv=adv, pos_logp=pos_logp, neg_logp=neg_logp, mask=mask, group_size=self.group_size,
+            n_groups=self.samples, negatives=negatives,
+        )  # fmt: skip
+        return write_credit(self.out_dir, rec)
 
 
 def load_credit(path: str | Path) -> dict:

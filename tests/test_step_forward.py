@@ -15,12 +15,12 @@ from helpers import assert_close
 
 import cepo_ref
 from cepo_kernels import linear_cepo_loss, linear_logprobs, linear_teacher_logprobs
-from cepo_kernels.rl.config import TrainConfig, lam_at
-from cepo_kernels.rl.model import lm_head, response_hidden
-from cepo_kernels.rl.prefix import prefix_hidden
+from cepo_kernels.rl.config import TrainConfig
 from cepo_kernels.rl.task import build_tiny_model, build_tokenizer
-from cepo_kernels.rl.teacher import pack
 from cepo_kernels.rl.trainer import Trainer
+from cepo_kernels.step import lam_at
+from cepo_kernels.step.contexts import pack
+from cepo_kernels.step.forward import lm_head, prefix_hidden, response_hidden
 
 PAD = 0
 LAM = 0.5

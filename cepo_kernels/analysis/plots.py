@@ -16,6 +16,8 @@ import json
 import math
 from pathlib import Path
 
+from cepo_kernels.runfiles import MetricsError, read_metrics
+
 PANELS = (
     ("reward (batch mean)", ("reward_mean",)),
     ("held-out accuracy (greedy)", ("eval_accuracy",)),
@@ -42,19 +44,10 @@ def load_run(run_dir: str | Path) -> dict:
     path = rdir / "metrics.jsonl"
     if not path.is_file():
         raise RunDataError(f"{rdir}: no metrics.jsonl (not a cepo-train run directory, or no step finished)")
-    rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if lineno == len(path.read_text().splitlines()):  # a line cut by a crash: ignore the last one
-                break
-            raise RunDataError(f"{path}:{lineno}: invalid JSON") from None
-        if not isinstance(row, dict) or "step" not in row:
-            raise RunDataError(f"{path}:{lineno}: expected an object with a 'step' field")
-        rows.append(row)
+    try:
+        rows = read_metrics(path)
+    except MetricsError as e:
+        raise RunDataError(str(e)) from None
     if not rows:
         raise RunDataError(f"{path}: empty (no step finished yet)")
     extra = {}
