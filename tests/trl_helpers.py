@@ -95,12 +95,25 @@ def recording(base):
 
     class Recording(base):
         def __init__(self, *args, row_seeded=False, **kwargs):
+            if hasattr(base, "cepo_lambda"):  # CEPOTrainer: its public observer hook records each batch
+                kwargs["cepo_observer"] = self._observe
             super().__init__(*args, **kwargs)
             self.row_seeded = row_seeded
             self.seen = []  # per loss call: the advantages and mask given to the loss
-            self.scored = []  # per generation: TRL's advantages [B] and the teachers' log-probs [B, T]
-            self.teacher_calls = 0
-            self.history = []  # per generation: self.cepo_last
+            self.scored = []  # per generation: TRL's A [B], A_hat, the teachers' rows and log-probs
+            self.teacher_calls = 0  # generations in which this process ran teacher forwards
+            self.history = []  # per generation: the decisions (trainer.cepo_last)
+
+        def _observe(self, record, tensors):
+            self.history.append(record)
+            self.teacher_calls += record["teacher_forwards"] > 0
+            rows = tensors["rows"]
+            rec = {"adv": tensors["advantages"].clone(), "a_hat": tensors["a_hat"].clone(),
+                   "mask": tensors["mask"].clone(), "pos": None, "neg": None}
+            if rows:
+                rec.update(rows=list(rows), pos=tensors["pos_logp"][rows].clone(),
+                           neg=tensors["neg_logp"][rows].clone())
+            self.scored.append(rec)
 
         def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *a, **k):
             generate = super()._generate_single_turn
@@ -119,24 +132,6 @@ def recording(base):
             self.seen.append({"advantages": inputs["advantages"].detach().clone(),
                               "mask": inputs["completion_mask"].detach().clone()})
             return super()._compute_loss(model, inputs)
-
-        def _cepo_advantages(self, output, inputs, completions, rewards_per_func):
-            a_hat = super()._cepo_advantages(output, inputs, completions, rewards_per_func)
-            self.history.append(dict(self.cepo_last))
-            self.scored[-1].update(adv=output["advantages"].detach().clone(), a_hat=a_hat.clone(),
-                                   mask=output["completion_mask"].bool().clone())
-            return a_hat
-
-        def _generate_and_score_completions(self, inputs):
-            self.scored.append({"pos": None, "neg": None})
-            return super()._generate_and_score_completions(inputs)
-
-        def _cepo_teacher_logprobs(self, output, rows, *args):
-            self.teacher_calls += 1
-            pos, neg = super()._cepo_teacher_logprobs(output, rows, *args)
-            if rows:
-                self.scored[-1].update(rows=list(rows), pos=pos.clone(), neg=neg.clone())
-            return pos, neg
 
     return Recording
 

@@ -4,17 +4,19 @@ Switching a GRPOTrainer script to CEPO: replace `GRPOTrainer` by `CEPOTrainer`, 
 (the same options, plus lam0, t_warm, eps_w, teacher_template, answer_column), and give the dataset a column
 `answer` (or `answer_column=...`) holding the reference answer of each prompt.
 
-What changes against GRPO, after TRL has generated and scored a batch (METHOD.md):
-1. r- of every group is chosen from the rewards and completions gathered over all processes, with the rule and
-   fallback of `cepo-train` (`cepo_kernels.rl.teacher.negative_answer`): every rank makes the same choices.
+What changes against GRPO, after TRL has generated and scored a batch (docs/method.md; the phases are those of
+`cepo_kernels.step`, the same ones cepo-train calls):
+1. r- of every group is chosen from the rewards and completions gathered over all processes
+   (`step.choose_negatives`): every rank makes the same choices.
 2. For the local rows with a non-zero advantage, and only while lambda > 0, both teachers run without gradient
    on [prompt | template(answer) | completion] (positions renumbered over the non-pad tokens), through the
    same fused log-prob head and temperature TRL uses for the policy.
-3. The (B, T) advantages `cepo_advantages(A, pos_logp, neg_logp, mask, lam, eps_w)` replace TRL's (B,) ones;
+3. The (B, T) advantages `step.token_advantages(A, pos_logp, neg_logp, mask, lam, eps_w)` replace TRL's (B,)
+   ones;
    TRL's loss (every `loss_type`) accepts per-token advantages. lambda = max(0, lam0 (1 - step / t_warm)) with
    step = the trainer's `state.global_step` when the batch was generated.
 4. `cepo/lambda`, `cepo/teacher_rows`, `cepo/r_minus_fallbacks` and the Delta statistics of
-   `delta_metrics` (`cepo/delta_mean`, `cepo/delta_std`, `cepo/delta_mean_pos`, `cepo/delta_mean_neg`,
+   `step.evidence_stats` (`cepo/delta_mean`, `cepo/delta_std`, `cepo/delta_mean_pos`, `cepo/delta_mean_neg`,
    `cepo/frac_wrong_dir`, over all processes' tokens with A != 0) go into TRL's metrics.
 
 Supported TRL: >= 1.16, < 1.17 (the hooks used are GRPOTrainer's `_calculate_rewards` and
@@ -58,20 +60,25 @@ from accelerate.utils import gather_object  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 
+from cepo_kernels import linear_logprobs, linear_teacher_logprobs  # noqa: E402
 from cepo_kernels._params import check_number  # noqa: E402
-from cepo_kernels.ops._common import delta_metrics  # noqa: E402
-from cepo_kernels.ops.linear import linear_logprobs, linear_teacher_logprobs  # noqa: E402
-from cepo_kernels.ops.logits import cepo_advantages  # noqa: E402
-from cepo_kernels.rl.config import lam_at  # noqa: E402
-from cepo_kernels.rl.reward import extract_boxed  # noqa: E402
-from cepo_kernels.rl.teacher import negative_answer, pack, teacher_prefix  # noqa: E402
+from cepo_kernels.step import (  # noqa: E402
+    choose_negatives,
+    evidence_stats,
+    extract_boxed,
+    lam_at,
+    pack,
+    teacher_contexts,
+    teacher_rows,
+    token_advantages,
+)
 
 __all__ = ["CEPOConfig", "CEPOTrainer"]
 
 
 @dataclass
 class CEPOConfig(GRPOConfig):
-    """GRPOConfig plus the CEPO options (METHOD.md). Every GRPOConfig option keeps its meaning.
+    """GRPOConfig plus the CEPO options (docs/method.md). Every GRPOConfig option keeps its meaning.
 
     lam0, t_warm: lambda(step) = max(0, lam0 * (1 - step / t_warm)), step = trainer.state.global_step
         (0-based) when the batch is generated.
@@ -157,11 +164,17 @@ class CEPOTrainer(GRPOTrainer):
     (default: the content of its last \\boxed{...}, as cepo-train).
 
     After each generation, `self.cepo_last` holds what was decided for that batch: step, lam, the r- of every
-    group of the gathered batch (`neg_answers`, `neg_how`, `neg_index`), the teacher rows (local, global).
+    group of the gathered batch (`neg_answers`, `neg_how`, `neg_index`), the teacher rows (local, global) and
+    the number of teacher forwards this process ran. `cepo_observer(record, tensors)`, when given, is called
+    with it and the batch's tensors (`advantages` [B] as TRL computed them, `a_hat` [B, T], `mask`, `rows`,
+    `pos_logp`, `neg_logp` [B, T]) after every generation.
     """
 
-    def __init__(self, *args, answer_extractor=None, **kwargs):
+    def __init__(self, *args, answer_extractor=None, cepo_observer=None, **kwargs):
         super().__init__(*args, **kwargs)
+        if cepo_observer is not None and not callable(cepo_observer):
+            raise TypeError(f"cepo_observer: expected a callable or None, got {type(cepo_observer).__name__}")
+        self.cepo_observer = cepo_observer
         if not isinstance(self.args, CEPOConfig):
             raise TypeError(f"args: expected a CEPOConfig, got {type(self.args).__name__}")
         if answer_extractor is not None and not callable(answer_extractor):
@@ -203,6 +216,8 @@ class CEPOTrainer(GRPOTrainer):
 
     @torch.no_grad()
     def _cepo_advantages(self, output, inputs, completions, rewards_per_func):
+        """A_hat [B, T] of this process's rows: r- from the gathered batch, both teachers on the local rows
+        with A != 0 (while lambda > 0), then step.token_advantages."""
         mode = "train" if self.model.training else "eval"
         args = self.args
         adv = output["advantages"].float()  # [B] this process's rows
@@ -216,7 +231,8 @@ class CEPOTrainer(GRPOTrainer):
         pos_logp = torch.zeros(B, R, dtype=torch.float32, device=mask.device)
         neg_logp = torch.zeros_like(pos_logp)
         record = {"step": step, "lam": lam, "neg_answers": [], "neg_how": [], "neg_index": [],
-                  "teacher_rows_local": 0, "teacher_rows": 0}
+                  "teacher_rows_local": 0, "teacher_rows": 0, "teacher_forwards": 0}
+        rows = []
         if lam > 0.0:
             rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
             rewards = rewards.masked_fill(torch.isnan(rewards_per_func).all(dim=1), float("nan")).tolist()
@@ -229,15 +245,10 @@ class CEPOTrainer(GRPOTrainer):
                 raise RuntimeError(
                     f"CEPOTrainer: {len(texts)} gathered completions, {len(rewards)} rewards, group size {G}"
                 )
-            for g in range(len(texts) // G):
-                sl = slice(g * G, (g + 1) * G)
-                ref = references[g * G]
-                ans, idx, how = negative_answer(texts[sl], rewards[sl], ref, self.answer_extractor)
-                record["neg_answers"].append(ans)
-                record["neg_how"].append(how)
-                record["neg_index"].append(idx)
-            offset = self.accelerator.process_index * B
-            rows = [i for i in range(B) if adv[i].item() != 0.0 and bool(mask[i].any())]
+            negatives = choose_negatives(texts, rewards, references[::G], G, self.answer_extractor)
+            record.update(neg_answers=[n.answer for n in negatives], neg_how=[n.how for n in negatives],
+                          neg_index=[n.index for n in negatives])
+            rows = teacher_rows(adv, mask)
             counts = self.accelerator.gather(torch.tensor([len(rows)], device=mask.device))
             record["teacher_rows_local"] = len(rows)
             record["teacher_rows"] = int(counts.sum().item())
@@ -246,35 +257,41 @@ class CEPOTrainer(GRPOTrainer):
                 # need all ranks in each forward
                 chunk = self.args.teacher_batch_size or 2 * self.args.per_device_train_batch_size
                 n_chunks = -(-2 * int(counts.max()) // chunk)
-                negs = record["neg_answers"]
-                pos, neg = self._cepo_teacher_logprobs(output, rows, negs, references, offset, G, n_chunks)
+                offset = self.accelerator.process_index * B
+                prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"].bool()
+                ctx = teacher_contexts(
+                    self._tokenizer, rows,
+                    prompt_ids={i: prompt_ids[i][prompt_mask[i]].tolist() for i in rows},
+                    pos_answers={i: references[offset + i] for i in rows},
+                    neg_answers={i: negatives[(offset + i) // G].answer for i in rows},
+                    template=args.teacher_template)
+                pos, neg = self._cepo_teacher_logprobs(output, ctx, n_chunks)
+                record["teacher_forwards"] = n_chunks
                 if rows:
                     pos_logp[rows], neg_logp[rows] = pos, neg
-        a_hat = cepo_advantages(adv, pos_logp, neg_logp, mask, lam=lam, eps_w=args.eps_w)
+        a_hat = token_advantages(adv, pos_logp, neg_logp, mask, lam=lam, eps_w=args.eps_w)
         self._cepo_log(mode, record, pos_logp - neg_logp, adv, mask)
         self.cepo_last = record
+        if self.cepo_observer is not None:
+            self.cepo_observer(dict(record), {"advantages": adv, "a_hat": a_hat, "mask": mask, "rows": rows,
+                                              "pos_logp": pos_logp, "neg_logp": neg_logp})
         return a_hat
 
-    def _cepo_teacher_logprobs(self, output, rows, neg_answers, references, offset, G, n_chunks=None):
-        """Both teachers' log-probs [len(rows), R] of the completions of the local rows `rows`, in n_chunks
-        forwards (default: as many as needed; extra ones run on a one-token input and are discarded)."""
+    def _cepo_teacher_logprobs(self, output, ctx, n_chunks):
+        """Both teachers' log-probs [len(ctx.rows), R] of the completions of the local rows ctx.rows, in
+        n_chunks forwards (extra ones run on a one-token input and are discarded, to keep in step with the
+        other ranks)."""
         tok = self._tokenizer
-        template = self.args.teacher_template
-        prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"].bool()
+        prompt_ids = output["prompt_ids"]
         completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
         R = completion_ids.shape[1]
-        lengths = completion_mask.sum(1)  # right-padded; rows TRL masked whole (truncated) are not in `rows`
-        prefixes, responses = [], []
-        for answer_of in (lambda g: references[g * G], lambda g: neg_answers[g]):
-            for i in rows:
-                g = (offset + i) // G
-                p = prompt_ids[i][prompt_mask[i]].tolist()
-                prefixes.append(teacher_prefix(tok, "", p, answer_of(g), template))
-                responses.append(completion_ids[i, : int(lengths[i])].tolist())
+        lengths = completion_mask.sum(1)  # right-padded; rows TRL masked whole (truncated) are not in rows
+        rows = ctx.rows
+        prefixes = ctx.pos_prefixes + ctx.neg_prefixes
+        responses = [completion_ids[i, : int(lengths[i])].tolist() for i in rows] * 2
         chunk = self.args.teacher_batch_size or 2 * self.args.per_device_train_batch_size
         kernels = self.args.cepo_kernel_logprobs
         out, targets, masks = [], [], []
-        n_chunks = -(-len(prefixes) // chunk) if n_chunks is None else n_chunks
         with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             for s in range(0, n_chunks * chunk, chunk):
                 if s >= len(prefixes):  # keep in step with the other ranks' forwards
@@ -378,6 +395,5 @@ class CEPOTrainer(GRPOTrainer):
         d = self.accelerator.gather(pad(delta.contiguous(), dim=1))
         m = self.accelerator.gather(pad(mask.to(torch.int32).contiguous(), dim=1)).bool()
         a = self.accelerator.gather(adv.contiguous())
-        stats = delta_metrics(d, a[:, None].expand_as(d), m)
-        for name, value in zip(stats, torch.stack(list(stats.values())).tolist(), strict=True):
+        for name, value in evidence_stats(d, a, m).items():
             metrics[f"cepo/{name}"].append(value)
