@@ -1,14 +1,16 @@
 """One RL update step on given token ids, built from the package's pieces (for bench/test_train_step.py).
 
-A step, as ../shared/ANCHORS.md measures it: the teacher passes (no grad) and the policy's forward and
-backward, the old log-probs given (computed once, outside the timed step, by the same path). The paths:
+A step, as docs/memory.md's anchor measures it: the teacher passes (no grad) and the policy's forward and
+backward, the old log-probs given (computed once, outside the timed step, by the same path). The "shared"
+and "plain" paths are the phases of cepo_kernels.step, as cepo-train calls them; "naive" is the peer
+baseline. The paths:
 
 - "shared": as cepo-train runs it. Each distinct context (prompt, prompt + r+, prompt + r-) runs once per
-  group and its key/value cache is reused by the group's responses (rl/prefix.prefix_hidden); the policy
+  group and its key/value cache is reused by the group's responses (step.forward.prefix_hidden); the policy
   pass shares the prompt too, except under gradient checkpointing, where it takes the plain path as the
-  trainer does. Teachers only for rows with A != 0 and only when lambda > 0; loss by linear_cepo_loss /
-  linear_grpo_loss, teachers by linear_teacher_logprobs (the logits never exist).
-- "plain": every row's full context, left-padded (teacher.pack + model.response_hidden), same kernels.
+  trainer does. Teachers only for rows with A != 0 and only when lambda > 0 (step.teacher_rows,
+  step.teacher_logprobs: linear_teacher_logprobs), the loss by step.policy_loss (the logits never exist).
+- "plain": every row's full context, left-padded (step.pack + step.forward.response_hidden), same phases.
 - "naive": HF logits ([n, R, V] materialised) + log_softmax for the policy and both teachers, the loss in
   torch eager (cepo_ref.cepo_loss), every teacher row with A != 0 run in full.
 """
@@ -18,12 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from cepo_kernels.rl.prefix import context_hidden, response_targets
-from cepo_kernels.rl.teacher import pack
 
+import cepo_kernels.step as phases
 import cepo_ref
-from cepo_kernels import linear_cepo_loss, linear_grpo_loss, linear_logprobs, linear_teacher_logprobs
-from cepo_kernels.rl.model import base_model, lm_head
+from cepo_kernels.step import TeacherContexts, context_hidden, lm_head, pack, response_targets
+from cepo_kernels.step.forward import base_model
 
 PATHS = ("shared", "plain", "naive")
 
@@ -105,13 +106,19 @@ def _checkpointing(model) -> bool:
     return False
 
 
-def hidden(model, batch: StepBatch, kind: str, rows: list[int], path: str, device) -> torch.Tensor:
-    """Hidden states [n, R, H] predicting the responses of `rows` under context `kind` (policy/pos/neg),
-    shared or plain as the trainer chooses (rl/prefix.context_hidden)."""
-    shared = path == "shared" and not (torch.is_grad_enabled() and _checkpointing(model))
-    contexts, resp = [batch.context(kind, r) for r in rows], [batch.responses[r] for r in rows]
-    h, _, _ = context_hidden(model, contexts, resp, pad_id=batch.pad_id, device=device, share=shared)
-    return h
+def forward_of(model, batch: StepBatch, path: str, device):
+    """The phases' forward(contexts, responses) -> (hidden [n, R, H], tokens, plain tokens): shared or
+    plain as the trainer chooses (step.context_hidden; plain under gradient checkpointing with gradients)."""
+
+    def forward(contexts, responses):
+        shared = path == "shared" and not (torch.is_grad_enabled() and _checkpointing(model))
+        return context_hidden(model, contexts, responses, pad_id=batch.pad_id, device=device, share=shared)
+
+    return forward
+
+
+def one_batch(rows):
+    return [list(rows)]
 
 
 def _naive_logits(model, batch, kind, rows, device):
@@ -135,10 +142,11 @@ def old_logprobs(model, batch: StepBatch, path: str, device) -> torch.Tensor:
             logits = _naive_logits(model, batch, "policy", rows, device)
             targets, _ = targets_mask(batch, rows, logits.shape[1], device)
             return cepo_ref.token_logprobs(logits, targets)
-        h = hidden(model, batch, "policy", rows, path, device)
-        targets, _ = targets_mask(batch, rows, h.shape[1], device)
         weight, bias = lm_head(model)
-        return linear_logprobs(h, weight, targets, bias=bias)
+        contexts = [batch.context("policy", r) for r in rows]
+        forward = forward_of(model, batch, path, device)
+        return phases.policy_logprobs(forward, weight, bias, contexts, batch.responses, one_batch,
+                                      pad_id=batch.pad_id, device=device).logp
     finally:
         model.train(was)
 
@@ -148,26 +156,25 @@ def teacher_logprobs(model, batch: StepBatch, path: str, old: torch.Tensor, devi
     """(pos_logp, neg_logp) [B, R]: both teachers on the rows with A != 0; other rows keep pos = neg = old."""
     was = model.training
     model.eval()
-    pos, neg = old.clone(), old.clone()
-    rows = [r for r in range(len(batch.responses)) if float(batch.advantages[r]) != 0.0]
+    rows = phases.teacher_rows(batch.advantages)
     try:
+        if path != "naive":
+            ctx = TeacherContexts(rows, [batch.context("pos", r) for r in rows],
+                                  [batch.context("neg", r) for r in rows])
+            weight, bias = lm_head(model)
+            forward = forward_of(model, batch, path, device)
+            scored = phases.teacher_logprobs(forward, weight, bias, ctx, batch.responses, one_batch,
+                                             default=old, lam=1.0, pad_id=batch.pad_id)
+            return scored.pos, scored.neg
+        pos, neg = old.clone(), old.clone()
         if not rows:
             return pos, neg
         idx = torch.tensor(rows, device=device)
-        if path == "naive":
-            for kind, dst in (("pos", pos), ("neg", neg)):
-                logits = _naive_logits(model, batch, kind, rows, device)
-                targets, _ = targets_mask(batch, rows, logits.shape[1], device)
-                dst[idx, : logits.shape[1]] = cepo_ref.token_logprobs(logits, targets).to(dst.dtype)
-                del logits
-            return pos, neg
-        h_pos = hidden(model, batch, "pos", rows, path, device)
-        h_neg = hidden(model, batch, "neg", rows, path, device)
-        R = h_pos.shape[1]
-        targets, _ = targets_mask(batch, rows, R, device)
-        weight, bias = lm_head(model)
-        p, n = linear_teacher_logprobs(h_pos, h_neg, weight, targets, bias=bias)
-        pos[idx, :R], neg[idx, :R] = p.to(pos.dtype), n.to(neg.dtype)
+        for kind, dst in (("pos", pos), ("neg", neg)):
+            logits = _naive_logits(model, batch, kind, rows, device)
+            targets, _ = targets_mask(batch, rows, logits.shape[1], device)
+            dst[idx, : logits.shape[1]] = cepo_ref.token_logprobs(logits, targets).to(dst.dtype)
+            del logits
         return pos, neg
     finally:
         model.train(was)
@@ -195,14 +202,12 @@ def step(model, batch: StepBatch, *, algo: str, path: str, old: torch.Tensor, la
         targets, mask = targets_mask(batch, rows, logits.shape[1], device)
         out = cepo_ref.cepo_loss(logits, targets, batch.advantages, mask, old_logp=old, **teachers)
     else:
-        h = hidden(model, batch, "policy", rows, path, device)
+        contexts = [batch.context("policy", r) for r in rows]
+        h, _, _ = forward_of(model, batch, path, device)(contexts, batch.responses)
         targets, mask = targets_mask(batch, rows, h.shape[1], device)
         weight, bias = lm_head(model)
-        if teachers:
-            out = linear_cepo_loss(h, weight, targets, batch.advantages, mask, old_logp=old, bias=bias,
-                                   **teachers)
-        else:
-            out = linear_grpo_loss(h, weight, targets, batch.advantages, mask, old_logp=old, bias=bias)
+        out = phases.policy_loss(h, weight, targets, batch.advantages, mask, old_logp=old, bias=bias,
+                                 metrics=True, **teachers)
     if backward:
         out.loss.backward()
     return dict(loss=out.loss.detach(), pos_logp=pos, neg_logp=neg)

@@ -21,7 +21,7 @@ import time
 
 import pytest
 import torch
-from step_harness import TokenCounter, hidden, make_batch, old_logprobs, step, teacher_logprobs
+from step_harness import TokenCounter, forward_of, make_batch, old_logprobs, step, teacher_logprobs
 
 GIB = 2**30
 ON_GPU = torch.cuda.is_available()
@@ -197,7 +197,8 @@ def test_cpu_shared_prefix_runs_fewer_tokens(kind):
     for path in ("shared", "plain"):
         counter = TokenCounter(batch.pad_id).attach(model)
         with torch.no_grad():
-            hidden(model, batch, kind, rows, path, "cpu")
+            forward_of(model, batch, path, "cpu")([batch.context(kind, r) for r in rows],
+                                                  [batch.responses[r] for r in rows])
         counter.detach()
         ran[path] = counter.tokens
     ctx = [len(batch.context(kind, r)) for r in rows]
