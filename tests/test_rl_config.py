@@ -6,7 +6,8 @@ import pytest
 
 from cepo_kernels.rl.checkpoint import resolve_checkpoint
 from cepo_kernels.rl.cli import main
-from cepo_kernels.rl.config import TrainConfig, config_from_dict, lr_factor, parse_args, valid_keys
+from cepo_kernels.rl.config import TrainConfig, config_from_dict, lr_factor, valid_keys
+from cepo_kernels.rl.options import parse_args
 from cepo_kernels.rl.task import arithmetic_problems, load_jsonl
 from cepo_kernels.step import lam_at
 

@@ -12,9 +12,10 @@ import signal
 import pytest
 import torch
 
-import cepo_kernels.rl.trainer as trainer_mod
+import cepo_kernels.rl.loop as loop_mod
 from cepo_kernels.rl.cli import main
-from cepo_kernels.rl.config import TrainConfig, parse_args
+from cepo_kernels.rl.config import TrainConfig
+from cepo_kernels.rl.options import parse_args
 from cepo_kernels.rl.reward import load_reward_fn
 from cepo_kernels.rl.rundir import RunDir, RunDirError
 from cepo_kernels.rl.task import build_tiny_model, build_tokenizer
@@ -172,7 +173,7 @@ def test_full_disk_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     def full(path, row):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(trainer_mod, "append_jsonl", full)
+    monkeypatch.setattr(loop_mod, "append_jsonl", full)
     out = tmp_path / "run"
     assert main([*FAST_ARGS, "--steps", "2", "--out-dir", str(out)]) == 2
     err = capsys.readouterr().err

@@ -15,7 +15,8 @@ from helpers import assert_close
 import cepo_kernels.rl.update as update_mod
 from cepo_kernels.rl.checkpoint import resolve_checkpoint
 from cepo_kernels.rl.cli import main
-from cepo_kernels.rl.config import TrainConfig, parse_args
+from cepo_kernels.rl.config import TrainConfig
+from cepo_kernels.rl.options import parse_args
 from cepo_kernels.rl.task import Problem, build_tiny_model, build_tokenizer
 from cepo_kernels.rl.trainer import NaNLossError, Trainer
 from cepo_kernels.step import (
@@ -210,7 +211,7 @@ def test_teacher_logprobs_match_the_model_on_the_context(tmp_path):
     batches = lambda rows: micro_batches(rows, lengths, 2, 3)  # noqa: E731 (split across micro-batches)
     old = policy_logprobs(tr.forward, weight, bias, per_row(prompts), responses, batches,
                           pad_id=tok.pad_token_id, device="cpu")
-    assert old.tokens == old.tokens_plain - len(prompts[0]) - len(prompts[1])  # each prompt runs once, not twice
+    assert old.tokens == old.tokens_plain - len(prompts[0]) - len(prompts[1])  # once per group
     pos, neg, tokens = teacher_logprobs(tr.forward, weight, bias, ctx, responses, batches, default=old.logp,
                                         lam=0.5, pad_id=tok.pad_token_id)
     assert tokens > 0

@@ -6,7 +6,8 @@
 Runs every (seed, algo) sequentially, each as its own `cepo-train` process (seed-major, so a stopped
 comparison has whole seeds), each into OUT/runs/<algo>-seed<k>/ (metrics.jsonl, summary.json, config.json,
 credit/; the model checkpoints are deleted unless --keep-models). A run whose summary.json exists is not
-run again, so the command can be repeated to finish a stopped comparison or just to redo the report. Then it writes:
+run again, so the command can be repeated to finish a stopped comparison or just to redo the report.
+Then it writes:
 
 - OUT/table.md and OUT/results.json: per algorithm, the final held-out accuracy (greedy, the last
   evaluation) and the final reward (mean batch reward of the last `--last` steps): mean, sample standard

@@ -44,8 +44,9 @@ def main(argv=None) -> int:
     130 stopped by Ctrl-C / SIGTERM (resumable)."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     _ensure_interpreter(argv)
-    from cepo_kernels.rl.config import parse_args
-    from cepo_kernels.rl.trainer import NaNLossError, RewardFunctionError, Trainer
+    from cepo_kernels.rl.errors import NaNLossError, RewardFunctionError
+    from cepo_kernels.rl.options import parse_args
+    from cepo_kernels.rl.trainer import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # numpy's "invalid value" notes from inside Triton's interpreter (masked lanes); the kernels handle NaN

@@ -1,0 +1,73 @@
+"""The run around the steps: evaluation, metrics.jsonl, checkpoints, the exported model and the summary.
+`self` is the Trainer (cepo_kernels.rl.trainer)."""
+
+from __future__ import annotations
+
+import time
+
+from cepo_kernels.rl.errors import NaNLossError
+from cepo_kernels.rl.model import export_model
+from cepo_kernels.rl.signals import graceful_stop
+from cepo_kernels.runfiles import append_jsonl, read_metrics, write_json
+
+
+def run_steps(self, stop_after: int | None) -> dict:
+    """Trainer.train's loop: the remaining steps (or stop_after of them), evaluations, metrics.jsonl,
+    checkpoints, then the final checkpoint, final_model/ (when all steps are done) and summary.json."""
+    from tqdm.auto import tqdm
+
+    cfg = self.cfg
+    write_json(self.out / "config.json", cfg.to_dict())
+    end = cfg.steps if stop_after is None else min(cfg.steps, self.step_idx + stop_after)
+    if self.step_idx == 0 and cfg.eval_every:
+        self.eval_start = self.evaluate()
+    evaluated = lambda rec: rec.get("eval_accuracy") is not None  # noqa: E731
+    bar = tqdm(total=cfg.steps, initial=self.step_idx, disable=not cfg.progress,
+               desc=f"cepo-train {cfg.algo}", dynamic_ncols=True)
+    self.stop_requested = False
+    with bar, graceful_stop(self):
+        while self.step_idx < end and not self.stop_requested:
+            rec = self.step()
+            if cfg.eval_every and (self.step_idx % cfg.eval_every == 0 or self.step_idx == cfg.steps):
+                rec["eval_accuracy"] = self.evaluate()
+            append_jsonl(self.metrics_path, rec)
+            bar.set_postfix(
+                reward=f"{rec['reward_mean']:.3f}",
+                lam=f"{rec['lambda']:.3f}",
+                **({"eval": f"{rec['eval_accuracy']:.3f}"} if evaluated(rec) else {}),
+            )
+            bar.update(1)
+            if self.nan_streak >= cfg.max_nan_steps:
+                raise NaNLossError(
+                    f"{self.nan_streak} steps in a row had a non-finite loss (max_nan_steps="
+                    f"{cfg.max_nan_steps}); see {self.metrics_path}"
+                )
+            if cfg.save_every and self.step_idx % cfg.save_every == 0 and self.step_idx < end:
+                self.save()
+    self.save()
+    if self.step_idx >= cfg.steps:
+        export_model(self.model, self.tok, self.out / "final_model")
+    summary = run_summary(self)
+    write_json(self.out / "summary.json", summary)
+    return summary
+
+def run_summary(self) -> dict:
+    """The whole run so far (every session of a resumed run), from metrics.jsonl."""
+    rows = read_metrics(self.metrics_path)
+    evals = [r["eval_accuracy"] for r in rows if r.get("eval_accuracy") is not None]
+    return {
+        "out_dir": str(self.out),
+        "steps_done": self.step_idx,
+        "steps": self.cfg.steps,
+        "interrupted": self.stop_requested and self.step_idx < self.cfg.steps,
+        "wall_s": self.wall_before + time.perf_counter() - self._t_start,
+        "eval_accuracy_start": self.eval_start,
+        "eval_accuracy_end": evals[-1] if evals else None,
+        "reward_first": rows[0]["reward_mean"] if rows else None,
+        "reward_last": rows[-1]["reward_mean"] if rows else None,
+        # what the shared prefixes and the lambda = 0 skip saved, over the whole run
+        "teacher_tokens": sum(r.get("teacher_tokens", 0) for r in rows),
+        "teacher_tokens_naive": sum(r.get("teacher_tokens_naive", 0) for r in rows),
+        "policy_tokens": sum(r.get("policy_tokens", 0) for r in rows),
+        "policy_tokens_naive": sum(r.get("policy_tokens_naive", 0) for r in rows),
+    }
