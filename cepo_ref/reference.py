@@ -1,7 +1,7 @@
 """CEPO in plain PyTorch, written to be read. The fused kernels in cepo_kernels are tested against it.
 
-Every function has the signature of its cepo_kernels namesake (../shared/API.md) and its docstring
-gives the equation of METHOD.md it implements. Only the input checks are shared with cepo_kernels
+Every function has the signature of its cepo_kernels namesake and its docstring
+gives the equation of docs/method.md it implements. Only the input checks are shared with cepo_kernels
 (so both reject bad input alike); the arithmetic here is independent of the kernels.
 """
 
@@ -106,7 +106,7 @@ def cepo_advantages(advantages, pos_logp, neg_logp, mask, *, lam, eps_w=0.2):
 def _reweight(adv, delta, mask, lam, eps_w):
     w = torch.exp(torch.sign(adv) * delta).clamp(1.0 - eps_w, 1.0 + eps_w)
     a_hat = adv * ((1.0 - lam) + lam * w)
-    # A = 0 and masked tokens give exactly 0, whatever the teachers hold there (METHOD.md property 4)
+    # A = 0 and masked tokens give exactly 0, whatever the teachers hold there (docs/method.md §4)
     return torch.where(mask & (adv != 0), a_hat, torch.zeros_like(a_hat))
 
 

@@ -226,7 +226,7 @@ def test_linear_cepo_loss(dtype, teachers, device):
 
 def test_teachers_as_hidden_or_logp_agree(device):
     """Teachers scored inside the loss, or first by linear_teacher_logprobs: both as close to the float64
-    reference as torch's own fp32 error allows, and to each other (issue 8: no bare tolerance)."""
+    reference as torch's own fp32 error allows, and to each other (no bare tolerance)."""
     h, w, b, t, ph, nh, adv, mask, old = loss_inputs(torch.float32, device)
     base = dict(targets=t, advantages=adv, mask=mask, old_logp=old, temperature=1.1)
     o1, g1 = run_loss(linear_cepo_loss, h, w, b, pos_hidden=ph, neg_hidden=nh, **base)
@@ -247,7 +247,7 @@ def test_teachers_as_hidden_or_logp_agree(device):
 
 
 def test_teachers_not_scored_where_advantage_is_zero(device):
-    """METHOD.md property 4: NaN teacher states at A = 0 or masked rows change nothing."""
+    """docs/method.md §4: NaN teacher states at A = 0 or masked rows change nothing."""
     h, w, b, t, ph, nh, adv, mask, old = loss_inputs(torch.float32, device)
     base = dict(targets=t, advantages=adv, mask=mask, old_logp=old)
     o1, g1 = run_loss(linear_cepo_loss, h, w, b, pos_hidden=ph, neg_hidden=nh, **base)

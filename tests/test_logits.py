@@ -222,7 +222,7 @@ def test_inplace_gives_the_same_gradient(fn):
     assert torch.equal(x_after, before)  # the default never touches the caller's logits
     g_in, x_in, _ = run(True)
     torch.testing.assert_close(g_in, g_new, rtol=0, atol=0)
-    torch.testing.assert_close(x_in, g_new, rtol=0, atol=0)  # the logits' storage now holds dlogits
+    torch.testing.assert_close(x_in, g_new, rtol=0, atol=0)  # the logits' storage holds dlogits
 
 
 TOKEN_CASES = []

@@ -1,4 +1,4 @@
-"""The method's invariants (METHOD.md), hand-worked cases and the bad-input contract (API.md).
+"""The method's invariants (docs/method.md), hand-worked cases and the bad-input contract.
 
 Each test runs on the reference (cepo_ref) and on the kernels (cepo_kernels): both must satisfy the
 method, independently of their agreement with each other (tested in test_logits.py/test_linear.py).

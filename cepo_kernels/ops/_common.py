@@ -73,7 +73,7 @@ def clamp_keep_nan(x, lo, hi):
 @triton.jit
 def cepo_token(lp, old, adv, delta, valid, lam, eps_w, eps_low, eps_high, clip_dual,
                HAS_OLD: tl.constexpr, HAS_TEACHERS: tl.constexpr, HAS_DUAL: tl.constexpr):
-    """Per-token CEPO arithmetic (METHOD.md), elementwise on scalars or blocks, all fp32.
+    """Per-token CEPO arithmetic (docs/method.md §3-§6), elementwise on scalars or blocks, all fp32.
 
     lp: policy log-prob; old: old log-prob (ignored unless HAS_OLD: on-policy ratio 1);
     adv: the sequence's (or token's) advantage A; delta: pos_logp - neg_logp (ignored unless
@@ -83,7 +83,7 @@ def cepo_token(lp, old, adv, delta, valid, lam, eps_w, eps_low, eps_high, clip_d
     sgn = tl.where(adv > 0, 1.0, tl.where(adv < 0, -1.0, 0.0))
     if HAS_TEACHERS:
         w = clamp_keep_nan(tl.exp(sgn * delta), 1.0 - eps_w, 1.0 + eps_w)
-        # A = 0 gives exactly 0 whatever the teachers say (their rows may be skipped, METHOD.md prop. 4)
+        # A = 0 gives exactly 0 whatever the teachers say (their rows may be skipped, docs/method.md §4)
         a_hat = tl.where(adv == 0, 0.0, adv * ((1.0 - lam) + lam * w))
     else:
         a_hat = adv

@@ -286,7 +286,7 @@ def _policy_and_teachers(hidden, weight, bias, targets, spec, T):
     """Policy (lse, logp, entropy) on all rows, teacher log-probs on the rows that need them: one launch."""
     teacher_h = [t for t in (spec.pos_hidden, spec.neg_hidden) if t is not None]
     rows = count = None
-    if teacher_h:  # METHOD.md property 4: rows with A = 0 (or masked) get A_hat = 0: teachers not scored
+    if teacher_h:  # docs/method.md §4 (A_hat invariants): rows with A = 0 (or masked) get A_hat = 0: teachers not scored
         rows, count = active_rows(spec.mask & (spec.adv != 0))
     sc = linear_fwd([hidden, *teacher_h], weight, bias, targets, rows, count, rows_from=1, temperature=T)
     it = iter(sc.logp[1:])
@@ -369,7 +369,7 @@ def linear_cepo_loss(hidden, weight, targets, advantages, mask, *, old_logp=None
                      neg_hidden=None, pos_logp=None, neg_logp=None, bias=None, lam=None, eps_w=0.2,
                      eps_low=0.2, eps_high=0.28, clip_dual=3.0, temperature=1.0, reduction="token-mean",
                      num_tokens=None, metrics=True):
-    """The CEPO loss (cepo_loss of API.md) from hidden states and the lm_head, logits never materialised.
+    """The CEPO loss (as cepo_loss) from hidden states and the lm_head, logits never materialised.
 
     Args:
         hidden: [B, T, H] or [N, H] policy hidden states (the weight's dtype); weight [V, H]; bias [V]/None.

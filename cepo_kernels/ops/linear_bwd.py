@@ -48,7 +48,7 @@ def dot_precision(dtype):
 
 
 def upcast_dot(dtype):
-    """True under Triton's interpreter with bf16 operands, whose tl.dot is wrong there (STYLE.md).
+    """True under Triton's interpreter with bf16 operands, whose tl.dot is wrong there (docs/kernels.md, interpreter workarounds).
 
     The interpreter also truncates fp32 -> bf16 casts (a GPU rounds to nearest even), so there the bf16
     outputs of the backward are written in fp32 and rounded by torch.
