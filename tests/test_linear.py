@@ -10,7 +10,7 @@ from helpers import assert_close, err, poison
 
 import cepo_kernels
 import cepo_ref
-from cepo_kernels.ops import linear_bwd as linear_bwd_mod
+from cepo_kernels.ops import _common
 from cepo_kernels.ops.linear import (
     linear_cepo_loss,
     linear_grpo_loss,
@@ -28,9 +28,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.fixture(autouse=True)
 def _poisoned_buffers(monkeypatch):
     """Every uninitialised buffer of the linear path starts as NaN, so an unwritten element fails."""
-    monkeypatch.setattr(linear_bwd_mod, "alloc", lambda shape, dtype, device: poison(shape, dtype, device))
-    import cepo_kernels.ops.linear as lin
-    monkeypatch.setattr(lin, "alloc", lambda shape, dtype, device: poison(shape, dtype, device))
+    monkeypatch.setattr(_common, "alloc", lambda shape, dtype, device: poison(shape, dtype, device))
 
 
 def make_linear(lead, dtype, device, bias=True, seed=0):

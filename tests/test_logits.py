@@ -14,7 +14,7 @@ from helpers import assert_close, poison
 import cepo_kernels
 import cepo_ref
 import cepo_ref.reference as ref_mod
-from cepo_kernels.ops import logits as logits_mod
+from cepo_kernels.ops import _common
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter: log(0) etc.
 
@@ -26,7 +26,7 @@ LOG_RATIOS = torch.tensor([-1.0, -0.3, -0.1, 0.05, 0.2, 0.35, 0.9, 1.5, 25.0, -2
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Every buffer the kernels write starts NaN: an element they forget fails the comparison."""
-    monkeypatch.setattr(logits_mod, "_alloc", lambda shape, dtype, device: poison(shape, dtype, device))
+    monkeypatch.setattr(_common, "alloc", lambda shape, dtype, device: poison(shape, dtype, device))
 
 
 def scaled_atol(ref, rel=1e-6):

@@ -1,5 +1,5 @@
-"""Row-streaming pieces of the logits kernels (ops/logits.py): the vocabulary scan of up to three tensors
-(online logsumexp, per-lane sums, one max-reduction per tile) and the per-element gradient.
+"""Row-streaming pieces of the logits kernels (ops/_logits_kernels.py): the vocabulary scan of up to three
+tensors (online logsumexp, per-lane sums, one max-reduction per tile) and the per-element gradient.
 
 The scan walks whole BLOCK_V tiles unmasked (128-bit loads when the rows are 16-byte aligned) and masks
 only the tail tile, so V stays a runtime value. Math: docs/gradient.md.
