@@ -206,7 +206,9 @@ def check_loss_inputs(lead, device, targets, advantages, mask, *, old_logp=None,
     else:
         allowed = f"{lead}" if flat else f"({B},) or {lead}"
         raise ValueError(f"advantages: expected shape {allowed}, got {tuple(advantages.shape)}")
-    mask_b = check_mask(mask, lead, device)
+    # a negative target id (Hugging Face's -100) counts as masked, as in F.cross_entropy(ignore_index=-100):
+    # an elementwise AND on the device, no host sync
+    mask_b = check_mask(mask, lead, device) & (targets >= 0)
     if old_logp is not None:
         check_tensor("old_logp", old_logp, dtypes="float", shape=lead, device=device)
     for name, full, lp in ((teacher_names[0], pos, pos_logp), (teacher_names[1], neg, neg_logp)):

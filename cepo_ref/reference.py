@@ -28,8 +28,9 @@ from cepo_kernels.ops.advantages import check_group_inputs
 def token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False):
     """logp = log_softmax(logits / temperature)[target], in fp32 (fp64 for fp64 logits).
 
-    entropy = -sum_v p_v log p_v of the same tempered distribution. A target outside [0, V) gives a
-    NaN log-prob (never an out-of-bounds read).
+    entropy = -sum_v p_v log p_v of the same tempered distribution. A negative target (Hugging Face's
+    -100) gives logp = 0 with no gradient (the entropy is computed as usual); a target >= V gives a NaN
+    log-prob (never an out-of-bounds read).
     """
     check_logits_and_targets(logits, targets)
     check_temperature(temperature)
@@ -39,7 +40,8 @@ def token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False):
     valid = (targets >= 0) & (targets < V)
     safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
     logp = logsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    logp = torch.where(valid, logp, torch.full_like(logp, float("nan")))
+    nan = torch.full_like(logp, float("nan"))
+    logp = torch.where(valid, logp, torch.where(targets < 0, torch.zeros_like(logp), nan))
     if not return_entropy:
         return logp
     p = logsm.exp()

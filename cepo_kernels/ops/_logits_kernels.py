@@ -28,7 +28,7 @@ def _logprobs_fwd_kernel(logits, targets, lp, lse, ent, T, V, s_b, s_t, inv_temp
     c = inv_temp * LOG2E
     m_x, s_x, t_x, _, _, _, _ = _scan(x_row, x_row, x_row, V, c, False, False, WITH_ENT, BLOCK_V)
     b_lse, b_ent = lse_entropy(m_x, s_x, t_x, inv_temp)
-    tl.store(lp + row, _target_logp(z_t, in_range, b_lse))
+    tl.store(lp + row, _target_logp(z_t, tgt, in_range, b_lse))
     tl.store(lse + row, b_lse)
     if WITH_ENT:
         tl.store(ent + row, b_ent)
@@ -83,17 +83,17 @@ def _cepo_fwd_kernel(
     else:
         m_x, s_x, _, m_p, s_p, m_n, s_n = _scan(x_row, p_row, n_row, V, c, False, False, False, BLOCK_V)
     b_lse, _ = lse_entropy(m_x, s_x, s_x, inv_temp)
-    b_lp = _target_logp(z_x, in_range, b_lse)
+    b_lp = _target_logp(z_x, tgt, in_range, b_lse)
     b_delta = 0.0
     if HAS_TEACHERS:
         if HAS_POS_LOGITS:
             lse_p, _ = lse_entropy(m_p, s_p, s_p, inv_temp)
-            b_pos = _target_logp(z_p, in_range, lse_p)
+            b_pos = _target_logp(z_p, tgt, in_range, lse_p)
         else:
             b_pos = tl.load(pos_logp + row)
         if HAS_NEG_LOGITS:
             lse_n, _ = lse_entropy(m_n, s_n, s_n, inv_temp)
-            b_neg = _target_logp(z_n, in_range, lse_n)
+            b_neg = _target_logp(z_n, tgt, in_range, lse_n)
         else:
             b_neg = tl.load(neg_logp + row)
         b_delta = tl.where(used, b_pos - b_neg, 0.0)
@@ -126,7 +126,7 @@ def _logprobs_bwd_kernel(
     o_v = tl.arange(0, BLOCK_V)
     V_main = V - V % BLOCK_V
     tgt = tl.load(targets + row)
-    g_lp = tl.load(grad_lp + row)
+    g_lp = tl.where(tgt < 0, 0.0, tl.load(grad_lp + row))  # a negative id's log-prob is the constant 0
     skip = g_lp == 0.0
     g_ent = 0.0
     if HAS_GRAD_ENT:
@@ -141,7 +141,7 @@ def _logprobs_bwd_kernel(
             tl.store(d_row + V_main + o_v, b_zero, mask=V_main + o_v < V)
     else:
         in_range = (tgt >= 0) & (tgt < V)
-        g_lp = tl.where(in_range, g_lp, float("nan"))  # the log-prob itself is NaN
+        g_lp = tl.where(tgt >= V, float("nan"), g_lp)  # an id >= V: the log-prob itself is NaN
         b_lse = tl.load(lse + row)
         b_ent = 0.0
         if HAS_GRAD_ENT:

@@ -101,8 +101,10 @@ def _target_logit(row, tgt, in_range, inv_temp):
 
 
 @triton.jit
-def _target_logp(z_t, in_range, lse):
-    return tl.where(in_range, z_t - lse, float("nan"))
+def _target_logp(z_t, tgt, in_range, lse):
+    """The target's log-prob: 0 for a negative id (ignored, as F.cross_entropy's ignore_index), NaN for an
+    id >= V (never read)."""
+    return tl.where(in_range, z_t - lse, tl.where(tgt < 0, 0.0, float("nan")))
 
 
 @triton.jit

@@ -60,7 +60,7 @@ def linear_fwd(sources, weight, bias, targets, rows=None, count=None, *, rows_fr
     bias [V] or None; targets [N] integer. rows: None (every row of every source), or int64 row ids [P]
     scored, for sources >= rows_from, at positions < count ([1] int32 on the device: no host sync); the
     sources before rows_from score every row. Returns Scored(lse, logp, entropy) of the scaled logits z / T;
-    logp is NaN for a target outside [0, V).
+    logp is 0 for a negative target and NaN for one >= V.
     """
     S = len(sources)
     N, H = sources[0].shape
@@ -191,7 +191,8 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retu
     Args:
         hidden: [..., H] float (fp32/bf16/fp16), the same dtype as weight.
         weight: [V, H] the lm_head weight. bias: [V] or None.
-        targets: [...] integer token ids; an id outside [0, V) gives a NaN log-prob (no out-of-bounds read).
+        targets: [...] integer token ids. A negative id (Hugging Face's -100) gives logp = 0 with no
+            gradient (the entropy as usual); an id >= V gives a NaN log-prob (no out-of-bounds read).
         temperature: > 0; the logits are divided by it before the softmax.
         return_entropy: also return the entropy of the tempered distribution.
     Returns:
@@ -216,7 +217,8 @@ def linear_cepo_loss(hidden, weight, targets, advantages, mask, *, old_logp=None
 
     Args:
         hidden: [B, T, H] or [N, H] policy hidden states (the weight's dtype); weight [V, H]; bias [V]/None.
-        targets: [B, T] / [N] integer. advantages: [B] (per sequence) or [B, T] / [N] float.
+        targets: [B, T] / [N] integer; a negative id (-100) counts as masked, an id >= V at an unmasked
+            position gives a NaN loss (as cepo_loss). advantages: [B] (per sequence) or [B, T] / [N] float.
         mask: [B, T] / [N] bool or 0/1. old_logp: [B, T] / [N] float, or None (on-policy: ratio 1).
         pos_hidden, neg_hidden: teacher hidden states shaped like hidden (no gradient; scored with the same
             weight in the same launch as the policy rows, only where mask and advantage != 0), or
@@ -276,7 +278,8 @@ def linear_teacher_logprobs(pos_hidden, neg_hidden, weight, targets, *, bias=Non
     Args:
         pos_hidden, neg_hidden: [..., H] teacher hidden states of the same shape (cast to the weight's dtype);
             either may be None (e.g. RLSD scores only the positive teacher).
-        weight: [V, H]; bias: [V] or None; targets: [...] integer; temperature: > 0 (the rollout's).
+        weight: [V, H]; bias: [V] or None; targets: [...] integer (a negative id gives 0.0, an id >= V NaN);
+            temperature: > 0 (the rollout's).
         rows: None (score every row), a bool mask shaped like targets, or a 1-D integer tensor of indices
             into the flattened rows. Typically mask & (advantage != 0).
     Returns:

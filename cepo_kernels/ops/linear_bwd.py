@@ -256,6 +256,7 @@ def linear_bwd(hidden, weight, bias, targets, lse, g_lp, ent=None, g_ent=None, *
     if N == 0 or not (need_h or need_w or need_b):
         return grad_h, grad_w, grad_b
     _common.require_backend(dev)
+    g_lp = g_lp.masked_fill(targets < 0, 0.0)  # a negative id's log-prob is the constant 0: no gradient
     rows, count = active_rows(g_lp != 0 if g_ent is None else (g_lp != 0) | (g_ent != 0))
     upcast = upcast_dot(hidden.dtype)
     gdt = torch.float32 if upcast else hidden.dtype

@@ -199,8 +199,9 @@ def token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False, in
 
     Args:
         logits: [..., V] fp32/bf16/fp16; any strides, only the last dim should be contiguous.
-        targets: [...] int64 token ids. An id outside [0, V) gives a NaN log-prob (never an
-            out-of-bounds read).
+        targets: [...] int64 token ids. A negative id (Hugging Face's -100 ignore index) gives logp = 0
+            with no gradient (the entropy is computed as usual); an id >= V gives a NaN log-prob (never
+            an out-of-bounds read).
         temperature: > 0, the logits are divided by it.
         return_entropy: also return the entropy of the tempered distribution (differentiable).
         inplace: the backward writes dlogits into the logits' storage (no second [..., V] buffer);
@@ -229,7 +230,9 @@ def cepo_loss(logits, targets, advantages, mask, *, old_logp=None, pos_logits=No
 
     Args:
         logits: [B, T, V] or [N, V] policy logits, fp32/bf16/fp16, last dim contiguous (any other strides).
-        targets: [B, T] / [N] int64 sampled tokens.
+        targets: [B, T] / [N] int64 sampled tokens. A negative id (Hugging Face's -100) counts as masked
+            (as F.cross_entropy(ignore_index=-100); no host sync) and its logp comes out 0; an id >= V at
+            an unmasked position gives a NaN log-prob, hence a NaN loss (never an out-of-bounds read).
         advantages: [B] (one per sequence) or [B, T] / [N], float.
         mask: [B, T] / [N] bool or 0/1: the response tokens that count.
         old_logp: [B, T] / [N] log-probs of the rollout policy; None -> on-policy (ratio 1).
