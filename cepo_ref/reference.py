@@ -20,7 +20,7 @@ from cepo_kernels._params import (
     check_loss_inputs,
     check_temperature,
     check_tensor,
-    token_normaliser,
+    token_mean_scale,
 )
 from cepo_kernels.ops.advantages import check_group_inputs
 
@@ -168,7 +168,7 @@ def _ppo_loss(lp, a_hat, delta, batch, p, num_tokens):
     elif p.reduction == "sum":
         loss = per_token.sum()
     elif p.reduction == "token-mean":
-        loss = per_token.sum() / token_normaliser(num_tokens, mask.sum())
+        loss = per_token.sum() * token_mean_scale(num_tokens, mask.sum(), per_token.dtype)
     elif p.reduction == "seq-mean-token-mean":
         per_seq = per_token.sum(dim=1) / mask.sum(dim=1).clamp_min(1)
         loss = per_seq.sum() / max(B, 1)

@@ -21,6 +21,7 @@ import triton
 
 from cepo_kernels._params import (
     LossParams,
+    check_kernel_dtype,
     check_linear,
     check_loss_inputs,
     check_temperature,
@@ -189,7 +190,7 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retu
     """log_softmax((hidden @ weight.T + bias) / temperature)[target] without materialising the logits.
 
     Args:
-        hidden: [..., H] float (fp32/bf16/fp16), the same dtype as weight.
+        hidden: [..., H] fp32/bf16/fp16 (float64 raises TypeError: use cepo_ref), the same dtype as weight.
         weight: [V, H] the lm_head weight. bias: [V] or None.
         targets: [...] integer token ids. A negative id (Hugging Face's -100) gives logp = 0 with no
             gradient (the entropy as usual); an id >= V gives a NaN log-prob (no out-of-bounds read).
@@ -200,6 +201,7 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retu
         weight and bias.
     """
     check_linear(hidden, weight, bias)
+    check_kernel_dtype("hidden", hidden)
     check_tensor("targets", targets, dtypes="int", shape=hidden.shape[:-1], device=hidden.device)
     check_temperature(temperature)
     lead = hidden.shape[:-1]
@@ -216,7 +218,8 @@ def linear_cepo_loss(hidden, weight, targets, advantages, mask, *, old_logp=None
     """The CEPO loss (as cepo_loss) from hidden states and the lm_head, logits never materialised.
 
     Args:
-        hidden: [B, T, H] or [N, H] policy hidden states (the weight's dtype); weight [V, H]; bias [V]/None.
+        hidden: [B, T, H] or [N, H] policy hidden states, fp32/bf16/fp16 (float64 raises TypeError), the
+            weight's dtype; weight [V, H]; bias [V]/None.
         targets: [B, T] / [N] integer; a negative id (-100) counts as masked, an id >= V at an unmasked
             position gives a NaN loss (as cepo_loss). advantages: [B] (per sequence) or [B, T] / [N] float.
         mask: [B, T] / [N] bool or 0/1. old_logp: [B, T] / [N] float, or None (on-policy: ratio 1).
@@ -233,6 +236,7 @@ def linear_cepo_loss(hidden, weight, targets, advantages, mask, *, old_logp=None
     """
     check_metrics_option(metrics)
     check_linear(hidden, weight, bias)
+    check_kernel_dtype("hidden", hidden)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden: expected [B, T, H] or [N, H], got shape {tuple(hidden.shape)}")
     p = LossParams(lam=lam, eps_w=eps_w, eps_low=eps_low, eps_high=eps_high, clip_dual=clip_dual,
@@ -296,6 +300,7 @@ def linear_teacher_logprobs(pos_hidden, neg_hidden, weight, targets, *, bias=Non
                      device=weight.device if isinstance(weight, torch.Tensor) else None)
         check_linear(t.to(weight.dtype) if isinstance(weight, torch.Tensor) and t.is_floating_point() else t,
                      weight, bias, name=name)
+    check_kernel_dtype("weight", weight)
     check_tensor("targets", targets, dtypes="int", shape=first.shape[:-1], device=first.device)
     check_temperature(temperature)
     lead = first.shape[:-1]

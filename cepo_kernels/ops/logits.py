@@ -21,6 +21,7 @@ import triton
 from cepo_kernels._params import (
     LossParams,
     as_float,
+    check_kernel_dtype,
     check_logits_and_targets,
     check_logits_loss,
     check_loss_inputs,
@@ -198,7 +199,8 @@ def token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False, in
     """log_softmax(logits / temperature)[targets] in one pass over the vocabulary, differentiable.
 
     Args:
-        logits: [..., V] fp32/bf16/fp16; any strides, only the last dim should be contiguous.
+        logits: [..., V] fp32/bf16/fp16 (float64 raises TypeError: use cepo_ref); any strides, only the
+            last dim should be contiguous.
         targets: [...] int64 token ids. A negative id (Hugging Face's -100 ignore index) gives logp = 0
             with no gradient (the entropy is computed as usual); an id >= V gives a NaN log-prob (never
             an out-of-bounds read).
@@ -210,6 +212,7 @@ def token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False, in
         logp [...] fp32, or (logp, entropy) with return_entropy.
     """
     check_logits_and_targets(logits, targets)
+    check_kernel_dtype("logits", logits)
     check_temperature(temperature)
     x = _as_btv(logits)
     out = _TokenLogprobs.apply(x, targets.reshape(-1).long().contiguous(), float(temperature), bool(inplace),
@@ -229,7 +232,8 @@ def cepo_loss(logits, targets, advantages, mask, *, old_logp=None, pos_logits=No
     neg_logp=old_logp); no teachers -> GRPO. The gradient reaches only `logits`.
 
     Args:
-        logits: [B, T, V] or [N, V] policy logits, fp32/bf16/fp16, last dim contiguous (any other strides).
+        logits: [B, T, V] or [N, V] policy logits, fp32/bf16/fp16 (float64 raises TypeError, as for the
+            teachers' logits), last dim contiguous (any other strides).
         targets: [B, T] / [N] int64 sampled tokens. A negative id (Hugging Face's -100) counts as masked
             (as F.cross_entropy(ignore_index=-100); no host sync) and its logp comes out 0; an id >= V at
             an unmasked position gives a NaN log-prob, hence a NaN loss (never an out-of-bounds read).
@@ -242,7 +246,10 @@ def cepo_loss(logits, targets, advantages, mask, *, old_logp=None, pos_logits=No
         eps_low, eps_high, clip_dual: PPO clip range and dual clip (None: off).
         temperature: > 0; policy and teacher logits are divided by it.
         reduction: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "sum" or "none".
-        num_tokens: token-mean denominator (gradient accumulation across micro-batches).
+        num_tokens: token-mean denominator (gradient accumulation across micro-batches): a number > 0,
+            used as given, or a one-element tensor used as given on the device (no host sync, not
+            validated): 0 means no valid tokens (zero loss and gradient), a negative or NaN value gives a
+            NaN loss.
         inplace: the backward writes dlogits into the logits' storage (no extra [N, V] buffer); the
             logits are clobbered and must not be used after backward (their version counter is bumped,
             so autograd raises if anything that saved them reads them later).
@@ -260,6 +267,9 @@ def cepo_loss(logits, targets, advantages, mask, *, old_logp=None, pos_logits=No
         pos_logp=pos_logp, neg_logp=neg_logp, num_tokens=num_tokens, lam=lam, eps_w=eps_w, eps_low=eps_low,
         eps_high=eps_high, clip_dual=clip_dual, temperature=temperature, reduction=reduction,
     )
+    for name, t in (("logits", logits), ("pos_logits", pos_logits), ("neg_logits", neg_logits)):
+        if t is not None:
+            check_kernel_dtype(name, t)
     B, T = batch.B, batch.T
 
     def flat(t):
