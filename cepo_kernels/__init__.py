@@ -1,6 +1,6 @@
 """cepo_kernels: fused Triton kernels for CEPO (Contrastive Evidence Policy Optimization) and GRPO.
 
-Public API (../shared/API.md): token_logprobs, linear_logprobs, group_advantages, cepo_advantages,
+Public API: token_logprobs, linear_teacher_logprobs, linear_logprobs, group_advantages, cepo_advantages,
 cepo_loss, grpo_loss, linear_cepo_loss, linear_grpo_loss. Importing needs no GPU; on a machine
 without one, set TRITON_INTERPRET=1 before importing to run the kernels through Triton's interpreter.
 """

@@ -16,6 +16,7 @@ import torch
 
 REDUCTIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "sum", "none")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # logits / hidden states the kernels read
 LOG_RATIO_CLAMP = 20.0
 
 
@@ -115,6 +116,9 @@ def check_tensor(name, t, *, dtypes=None, shape=None, device=None, ndim=None):
     """Type, dtype, shape and device check of one tensor argument, with a message naming it."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.device.type == "meta":
+        raise ValueError(f"{name}: device 'meta' is not supported (the values are needed: use a CUDA tensor, "
+                         "or a CPU tensor with TRITON_INTERPRET=1)")
     if dtypes == "float" and not t.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
     if dtypes == "int" and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
@@ -130,6 +134,14 @@ def check_tensor(name, t, *, dtypes=None, shape=None, device=None, ndim=None):
         raise ValueError(f"{name}: expected a tensor on {device} (like the first input), got {t.device}")
 
 
+def check_kernel_dtype(name, t):
+    """The kernels read logits and hidden states as fp32, bf16 or fp16 (fp32 accumulation); float64 is
+    refused rather than silently computed in fp32 (the reference, cepo_ref, accepts it)."""
+    if t.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{name}: expected dtype float32, bfloat16 or float16 (the kernels compute in fp32; "
+                        f"cast with .float(), or use cepo_ref for float64), got {t.dtype}")
+
+
 def check_logits_and_targets(logits, targets, name="logits"):
     """logits [..., V] float, targets [...] integer on the same device."""
     check_tensor(name, logits, dtypes="float")
@@ -142,6 +154,10 @@ def check_linear(hidden, weight, bias, name="hidden"):
     """hidden [..., H] and weight [V, H] of the same float dtype; bias [V] or None."""
     check_tensor(name, hidden, dtypes="float")
     check_tensor("weight", weight, dtypes="float", ndim=(2,), device=hidden.device)
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight: expected shape [V, H] with V >= 1, got {tuple(weight.shape)}")
+    if hidden.dim() >= 1 and hidden.shape[-1] == 0:
+        raise ValueError(f"{name}: expected a hidden size >= 1, got shape {tuple(hidden.shape)}")
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"{name}: expected shape [..., H] with H = weight.shape[1] = {weight.shape[1]}, "
@@ -206,7 +222,9 @@ def check_loss_inputs(lead, device, targets, advantages, mask, *, old_logp=None,
     else:
         allowed = f"{lead}" if flat else f"({B},) or {lead}"
         raise ValueError(f"advantages: expected shape {allowed}, got {tuple(advantages.shape)}")
-    mask_b = check_mask(mask, lead, device)
+    # a negative target id (Hugging Face's -100) counts as masked, as in F.cross_entropy(ignore_index=-100):
+    # an elementwise AND on the device, no host sync
+    mask_b = check_mask(mask, lead, device) & (targets >= 0)
     if old_logp is not None:
         check_tensor("old_logp", old_logp, dtypes="float", shape=lead, device=device)
     for name, full, lp in ((teacher_names[0], pos, pos_logp), (teacher_names[1], neg, neg_logp)):
@@ -227,13 +245,15 @@ def check_loss_inputs(lead, device, targets, advantages, mask, *, old_logp=None,
             raise ValueError(
                 f"num_tokens: only used with reduction='token-mean', got reduction={reduction!r}"
             )
-        if isinstance(num_tokens, torch.Tensor):
+        if isinstance(num_tokens, torch.Tensor):  # used as given on the device (token_mean_scale)
             if num_tokens.numel() != 1:
                 raise ValueError(f"num_tokens: expected a number or a 1-element tensor, got shape "
                                  f"{tuple(num_tokens.shape)}")
+            if num_tokens.dtype == torch.bool or num_tokens.is_complex():
+                raise TypeError(f"num_tokens: expected a real tensor, got dtype {num_tokens.dtype}")
         else:
             check_number("num_tokens", num_tokens)
-            if not num_tokens > 0:
+            if not as_float("num_tokens", num_tokens) > 0:
                 raise ValueError(
                     "num_tokens: expected a positive count (the valid tokens of the whole "
                     f"gradient-accumulation batch), got {num_tokens}"
@@ -271,15 +291,20 @@ def check_logits_loss(logits, targets, advantages, mask, *, old_logp, pos_logits
     return params, batch
 
 
-def token_normaliser(num_tokens, n_valid):
-    """The token-mean denominator: num_tokens when given (gradient accumulation), else the valid count.
+def token_mean_scale(num_tokens, n_valid, dtype=torch.float32):
+    """The token-mean factor 1 / d, with d = num_tokens when given (gradient accumulation), else the valid
+    count n_valid (a 0-dim tensor). docs/method.md §5 (reductions).
 
-    A zero denominator (empty or fully masked batch) becomes 1 so the loss is 0, not NaN.
+    A number num_tokens (checked > 0 by check_loss_inputs) is used as given: 0.5 doubles the sum.
+    A tensor d (n_valid, or num_tokens given as a tensor) is used as given on the device, with no host
+    sync: d = 0 means "no valid tokens" and gives the factor 0 (a zero loss and gradient, not NaN);
+    a negative or NaN tensor num_tokens gives NaN (a NaN loss: visible, not silently clamped).
+    Returns a Python float for a number, else a 0-dim tensor of `dtype`.
     """
-    denom = n_valid if num_tokens is None else num_tokens
-    if isinstance(denom, torch.Tensor):
-        return denom.float().reshape(()).clamp_min(1.0)
-    return max(float(denom), 1.0)
+    if num_tokens is not None and not isinstance(num_tokens, torch.Tensor):
+        return 1.0 / float(num_tokens)
+    d = (n_valid if num_tokens is None else num_tokens).double().reshape(())
+    return torch.where(d > 0, 1.0 / d, torch.where(d == 0, 0.0, float("nan"))).to(dtype)
 
 
 def reduction_weights(mask, reduction, num_tokens=None):
@@ -293,7 +318,7 @@ def reduction_weights(mask, reduction, num_tokens=None):
     m = mask.float()
     B, T = mask.shape
     if reduction == "token-mean":
-        return m / token_normaliser(num_tokens, m.sum())
+        return m * token_mean_scale(num_tokens, m.sum())
     if reduction == "seq-mean-token-mean":
         return m / m.sum(dim=1, keepdim=True).clamp_min(1.0) / max(B, 1)
     if reduction == "seq-mean-token-sum-norm":

@@ -1,7 +1,7 @@
 """CEPO in plain PyTorch, written to be read. The fused kernels in cepo_kernels are tested against it.
 
-Every function has the signature of its cepo_kernels namesake (../shared/API.md) and its docstring
-gives the equation of METHOD.md it implements. Only the input checks are shared with cepo_kernels
+Every function has the signature of its cepo_kernels namesake and its docstring
+gives the equation of docs/method.md it implements. Only the input checks are shared with cepo_kernels
 (so both reject bad input alike); the arithmetic here is independent of the kernels.
 """
 
@@ -20,7 +20,7 @@ from cepo_kernels._params import (
     check_loss_inputs,
     check_temperature,
     check_tensor,
-    token_normaliser,
+    token_mean_scale,
 )
 from cepo_kernels.ops.advantages import check_group_inputs
 
@@ -28,8 +28,9 @@ from cepo_kernels.ops.advantages import check_group_inputs
 def token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False):
     """logp = log_softmax(logits / temperature)[target], in fp32 (fp64 for fp64 logits).
 
-    entropy = -sum_v p_v log p_v of the same tempered distribution. A target outside [0, V) gives a
-    NaN log-prob (never an out-of-bounds read).
+    entropy = -sum_v p_v log p_v of the same tempered distribution. A negative target (Hugging Face's
+    -100) gives logp = 0 with no gradient (the entropy is computed as usual); a target >= V gives a NaN
+    log-prob (never an out-of-bounds read).
     """
     check_logits_and_targets(logits, targets)
     check_temperature(temperature)
@@ -39,7 +40,8 @@ def token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False):
     valid = (targets >= 0) & (targets < V)
     safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
     logp = logsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    logp = torch.where(valid, logp, torch.full_like(logp, float("nan")))
+    nan = torch.full_like(logp, float("nan"))
+    logp = torch.where(valid, logp, torch.where(targets < 0, torch.zeros_like(logp), nan))
     if not return_entropy:
         return logp
     p = logsm.exp()
@@ -106,7 +108,7 @@ def cepo_advantages(advantages, pos_logp, neg_logp, mask, *, lam, eps_w=0.2):
 def _reweight(adv, delta, mask, lam, eps_w):
     w = torch.exp(torch.sign(adv) * delta).clamp(1.0 - eps_w, 1.0 + eps_w)
     a_hat = adv * ((1.0 - lam) + lam * w)
-    # A = 0 and masked tokens give exactly 0, whatever the teachers hold there (METHOD.md property 4)
+    # A = 0 and masked tokens give exactly 0, whatever the teachers hold there (docs/method.md §4)
     return torch.where(mask & (adv != 0), a_hat, torch.zeros_like(a_hat))
 
 
@@ -166,7 +168,7 @@ def _ppo_loss(lp, a_hat, delta, batch, p, num_tokens):
     elif p.reduction == "sum":
         loss = per_token.sum()
     elif p.reduction == "token-mean":
-        loss = per_token.sum() / token_normaliser(num_tokens, mask.sum())
+        loss = per_token.sum() * token_mean_scale(num_tokens, mask.sum(), per_token.dtype)
     elif p.reduction == "seq-mean-token-mean":
         per_seq = per_token.sum(dim=1) / mask.sum(dim=1).clamp_min(1)
         loss = per_seq.sum() / max(B, 1)

@@ -3,6 +3,7 @@
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,40 @@ def test_import_reads_no_table_and_does_not_import_the_training_loop():
             "from cepo_kernels.ops.advantages import group_advantages; "
             "assert group_advantages is cepo_kernels.group_advantages")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_every_entry_point_names_the_missing_interpreter_on_a_cpu():
+    """Without a GPU and without TRITON_INTERPRET=1, each launching entry point raises the same clear
+    RuntimeError (not Triton's "0 active drivers"); group_advantages (plain torch) still runs."""
+    code = """
+import torch, cepo_kernels as ck
+assert not torch.cuda.is_available()
+x, t = torch.randn(2, 3, 11), torch.randint(0, 11, (2, 3))
+adv, mask, lp = torch.tensor([0.5, -0.5]), torch.ones(2, 3, dtype=torch.bool), torch.randn(2, 3)
+h, w = torch.randn(2, 3, 8), torch.randn(11, 8)
+calls = {
+    "token_logprobs": lambda: ck.token_logprobs(x, t),
+    "cepo_advantages": lambda: ck.cepo_advantages(adv, lp, lp + 1, mask, lam=0.5),
+    "cepo_loss": lambda: ck.cepo_loss(x, t, adv, mask, pos_logits=x, neg_logits=x),
+    "grpo_loss": lambda: ck.grpo_loss(x, t, adv, mask),
+    "linear_logprobs": lambda: ck.linear_logprobs(h, w, t),
+    "linear_teacher_logprobs": lambda: ck.linear_teacher_logprobs(h, h, w, t),
+    "linear_cepo_loss": lambda: ck.linear_cepo_loss(h, w, t, adv, mask, pos_hidden=h, neg_logp=lp),
+    "linear_grpo_loss": lambda: ck.linear_grpo_loss(h, w, t, adv, mask),
+}
+for name, call in calls.items():
+    try:
+        call()
+    except RuntimeError as e:
+        msg = "cepo_kernels: CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1"
+        assert str(e).startswith(msg), (name, e)
+    else:
+        raise AssertionError(name + " ran without the interpreter")
+assert ck.group_advantages(torch.tensor([1.0, 0.0]), 2).shape == (2,)
+print("ok", len(calls))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split() == ["ok", "8"], proc.stderr[-3000:]

@@ -10,7 +10,7 @@ from helpers import assert_close, err, poison
 
 import cepo_kernels
 import cepo_ref
-from cepo_kernels.ops import linear_bwd as linear_bwd_mod
+from cepo_kernels.ops import _common
 from cepo_kernels.ops.linear import (
     linear_cepo_loss,
     linear_grpo_loss,
@@ -28,9 +28,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.fixture(autouse=True)
 def _poisoned_buffers(monkeypatch):
     """Every uninitialised buffer of the linear path starts as NaN, so an unwritten element fails."""
-    monkeypatch.setattr(linear_bwd_mod, "alloc", lambda shape, dtype, device: poison(shape, dtype, device))
-    import cepo_kernels.ops.linear as lin
-    monkeypatch.setattr(lin, "alloc", lambda shape, dtype, device: poison(shape, dtype, device))
+    monkeypatch.setattr(_common, "alloc", lambda shape, dtype, device: poison(shape, dtype, device))
 
 
 def make_linear(lead, dtype, device, bias=True, seed=0):
@@ -149,7 +147,7 @@ def test_linear_logprobs_bad_target_is_nan(device):
     h, w, b, t = make_linear((20,), torch.float32, device)
     t[3], t[7] = V, -1
     lp = linear_logprobs(h, w, t, bias=b)
-    assert torch.isnan(lp[3]) and torch.isnan(lp[7])
+    assert torch.isnan(lp[3]) and lp[7] == 0.0  # >= V: NaN; negative: ignored (log-prob 0)
     ok = torch.ones(20, dtype=torch.bool)
     ok[[3, 7]] = False
     assert torch.isfinite(lp[ok]).all()
@@ -226,7 +224,7 @@ def test_linear_cepo_loss(dtype, teachers, device):
 
 def test_teachers_as_hidden_or_logp_agree(device):
     """Teachers scored inside the loss, or first by linear_teacher_logprobs: both as close to the float64
-    reference as torch's own fp32 error allows, and to each other (issue 8: no bare tolerance)."""
+    reference as torch's own fp32 error allows, and to each other (no bare tolerance)."""
     h, w, b, t, ph, nh, adv, mask, old = loss_inputs(torch.float32, device)
     base = dict(targets=t, advantages=adv, mask=mask, old_logp=old, temperature=1.1)
     o1, g1 = run_loss(linear_cepo_loss, h, w, b, pos_hidden=ph, neg_hidden=nh, **base)
@@ -247,7 +245,7 @@ def test_teachers_as_hidden_or_logp_agree(device):
 
 
 def test_teachers_not_scored_where_advantage_is_zero(device):
-    """METHOD.md property 4: NaN teacher states at A = 0 or masked rows change nothing."""
+    """docs/method.md §4: NaN teacher states at A = 0 or masked rows change nothing."""
     h, w, b, t, ph, nh, adv, mask, old = loss_inputs(torch.float32, device)
     base = dict(targets=t, advantages=adv, mask=mask, old_logp=old)
     o1, g1 = run_loss(linear_cepo_loss, h, w, b, pos_hidden=ph, neg_hidden=nh, **base)
@@ -500,3 +498,44 @@ def test_linear_loss_without_host_syncs(fn, device):
     for k, v in out.metrics.items():
         assert v.dim() == 0 and float(v) == floats[k], k
     assert getattr(cepo_kernels, fn)(hidden, weight, targets, adv, mask, metrics=False, **kw).metrics == {}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_ignore_index_equals_masking(dtype, device):
+    """Hugging Face's -100 targets count as masked: linear_cepo_loss gives the loss, gradients, outputs and
+    metrics of mask=False there (and matches the float64 reference under the house rule); linear_logprobs
+    gives them logp 0 with no gradient."""
+    dtype = DTYPES[dtype]
+    h, w, b, t, ph, nh, adv, mask, old = loss_inputs(dtype, device, bias=dtype == torch.float32)
+    ign = torch.zeros(B, T, dtype=torch.bool, device=device)
+    ign[0, 1] = ign[0, 5] = ign[1, 2] = ign[2, 0] = True
+    mask[ign] = True
+    t_ign = t.masked_fill(ign, -100)
+    kw = dict(advantages=adv, old_logp=old, pos_hidden=ph, neg_hidden=nh)
+    compare_loss(dtype, h, w, b, dict(targets=t_ign, mask=mask, **kw))
+    for fn in (linear_cepo_loss, cepo_ref.linear_cepo_loss):
+        cast = torch.float64 if fn is cepo_ref.linear_cepo_loss else None
+        kw_fn = dict(kw, pos_hidden=ph.to(cast or dtype), neg_hidden=nh.to(cast or dtype))
+        a, ga = run_loss(fn, h, w, b, cast=cast, targets=t_ign, mask=mask, **kw_fn)
+        r, gr = run_loss(fn, h, w, b, cast=cast, targets=t, mask=mask & ~ign, **kw_fn)
+        torch.testing.assert_close(a.loss, r.loss, rtol=0, atol=0)
+        for x, y in zip(ga, gr, strict=True):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+        torch.testing.assert_close(a.advantages, r.advantages, rtol=0, atol=0)
+        torch.testing.assert_close(a.logp[~ign], r.logp[~ign], rtol=0, atol=0)
+        assert bool((a.logp[ign] == 0).all())
+        assert a.metrics == r.metrics and a.metrics["num_tokens"] == float((mask & ~ign).sum())
+    g = torch.Generator().manual_seed(3)
+    g_lp, g_ent = (torch.randn(B, T, generator=g).to(device) for _ in range(2))
+    outs = []
+    for impl, cast in ((linear_logprobs, None), (cepo_ref.linear_logprobs, torch.float64),
+                       (cepo_ref.linear_logprobs, None)):
+        xs = leaves(h, w, b, dtype=cast)
+        lp, ent = impl(xs[0], xs[1], t_ign, bias=xs[2], return_entropy=True)
+        ((lp.double() * g_lp).sum() + (ent.double() * g_ent).sum()).backward()
+        assert bool((lp[ign] == 0).all())
+        outs.append((lp, ent, grads(xs)))
+    (lp, ent, kg), (lp64, ent64, rg), (lpt, entt, sg) = outs
+    assert_close(lp, lp64, lpt, atol=ATOL[dtype], name="logp")
+    assert_close(ent, ent64, entt, atol=ATOL[dtype], name="entropy")
+    check_grads(kg, rg, sg, dtype)

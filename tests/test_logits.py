@@ -14,7 +14,7 @@ from helpers import assert_close, poison
 import cepo_kernels
 import cepo_ref
 import cepo_ref.reference as ref_mod
-from cepo_kernels.ops import logits as logits_mod
+from cepo_kernels.ops import _common
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter: log(0) etc.
 
@@ -26,7 +26,7 @@ LOG_RATIOS = torch.tensor([-1.0, -0.3, -0.1, 0.05, 0.2, 0.35, 0.9, 1.5, 25.0, -2
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Every buffer the kernels write starts NaN: an element they forget fails the comparison."""
-    monkeypatch.setattr(logits_mod, "_alloc", lambda shape, dtype, device: poison(shape, dtype, device))
+    monkeypatch.setattr(_common, "alloc", lambda shape, dtype, device: poison(shape, dtype, device))
 
 
 def scaled_atol(ref, rel=1e-6):
@@ -222,7 +222,7 @@ def test_inplace_gives_the_same_gradient(fn):
     assert torch.equal(x_after, before)  # the default never touches the caller's logits
     g_in, x_in, _ = run(True)
     torch.testing.assert_close(g_in, g_new, rtol=0, atol=0)
-    torch.testing.assert_close(x_in, g_new, rtol=0, atol=0)  # the logits' storage now holds dlogits
+    torch.testing.assert_close(x_in, g_new, rtol=0, atol=0)  # the logits' storage holds dlogits
 
 
 TOKEN_CASES = []
@@ -271,7 +271,8 @@ def test_out_of_range_targets_give_nan_without_reading_out_of_bounds():
     targets[2, 0] = 10**9
     lp = cepo_kernels.token_logprobs(case["full"], targets)
     bad = (targets < 0) | (targets >= 507)
-    assert bool(lp[bad].isnan().all()) and bool(torch.isfinite(lp[~bad]).all())
+    assert bool(lp[targets >= 507].isnan().all()) and bool(torch.isfinite(lp[~bad]).all())
+    assert float(lp[1, 1]) == 0.0  # a negative id: ignored (log-prob 0)
     torch.testing.assert_close(lp[~bad], cepo_ref.token_logprobs(case["full"], targets)[~bad])
     out = cepo_kernels.cepo_loss(case["full"], targets, case["adv"], case["mask"], old_logp=case["old"])
     assert bool(out.loss.isnan())
@@ -533,3 +534,64 @@ def test_inplace_backward_invalidates_the_saved_logits(fn):
     loss = cepo_kernels.token_logprobs(y, case["targets"]).sum()
     loss.backward(retain_graph=True)
     loss.backward()
+
+
+def _ignored(shape):
+    ign = torch.zeros(shape, dtype=torch.bool)
+    ign[0, 2] = ign[1, 0] = ign[1, 4] = ign[2, 5] = True  # unmasked positions (row 1 is fully valid)
+    return ign
+
+
+@pytest.mark.parametrize("teachers", ["logits", "grpo"])
+@pytest.mark.parametrize("dname", ["fp32", "bf16"])
+def test_ignore_index_equals_masking(dname, teachers):
+    """Hugging Face's -100 targets count as masked: the loss, the gradient, the outputs and the metrics
+    equal those of mask=False there, for the kernels and the reference (whose float64 run the kernels
+    match under the house rule)."""
+    dtype = DTYPES[dname]
+    case = make_case(3, 6, 507, dtype, seed=23)
+    ign = _ignored((3, 6))
+    assert bool(case["mask"][ign].any())
+    ignored = dict(case, targets=case["targets"].masked_fill(ign, -100))
+    masked = dict(case, mask=case["mask"] & ~ign)
+    compare_loss(ignored, dtype, teachers, temperature=0.7)
+    for impl, dt in ((cepo_kernels, dtype), (cepo_ref, torch.float64)):
+        for reduction in ("token-mean", "seq-mean-token-mean"):
+            a, ga = run_loss(impl, ignored, dt, teachers, reduction=reduction)
+            b, gb = run_loss(impl, masked, dt, teachers, reduction=reduction)
+            torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=0)
+            torch.testing.assert_close(ga, gb, rtol=0, atol=0)
+            torch.testing.assert_close(a.advantages, b.advantages, rtol=0, atol=0)
+            torch.testing.assert_close(a.logp[~ign], b.logp[~ign], rtol=0, atol=0)
+            assert bool((a.logp[ign] == 0).all()) and bool((ga[ign] == 0).all())
+            assert a.metrics == b.metrics
+            assert a.metrics["num_tokens"] == float((masked["mask"]).sum())
+
+
+@pytest.mark.parametrize("dname", ["fp32", "bf16"])
+def test_token_logprobs_ignore_index(dname):
+    """A -100 target: logp 0 with no gradient, the entropy and its gradient as usual (kernel vs the float64
+    reference under the house rule, and the reference gives the same 0)."""
+    dtype = DTYPES[dname]
+    case = make_case(3, 6, 507, dtype, seed=29)
+    ign = _ignored((3, 6))
+    targets = case["targets"].masked_fill(ign, -100)
+    g = torch.Generator().manual_seed(30)
+    g_lp, g_ent = torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g)
+
+    def run(impl, dt):
+        leaf = case["full"].detach().to(dt).requires_grad_()
+        lp, ent = impl.token_logprobs(leaf, targets, temperature=0.8, return_entropy=True)
+        (lp * g_lp.to(lp.dtype) + ent * g_ent.to(ent.dtype)).sum().backward()
+        return lp, ent, leaf.grad
+
+    lp, ent, grad = run(cepo_kernels, dtype)
+    lp64, ent64, grad64 = run(cepo_ref, torch.float64)
+    lpt, entt, gradt = run(cepo_ref, dtype)
+    assert bool((lp[ign] == 0).all()) and bool((lp64[ign] == 0).all())
+    _, ent_valid = cepo_ref.token_logprobs(case["full"].double(), case["targets"], temperature=0.8,
+                                           return_entropy=True)
+    torch.testing.assert_close(ent64, ent_valid, rtol=0, atol=0)  # the entropy ignores the target
+    assert_close(lp, lp64, lpt, atol=scaled_atol(lp64), name="logp")
+    assert_close(ent, ent64, entt, atol=scaled_atol(ent64), name="entropy")
+    assert_close(grad, grad64, gradt, atol=scaled_atol(grad64, 1e-5), name="dlogits")

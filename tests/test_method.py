@@ -1,4 +1,4 @@
-"""The method's invariants (METHOD.md), hand-worked cases and the bad-input contract (API.md).
+"""The method's invariants (docs/method.md), hand-worked cases and the bad-input contract.
 
 Each test runs on the reference (cepo_ref) and on the kernels (cepo_kernels): both must satisfy the
 method, independently of their agreement with each other (tested in test_logits.py/test_linear.py).
@@ -276,9 +276,9 @@ def test_vocab_masking_and_out_of_range_targets(impl):
     torch.testing.assert_close(lp, torch.log_softmax(logits[..., :5], -1).gather(-1, t[..., None])[..., 0])
     assert bool(torch.isfinite(ent).all())
     bad = targets.clone()
-    bad[0, 0], bad[1, 1] = 11, -1  # V = 11: out of range
+    bad[0, 0], bad[1, 1] = 11, -100  # V = 11: out of range; -100: Hugging Face's ignore index
     lp = impl.token_logprobs(logits, bad)
-    assert math.isnan(float(lp[0, 0])) and math.isnan(float(lp[1, 1]))
+    assert math.isnan(float(lp[0, 0])) and float(lp[1, 1]) == 0.0
     assert bool(torch.isfinite(lp[2:]).all())
 
 

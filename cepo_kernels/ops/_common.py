@@ -1,39 +1,63 @@
 """Pieces shared by the logits and the linear kernels.
 
-- `online_lse` / `lse_entropy`: the logits kernels' online logsumexp, kept per lane (one max per tile).
-- `lse_tile`: one step of the online logsumexp (with the entropy accumulator) over a vocabulary tile.
-- `cepo_token`: the per-token CEPO/PPO arithmetic (Delta -> A_hat -> ratio -> loss and dL/dlp).
-- torch-side helpers that turn the kernels' per-token outputs into the reduced loss and the metrics.
+- `online_lse` / `lse_entropy`: the logits kernels' online logsumexp over one row, kept per lane (one max
+  per tile, exp2 with the temperature folded in: the bandwidth-bound scan does no per-tile sum).
+- `lse_rows`: the linear kernels' online logsumexp over a [rows, vocabulary] tile of an MMA result,
+  reduced per row within a warp. Two helpers because the layouts differ: per-lane [BLOCK_V] sums for one
+  row, per-row sums for a block of rows (per-lane sums there would cost a [BLOCK_M, BLOCK_V] accumulator).
+- `cepo_weight`: the token weight w and A_hat (docs/method.md §3, §4); `cepo_token`: the per-token
+  CEPO/PPO arithmetic (Delta -> A_hat -> ratio -> loss and dL/dlp, docs/method.md §5, §6).
+- torch-side helpers: `alloc` (every uninitialised output buffer), `require_backend` (the launchers'
+  check that the kernels can run on the inputs' device), the reduced loss, the metrics and the output.
 
 Conventions for the kernels using them: every float is fp32 after loading; hyperparameters and sizes
 are runtime arguments; NaN is never swallowed (clamps are written with comparisons, which keep NaN,
-rather than min/max, which may drop it on a GPU).
+rather than min/max, which may drop it on a GPU). Kernel conventions: docs/kernels.md.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from cepo_kernels._params import LOG_RATIO_CLAMP, reduction_weights
+from cepo_kernels._params import LOG_RATIO_CLAMP, CEPOOutput, reduction_weights
+
+
+def alloc(shape, dtype, device):
+    """Every uninitialised output buffer of the kernels comes from here (tests swap in a NaN-filled one)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def require_backend(device):
+    """Raises a clear error when the kernels cannot run on `device`: CPU tensors need Triton's interpreter.
+
+    Called by every launcher before its first kernel launch (without it, Triton fails with an opaque
+    "0 active drivers" error). Meta tensors pass: the compile-only report (bench/compile_report.py)
+    launches on them with a stand-in driver.
+    """
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError("cepo_kernels: CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 "
+                           "before importing triton/cepo_kernels, or move the inputs to a GPU")
 
 
 @triton.jit
-def lse_tile(b_z, m_i, s_i, t_i, nan_i):
-    """Folds one tile of scaled logits into the running (max, sum exp, sum p*z, NaN count).
+def lse_rows(b_z, m_i, s_i, t_i):
+    """Folds a [BLOCK_M, BLOCK_V] tile of scaled logits z = logits / T into per-row running stats.
 
-    b_z: [BLOCK_V] fp32 logits / T, -inf outside the vocabulary (and where the user masked them).
-    Returns the updated (m_i, s_i, t_i, nan_i). At the end: lse = m + log(s), entropy = lse - t / s.
+    b_z: fp32, -inf outside the vocabulary. m_i, s_i, t_i [BLOCK_M]: running max, sum exp(z - m) and
+    sum exp(z - m) * z. Returns the updated (m_i, s_i, t_i); at the end lse = m + log(s) and
+    entropy = lse - t / s. NaN logits propagate through the sums.
     """
-    m_new = tl.maximum(m_i, tl.max(b_z, axis=0))
+    m_new = tl.maximum(m_i, tl.max(b_z, axis=1))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid -inf - -inf
     alpha = tl.exp(m_i - m_ref)
-    b_p = tl.exp(b_z - m_ref)  # [BLOCK_V], 0 at -inf
-    s_new = s_i * alpha + tl.sum(b_p, axis=0)
-    t_new = t_i * alpha + tl.sum(b_p * tl.where(b_p > 0, b_z, 0.0), axis=0)  # no 0 * -inf
-    nan_new = nan_i + tl.sum((b_z != b_z).to(tl.int32), axis=0)
-    return m_new, s_new, t_new, nan_new
+    b_p = tl.exp(b_z - m_ref[:, None])
+    s_new = s_i * alpha + tl.sum(b_p, axis=1)
+    t_new = t_i * alpha + tl.sum(b_p * tl.where(b_p > 0, b_z, 0.0), axis=1)  # no 0 * -inf
+    return m_new, s_new, t_new
 
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -71,20 +95,29 @@ def clamp_keep_nan(x, lo, hi):
 
 
 @triton.jit
+def cepo_weight(adv, delta, lam, eps_w):
+    """A_hat = A ((1 - lam) + lam w), w = clip(exp(sign(A) Delta), 1 - eps_w, 1 + eps_w), elementwise, fp32.
+
+    docs/method.md §3 (token weight) and §4: A = 0 gives exactly 0 whatever Delta is (the teachers of
+    those rows may be skipped, leaving Delta undefined there). Masking is the caller's.
+    """
+    sgn = tl.where(adv > 0, 1.0, tl.where(adv < 0, -1.0, 0.0))
+    w = clamp_keep_nan(tl.exp(sgn * delta), 1.0 - eps_w, 1.0 + eps_w)
+    return tl.where(adv == 0, 0.0, adv * ((1.0 - lam) + lam * w))
+
+
+@triton.jit
 def cepo_token(lp, old, adv, delta, valid, lam, eps_w, eps_low, eps_high, clip_dual,
                HAS_OLD: tl.constexpr, HAS_TEACHERS: tl.constexpr, HAS_DUAL: tl.constexpr):
-    """Per-token CEPO arithmetic (METHOD.md), elementwise on scalars or blocks, all fp32.
+    """Per-token CEPO arithmetic (docs/method.md §4-§6), elementwise on scalars or blocks, all fp32.
 
     lp: policy log-prob; old: old log-prob (ignored unless HAS_OLD: on-policy ratio 1);
     adv: the sequence's (or token's) advantage A; delta: pos_logp - neg_logp (ignored unless
     HAS_TEACHERS); valid: the mask. Returns (a_hat, loss, coef) where coef = dL/dlp, 0 where a clip
     (PPO, dual or the log-ratio clamp) is active or the token is masked.
     """
-    sgn = tl.where(adv > 0, 1.0, tl.where(adv < 0, -1.0, 0.0))
     if HAS_TEACHERS:
-        w = clamp_keep_nan(tl.exp(sgn * delta), 1.0 - eps_w, 1.0 + eps_w)
-        # A = 0 gives exactly 0 whatever the teachers say (their rows may be skipped, METHOD.md prop. 4)
-        a_hat = tl.where(adv == 0, 0.0, adv * ((1.0 - lam) + lam * w))
+        a_hat = cepo_weight(adv, delta, lam, eps_w)
     else:
         a_hat = adv
     if HAS_OLD:
@@ -115,6 +148,21 @@ def reduce_loss(loss_tok, mask, reduction, num_tokens):
     if reduction == "none":
         return loss_tok
     return (reduction_weights(mask, reduction, num_tokens) * loss_tok).sum()
+
+
+def loss_output(loss_tok, lp, a_hat, delta, batch, params, num_tokens, metrics):
+    """The CEPOOutput of a loss from its per-token [B, T] results (loss_tok differentiable; lp, a_hat
+    detached; delta None without teachers): the reduction, the metrics and the caller's shape."""
+    loss = reduce_loss(loss_tok, batch.mask, params.reduction, num_tokens)
+    if metrics:
+        metrics = loss_metrics(lp, batch.old_logp, batch.advantages, a_hat, delta, batch.mask, params,
+                               as_tensors=metrics == "tensor")
+    else:
+        metrics = {}
+    shape = (-1,) if batch.flat else (batch.B, batch.T)
+    if params.reduction == "none":
+        loss = loss.reshape(shape)
+    return CEPOOutput(loss, lp.reshape(shape), a_hat.reshape(shape), metrics)
 
 
 def check_metrics_option(metrics):

@@ -1,5 +1,5 @@
-"""Row-streaming pieces of the logits kernels (ops/logits.py): the vocabulary scan of up to three tensors
-(online logsumexp, per-lane sums, one max-reduction per tile) and the per-element gradient.
+"""Row-streaming pieces of the logits kernels (ops/_logits_kernels.py): the vocabulary scan of up to three
+tensors (online logsumexp, per-lane sums, one max-reduction per tile) and the per-element gradient.
 
 The scan walks whole BLOCK_V tiles unmasked (128-bit loads when the rows are 16-byte aligned) and masks
 only the tail tile, so V stays a runtime value. Math: docs/gradient.md.
@@ -101,8 +101,10 @@ def _target_logit(row, tgt, in_range, inv_temp):
 
 
 @triton.jit
-def _target_logp(z_t, in_range, lse):
-    return tl.where(in_range, z_t - lse, float("nan"))
+def _target_logp(z_t, tgt, in_range, lse):
+    """The target's log-prob: 0 for a negative id (ignored, as F.cross_entropy's ignore_index), NaN for an
+    id >= V (never read)."""
+    return tl.where(in_range, z_t - lse, tl.where(tgt < 0, 0.0, float("nan")))
 
 
 @triton.jit

@@ -7,7 +7,8 @@ separate 128-row blocks, the blocks of the same rows adjacent in a grouped (L2-a
 read each weight tile while it is in L2. Teacher rows are scored only where needed (a device-side list and
 count: no host sync). Each vocabulary split writes partial (max, sum, entropy sum) stats and
 `_linear_combine_kernel` combines them in a fixed order; `_linear_token_fwd_kernel` then applies `cepo_token`.
-Backward (linear_bwd.py) recomputes the logits from the saved fp32 lse, only on rows with a non-zero gradient.
+The kernels: ops/_linear_kernels.py. Backward (linear_bwd.py) recomputes the logits from the saved fp32 lse,
+only on rows with a non-zero gradient.
 """
 
 from __future__ import annotations
@@ -17,19 +18,20 @@ from typing import NamedTuple
 
 import torch
 import triton
-import triton.language as tl
 
 from cepo_kernels._params import (
-    CEPOOutput,
     LossParams,
+    check_kernel_dtype,
     check_linear,
     check_loss_inputs,
     check_temperature,
     check_tensor,
     resolve_lam,
 )
-from cepo_kernels.ops._common import cepo_token, check_metrics_option, loss_metrics, reduce_loss
-from cepo_kernels.ops.linear_bwd import active_rows, alloc, dot_precision, grouped, linear_bwd, upcast_dot
+from cepo_kernels.ops import _common
+from cepo_kernels.ops._common import check_metrics_option, loss_output
+from cepo_kernels.ops._linear_kernels import _linear_combine_kernel, _linear_fwd_kernel, _linear_token_fwd_kernel
+from cepo_kernels.ops.linear_bwd import active_rows, dot_precision, linear_bwd, upcast_dot
 
 # per operand width: 16-bit dots run on the tensor cores (wgmma m64n128); fp32 IEEE dots run on the FMA
 # units, whose operand fragments need smaller tiles to stay spill-free (docs/compile/linear-sm90.md)
@@ -42,166 +44,6 @@ _INTERPRET_SPLITS = 2  # on a CPU (interpreter) programs cost time, not parallel
 _GROUP = 16  # row blocks per group of the L2-aware order (the sources of the same rows are adjacent)
 _COMBINE_BLOCK = 256
 _TOKEN_BLOCK = 1024
-
-
-@triton.heuristics({
-    "HAS_BIAS": lambda a: a["bias"] is not None,
-    "HAS_ROWS": lambda a: a["rows"] is not None,
-})
-@triton.jit
-def _linear_fwd_kernel(h0, h1, h2, weight, bias, targets, rows, count, stats, tgt,
-                       P, V, H, n_split, tiles_per_split, inv_temp,
-                       stride_h0, stride_h1, stride_h2, stride_wv, stride_b, stride_t,
-                       stride_ss, stride_sk, stride_sp,
-                       N_SRC: tl.constexpr, ROWS_FROM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       HAS_ROWS: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
-                       GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-                       BLOCK_H: tl.constexpr):
-    """Partial logsumexp stats of one row block of one source over one vocabulary split, rows on the MMA's M.
-
-    Position i of source s is row rows[i] when HAS_ROWS and s >= ROWS_FROM (only i < count[0] are scored),
-    else row i. stats [N_SRC, 3, n_split, P] fp32: running max, sum exp and sum p*z of z = logits / T over
-    the split; tgt [N_SRC, P] fp32: the target's z, hidden . weight[y] (+ bias[y]), written by split 0.
-    """
-    pid = tl.program_id(0)
-    vrb, split = grouped(pid, N_SRC * tl.cdiv(P, BLOCK_M), n_split, GROUP)
-    rb = vrb // N_SRC
-    src = vrb % N_SRC
-    x = h0
-    stride_x = stride_h0
-    if N_SRC >= 2:
-        if src == 1:
-            x = h1
-        stride_x = tl.where(src == 1, stride_h1, stride_x)
-    if N_SRC >= 3:
-        if src == 2:
-            x = h2
-        stride_x = tl.where(src == 2, stride_h2, stride_x)
-    o_m = rb * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] positions
-    n_act = P
-    if HAS_ROWS:
-        n_act = tl.where(src >= ROWS_FROM, tl.minimum(tl.load(count), P), P)
-    if rb * BLOCK_M >= n_act:  # no scored row in this block (e.g. teachers of A = 0 rows)
-        return
-    m_m = o_m < n_act
-    r = o_m.to(tl.int64)
-    if HAS_ROWS:
-        r = tl.where(src >= ROWS_FROM, tl.load(rows + o_m, mask=m_m, other=0), r)
-    p_x = x + r[:, None] * stride_x  # [BLOCK_M, 1]
-    b_t = tl.load(targets + r * stride_t, mask=m_m, other=-1)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    t_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for i in range(tiles_per_split):
-        o_v = (split * tiles_per_split + i) * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V]
-        m_v = o_v < V
-        p_w = weight + o_v.to(tl.int64)[None, :] * stride_wv  # [1, BLOCK_V]
-        acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
-        for k in range(0, H, BLOCK_H):
-            o_h = k + tl.arange(0, BLOCK_H)
-            m_h = o_h < H
-            b_x = tl.load(p_x + o_h[None, :], mask=m_m[:, None] & m_h[None, :], other=0.0)  # [BM, BH]
-            b_w = tl.load(p_w + o_h[:, None], mask=m_h[:, None] & m_v[None, :], other=0.0)  # [BH, BV]
-            if UPCAST_DOT:
-                b_x = b_x.to(tl.float32)
-                b_w = b_w.to(tl.float32)
-            acc = tl.dot(b_x, b_w, acc, input_precision=PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(bias + o_v * stride_b, mask=m_v, other=0.0).to(tl.float32)[None, :]
-        # online logsumexp along the row (within a warp); NaN logits propagate through the sums
-        b_z = tl.where(m_v[None, :], acc * inv_temp, float("-inf"))  # [BLOCK_M, BLOCK_V]
-        m_new = tl.maximum(m_i, tl.max(b_z, axis=1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid -inf - -inf
-        alpha = tl.exp(m_i - m_ref)
-        b_p = tl.exp(b_z - m_ref[:, None])
-        s_i = s_i * alpha + tl.sum(b_p, axis=1)
-        t_i = t_i * alpha + tl.sum(b_p * tl.where(b_p > 0, b_z, 0.0), axis=1)  # no 0 * -inf
-        m_i = m_new
-    p_s = stats + src * stride_ss + split * stride_sp + o_m
-    tl.store(p_s, m_i, mask=m_m)
-    tl.store(p_s + stride_sk, s_i, mask=m_m)
-    tl.store(p_s + 2 * stride_sk, t_i, mask=m_m)
-    if split == 0:  # the target logit as a dot of two H-vectors (no full-tile compare)
-        m_y = m_m & (b_t >= 0) & (b_t < V)  # an id outside [0, V) is never read (its logp is NaN)
-        p_y = weight + tl.where(m_y, b_t, 0)[:, None] * stride_wv  # [BLOCK_M, 1]
-        y = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k in range(0, H, BLOCK_H):
-            o_h = k + tl.arange(0, BLOCK_H)
-            m_h = o_h < H
-            b_x = tl.load(p_x + o_h[None, :], mask=m_m[:, None] & m_h[None, :], other=0.0).to(tl.float32)
-            b_w = tl.load(p_y + o_h[None, :], mask=m_y[:, None] & m_h[None, :], other=0.0).to(tl.float32)
-            y += tl.sum(b_x * b_w, axis=1)
-        if HAS_BIAS:
-            y += tl.load(bias + b_t * stride_b, mask=m_y, other=0.0).to(tl.float32)
-        tl.store(tgt + src * P + o_m, y * inv_temp, mask=m_m)
-
-
-@triton.heuristics({"HAS_ROWS": lambda a: a["rows"] is not None})
-@triton.jit
-def _linear_combine_kernel(stats, tgt, targets, rows, count, lse, logp, ent, P, V, n_split,
-                           stride_t, stride_ss, stride_sk, stride_sp, stride_out,
-                           ROWS_FROM: tl.constexpr, HAS_ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """Fixed-order combine of the splits: lse, logp (NaN for a target outside [0, V)) and entropy of the
-    scored positions of source program_id(1), written at their rows of [N_SRC, N] outputs."""
-    src = tl.program_id(1)
-    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    n_act = P
-    if HAS_ROWS:
-        n_act = tl.where(src >= ROWS_FROM, tl.minimum(tl.load(count), P), P)
-    m = o < n_act
-    r = o.to(tl.int64)
-    if HAS_ROWS:
-        r = tl.where(src >= ROWS_FROM, tl.load(rows + o, mask=m, other=0), r)
-    p_s = stats + src * stride_ss + o
-    mx = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    for k in range(n_split):
-        mx = tl.maximum(mx, tl.load(p_s + k * stride_sp, mask=m, other=float("-inf")))
-    m_ref = tl.where(mx == float("-inf"), 0.0, mx)
-    s = tl.zeros([BLOCK], dtype=tl.float32)
-    t = tl.zeros([BLOCK], dtype=tl.float32)
-    for k in range(n_split):
-        w = tl.exp(tl.load(p_s + k * stride_sp, mask=m, other=float("-inf")) - m_ref)
-        s += tl.load(p_s + k * stride_sp + stride_sk, mask=m, other=0.0) * w
-        t += tl.load(p_s + k * stride_sp + 2 * stride_sk, mask=m, other=0.0) * w
-    b_lse = mx + tl.log(s)
-    b_t = tl.load(targets + r * stride_t, mask=m, other=0)
-    b_y = tl.load(tgt + src * P + o, mask=m, other=0.0)
-    b_lp = tl.where((b_t >= 0) & (b_t < V), b_y - b_lse, float("nan"))
-    p_out = src * stride_out + r
-    tl.store(lse + p_out, b_lse, mask=m)
-    tl.store(logp + p_out, b_lp, mask=m)
-    tl.store(ent + p_out, b_lse - t / s, mask=m)
-
-
-@triton.heuristics({
-    "HAS_OLD": lambda a: a["old"] is not None,
-    "HAS_TEACHERS": lambda a: a["pos"] is not None,
-})
-@triton.jit
-def _linear_token_fwd_kernel(logp, old, adv, pos, neg, mask, a_hat, loss, coef, delta, N,
-                             lam, eps_w, eps_low, eps_high, clip_dual,
-                             HAS_OLD: tl.constexpr, HAS_TEACHERS: tl.constexpr, HAS_DUAL: tl.constexpr,
-                             BLOCK: tl.constexpr):
-    """Per token: Delta = pos - neg (0 where the mask is off or A = 0: those teachers are not scored),
-    A_hat, the PPO-clip loss and coef = dL_t/dlp_t (cepo_token), on contiguous [N] arrays."""
-    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    m = o < N
-    b_lp = tl.load(logp + o, mask=m, other=0.0)
-    b_old = b_lp
-    if HAS_OLD:
-        b_old = tl.load(old + o, mask=m, other=0.0)
-    b_adv = tl.load(adv + o, mask=m, other=0.0)
-    b_valid = tl.load(mask + o, mask=m, other=0) != 0
-    b_d = tl.zeros_like(b_lp)
-    if HAS_TEACHERS:
-        b_d = tl.load(pos + o, mask=m, other=0.0) - tl.load(neg + o, mask=m, other=0.0)
-        b_d = tl.where(b_valid & (b_adv != 0), b_d, 0.0)
-    b_ahat, b_loss, b_coef = cepo_token(b_lp, b_old, b_adv, b_d, b_valid, lam, eps_w, eps_low, eps_high,
-                                        clip_dual, HAS_OLD, HAS_TEACHERS, HAS_DUAL)
-    tl.store(a_hat + o, b_ahat, mask=m)
-    tl.store(loss + o, b_loss, mask=m)
-    tl.store(coef + o, b_coef, mask=m)
-    tl.store(delta + o, b_d, mask=m)
 
 
 class Scored(NamedTuple):
@@ -219,7 +61,7 @@ def linear_fwd(sources, weight, bias, targets, rows=None, count=None, *, rows_fr
     bias [V] or None; targets [N] integer. rows: None (every row of every source), or int64 row ids [P]
     scored, for sources >= rows_from, at positions < count ([1] int32 on the device: no host sync); the
     sources before rows_from score every row. Returns Scored(lse, logp, entropy) of the scaled logits z / T;
-    logp is NaN for a target outside [0, V).
+    logp is 0 for a negative target and NaN for one >= V.
     """
     S = len(sources)
     N, H = sources[0].shape
@@ -229,11 +71,12 @@ def linear_fwd(sources, weight, bias, targets, rows=None, count=None, *, rows_fr
     if rows is not None and rows_from == 0:
         out = torch.zeros(3, S, N, dtype=torch.float32, device=dev)
     else:
-        out = alloc((3, S, N), torch.float32, dev)
+        out = _common.alloc((3, S, N), torch.float32, dev)
         if rows is not None:
             out[:, rows_from:].zero_()
     if P == 0 or N == 0:
         return Scored(*out)
+    _common.require_backend(dev)
     cfg = _FWD_CONFIG[32 if weight.dtype == torch.float32 else 16]
     n_vrb = S * triton.cdiv(P, cfg["BLOCK_M"])
     n_tiles = triton.cdiv(V, cfg["BLOCK_V"])
@@ -241,8 +84,8 @@ def linear_fwd(sources, weight, bias, targets, rows=None, count=None, *, rows_fr
     want = _INTERPRET_SPLITS if interpret else triton.cdiv(_FWD_PROGRAMS, n_vrb)
     tiles_per_split = triton.cdiv(n_tiles, min(n_tiles, max(1, want)))
     n_split = triton.cdiv(n_tiles, tiles_per_split)
-    stats = alloc((S, 3, n_split, P), torch.float32, dev)
-    tgt = alloc((S, P), torch.float32, dev)
+    stats = _common.alloc((S, 3, n_split, P), torch.float32, dev)
+    tgt = _common.alloc((S, P), torch.float32, dev)
     h = list(sources) + [sources[0]] * (3 - S)
     _linear_fwd_kernel[(n_vrb * n_split,)](
         h[0], h[1], h[2], weight, bias, targets, rows, count, stats, tgt, P, V, H, n_split, tiles_per_split,
@@ -259,8 +102,9 @@ def linear_fwd(sources, weight, bias, targets, rows=None, count=None, *, rows_fr
 def token_fwd(logp, old, adv, pos, neg, mask, params):
     """(a_hat, loss, coef, delta) [N] fp32 from contiguous [N] inputs (old, pos/neg may be None)."""
     N = logp.numel()
-    a_hat, loss, coef, delta = (alloc(logp.shape, torch.float32, logp.device) for _ in range(4))
+    a_hat, loss, coef, delta = (_common.alloc(logp.shape, torch.float32, logp.device) for _ in range(4))
     if N:
+        _common.require_backend(logp.device)
         dual = params.clip_dual is not None
         _linear_token_fwd_kernel[(triton.cdiv(N, _TOKEN_BLOCK),)](
             logp, old, adv, pos, neg, mask, a_hat, loss, coef, delta, N, params.lam, params.eps_w,
@@ -286,7 +130,7 @@ def _policy_and_teachers(hidden, weight, bias, targets, spec, T):
     """Policy (lse, logp, entropy) on all rows, teacher log-probs on the rows that need them: one launch."""
     teacher_h = [t for t in (spec.pos_hidden, spec.neg_hidden) if t is not None]
     rows = count = None
-    if teacher_h:  # METHOD.md property 4: rows with A = 0 (or masked) get A_hat = 0: teachers not scored
+    if teacher_h:  # docs/method.md §4: rows with A = 0 (or masked) get A_hat = 0, teachers not scored
         rows, count = active_rows(spec.mask & (spec.adv != 0))
     sc = linear_fwd([hidden, *teacher_h], weight, bias, targets, rows, count, rows_from=1, temperature=T)
     it = iter(sc.logp[1:])
@@ -346,9 +190,10 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retu
     """log_softmax((hidden @ weight.T + bias) / temperature)[target] without materialising the logits.
 
     Args:
-        hidden: [..., H] float (fp32/bf16/fp16), the same dtype as weight.
+        hidden: [..., H] fp32/bf16/fp16 (float64 raises TypeError: use cepo_ref), the same dtype as weight.
         weight: [V, H] the lm_head weight. bias: [V] or None.
-        targets: [...] integer token ids; an id outside [0, V) gives a NaN log-prob (no out-of-bounds read).
+        targets: [...] integer token ids. A negative id (Hugging Face's -100) gives logp = 0 with no
+            gradient (the entropy as usual); an id >= V gives a NaN log-prob (no out-of-bounds read).
         temperature: > 0; the logits are divided by it before the softmax.
         return_entropy: also return the entropy of the tempered distribution.
     Returns:
@@ -356,6 +201,7 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retu
         weight and bias.
     """
     check_linear(hidden, weight, bias)
+    check_kernel_dtype("hidden", hidden)
     check_tensor("targets", targets, dtypes="int", shape=hidden.shape[:-1], device=hidden.device)
     check_temperature(temperature)
     lead = hidden.shape[:-1]
@@ -369,11 +215,13 @@ def linear_cepo_loss(hidden, weight, targets, advantages, mask, *, old_logp=None
                      neg_hidden=None, pos_logp=None, neg_logp=None, bias=None, lam=None, eps_w=0.2,
                      eps_low=0.2, eps_high=0.28, clip_dual=3.0, temperature=1.0, reduction="token-mean",
                      num_tokens=None, metrics=True):
-    """The CEPO loss (cepo_loss of API.md) from hidden states and the lm_head, logits never materialised.
+    """The CEPO loss (as cepo_loss) from hidden states and the lm_head, logits never materialised.
 
     Args:
-        hidden: [B, T, H] or [N, H] policy hidden states (the weight's dtype); weight [V, H]; bias [V]/None.
-        targets: [B, T] / [N] integer. advantages: [B] (per sequence) or [B, T] / [N] float.
+        hidden: [B, T, H] or [N, H] policy hidden states, fp32/bf16/fp16 (float64 raises TypeError), the
+            weight's dtype; weight [V, H]; bias [V]/None.
+        targets: [B, T] / [N] integer; a negative id (-100) counts as masked, an id >= V at an unmasked
+            position gives a NaN loss (as cepo_loss). advantages: [B] (per sequence) or [B, T] / [N] float.
         mask: [B, T] / [N] bool or 0/1. old_logp: [B, T] / [N] float, or None (on-policy: ratio 1).
         pos_hidden, neg_hidden: teacher hidden states shaped like hidden (no gradient; scored with the same
             weight in the same launch as the policy rows, only where mask and advantage != 0), or
@@ -388,6 +236,7 @@ def linear_cepo_loss(hidden, weight, targets, advantages, mask, *, old_logp=None
     """
     check_metrics_option(metrics)
     check_linear(hidden, weight, bias)
+    check_kernel_dtype("hidden", hidden)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden: expected [B, T, H] or [N, H], got shape {tuple(hidden.shape)}")
     p = LossParams(lam=lam, eps_w=eps_w, eps_low=eps_low, eps_high=eps_high, clip_dual=clip_dual,
@@ -409,17 +258,8 @@ def linear_cepo_loss(hidden, weight, targets, advantages, mask, *, old_logp=None
                                                     flat(b.targets), float(temperature), spec)
     B, T = b.B, b.T
     lp, loss_tok, a_hat, delta = (x.reshape(B, T) for x in (lp.detach(), loss_tok, a_hat, delta))
-    loss = reduce_loss(loss_tok, b.mask, reduction, num_tokens)
     has_teachers = pos_h is not None or neg_h is not None or b.pos_logp is not None
-    if metrics:
-        metrics = loss_metrics(lp, b.old_logp, b.advantages, a_hat, delta if has_teachers else None, b.mask,
-                               p, as_tensors=metrics == "tensor")
-    else:
-        metrics = {}
-    shape = (-1,) if b.flat else (B, T)
-    if reduction == "none":
-        loss = loss.reshape(shape)
-    return CEPOOutput(loss, lp.reshape(shape), a_hat.reshape(shape), metrics)
+    return loss_output(loss_tok, lp, a_hat, delta if has_teachers else None, b, p, num_tokens, metrics)
 
 
 def linear_grpo_loss(hidden, weight, targets, advantages, mask, *, old_logp=None, bias=None, eps_low=0.2,
@@ -442,7 +282,8 @@ def linear_teacher_logprobs(pos_hidden, neg_hidden, weight, targets, *, bias=Non
     Args:
         pos_hidden, neg_hidden: [..., H] teacher hidden states of the same shape (cast to the weight's dtype);
             either may be None (e.g. RLSD scores only the positive teacher).
-        weight: [V, H]; bias: [V] or None; targets: [...] integer; temperature: > 0 (the rollout's).
+        weight: [V, H]; bias: [V] or None; targets: [...] integer (a negative id gives 0.0, an id >= V NaN);
+            temperature: > 0 (the rollout's).
         rows: None (score every row), a bool mask shaped like targets, or a 1-D integer tensor of indices
             into the flattened rows. Typically mask & (advantage != 0).
     Returns:
@@ -459,6 +300,7 @@ def linear_teacher_logprobs(pos_hidden, neg_hidden, weight, targets, *, bias=Non
                      device=weight.device if isinstance(weight, torch.Tensor) else None)
         check_linear(t.to(weight.dtype) if isinstance(weight, torch.Tensor) and t.is_floating_point() else t,
                      weight, bias, name=name)
+    check_kernel_dtype("weight", weight)
     check_tensor("targets", targets, dtypes="int", shape=first.shape[:-1], device=first.device)
     check_temperature(temperature)
     lead = first.shape[:-1]

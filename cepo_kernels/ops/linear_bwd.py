@@ -21,6 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
+from cepo_kernels.ops import _common
+from cepo_kernels.ops._linear_kernels import grouped, logit_tile
+
 # per operand width (16-bit: wgmma; fp32 IEEE: FMA units, smaller tiles to stay spill-free)
 _G_CONFIG = {
     16: dict(BLOCK_M=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
@@ -37,18 +40,13 @@ _MAX_BUDGET = 512 << 20  # never more, whatever is free (keeps the extra memory 
 _FILTER_EPS = 2.0 ** -12  # gradient filtering: a G tile whose probabilities are all below this is skipped
 
 
-def alloc(shape, dtype, device):
-    """Every uninitialised buffer of the linear path comes from here (tests swap in a NaN-filled one)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def dot_precision(dtype):
     """IEEE fp32 dots for fp32 inputs (the GPU default would be TF32); 16-bit inputs are unaffected."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def upcast_dot(dtype):
-    """True under Triton's interpreter with bf16 operands, whose tl.dot is wrong there (STYLE.md).
+    """True under Triton's interpreter with bf16 operands, whose tl.dot is wrong there (docs/kernels.md).
 
     The interpreter also truncates fp32 -> bf16 casts (a GPU rounds to nearest even), so there the bf16
     outputs of the backward are written in fp32 and rounded by torch.
@@ -76,15 +74,6 @@ def active_rows(keep):
     """(rows [N] int64 with the kept rows first, count [1] int32) from a bool [N]; no host sync."""
     rows = torch.argsort((~keep).to(torch.uint8), stable=True)
     return rows, keep.sum(dtype=torch.int32).reshape(1)
-
-
-@triton.jit
-def grouped(pid, n_a, n_b, GROUP: tl.constexpr):
-    """L2-aware program order over an (n_a x n_b) grid: GROUP consecutive a-blocks sweep b together."""
-    width = GROUP * n_b
-    first = (pid // width) * GROUP
-    size = tl.minimum(n_a - first, GROUP)
-    return first + (pid % width) % size, (pid % width) // size
 
 
 @triton.heuristics({
@@ -125,19 +114,8 @@ def _linear_bwd_kernel(hidden, weight, bias, targets, rows, count, lse, g_lp, en
     o_v = v0 + o_j
     m_v = m_j & (o_v < V)
     p_h = hidden + r[:, None] * stride_hn  # [BLOCK_M, 1]
-    p_w = weight + o_v.to(tl.int64)[None, :] * stride_wv  # [1, BLOCK_V]
-    acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
-    for k in range(0, H, BLOCK_H):
-        o_h = k + tl.arange(0, BLOCK_H)
-        m_h = o_h < H
-        b_h = tl.load(p_h + o_h[None, :], mask=m_i[:, None] & m_h[None, :], other=0.0)  # [BLOCK_M, BLOCK_H]
-        b_w = tl.load(p_w + o_h[:, None], mask=m_h[:, None] & m_v[None, :], other=0.0)  # [BLOCK_H, BLOCK_V]
-        if UPCAST_DOT:
-            b_h = b_h.to(tl.float32)
-            b_w = b_w.to(tl.float32)
-        acc = tl.dot(b_h, b_w, acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias + o_v * stride_b, mask=m_v, other=0.0).to(tl.float32)[None, :]
+    acc = logit_tile(p_h, m_i, weight, bias, o_v, m_v, H, stride_wv, stride_b, HAS_BIAS, UPCAST_DOT, PRECISION,
+                     BLOCK_M, BLOCK_V, BLOCK_H)
     b_lse = tl.load(lse + r, mask=m_i, other=0.0)
     b_g = tl.load(g_lp + r, mask=m_i, other=0.0)
     b_t = tl.load(targets + r, mask=m_i, other=-1)
@@ -273,21 +251,23 @@ def linear_bwd(hidden, weight, bias, targets, lse, g_lp, ent=None, g_ent=None, *
     grad_h = torch.zeros_like(hidden) if need_h else None
     grad_w = None
     if need_w:  # every row of grad_weight is written by one chunk below
-        grad_w = torch.zeros_like(weight) if N == 0 else alloc(weight.shape, weight.dtype, dev)
+        grad_w = torch.zeros_like(weight) if N == 0 else _common.alloc(weight.shape, weight.dtype, dev)
     grad_b = torch.zeros_like(bias) if need_b else None
     if N == 0 or not (need_h or need_w or need_b):
         return grad_h, grad_w, grad_b
+    _common.require_backend(dev)
+    g_lp = g_lp.masked_fill(targets < 0, 0.0)  # a negative id's log-prob is the constant 0: no gradient
     rows, count = active_rows(g_lp != 0 if g_ent is None else (g_lp != 0) | (g_ent != 0))
     upcast = upcast_dot(hidden.dtype)
     gdt = torch.float32 if upcast else hidden.dtype
     R, C = _chunks(N, V, torch.finfo(gdt).bits // 8, dev, _width(hidden.dtype))
     g, mm = _G_CONFIG[_width(hidden.dtype)], _MM_CONFIG[_width(hidden.dtype)]
     prec = dot_precision(hidden.dtype)
-    grad_z = alloc((R, C), gdt, dev)  # G = dL/dlogits of one chunk
+    grad_z = _common.alloc((R, C), gdt, dev)  # G = dL/dlogits of one chunk
     dh32 = torch.zeros(N, H, dtype=torch.float32, device=dev) if need_h else None  # by active position
     direct_w = R == N and not upcast  # one row chunk: G^T @ hidden goes straight into grad_weight
-    dw32 = alloc((C, H), torch.float32, dev) if need_w and not direct_w else None
-    db_part = alloc((triton.cdiv(R, g["BLOCK_M"]), C), torch.float32, dev) if need_b else None
+    dw32 = _common.alloc((C, H), torch.float32, dev) if need_w and not direct_w else None
+    db_part = _common.alloc((triton.cdiv(R, g["BLOCK_M"]), C), torch.float32, dev) if need_b else None
     db32 = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
     tile_keep = None
     if grad_filter() and (need_h or need_w):

@@ -1,4 +1,5 @@
 """Fused Triton kernels on logits: token log-probs (+ entropy) and the single-pass CEPO/GRPO loss.
+Here: the launchers, the autograd functions and the public functions; the kernels: ops/_logits_kernels.py.
 
 Forward: one program per token row streams the vocabulary in BLOCK_V tiles, reading the policy logits
 and, when given, both teachers' logits of the same token in the same loop (online logsumexp, fp32),
@@ -16,194 +17,25 @@ import os
 
 import torch
 import triton
-import triton.language as tl
 
 from cepo_kernels._params import (
-    CEPOOutput,
     LossParams,
     as_float,
+    check_kernel_dtype,
     check_logits_and_targets,
     check_logits_loss,
     check_loss_inputs,
     check_temperature,
     check_tensor,
 )
-from cepo_kernels.ops import configs
-from cepo_kernels.ops._common import (
-    LOG2E,
-    cepo_token,
-    check_metrics_option,
-    loss_metrics,
-    lse_entropy,
-    reduce_loss,
+from cepo_kernels.ops import _common, configs
+from cepo_kernels.ops._common import check_metrics_option, loss_output
+from cepo_kernels.ops._logits_kernels import (
+    _cepo_advantages_fwd_kernel,
+    _cepo_fwd_kernel,
+    _logprobs_bwd_kernel,
+    _logprobs_fwd_kernel,
 )
-from cepo_kernels.ops._logits_tiles import _dlogit_target, _dlogits, _scan, _target_logit, _target_logp
-
-
-@triton.heuristics({"WITH_ENT": lambda a: a["ent"] is not None})
-@triton.jit(do_not_specialize=["T", "V"])
-def _logprobs_fwd_kernel(logits, targets, lp, lse, ent, T, V, s_b, s_t, inv_temp,
-                         WITH_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    x_row = logits + b * s_b + (row - b * T) * s_t
-    tgt = tl.load(targets + row)
-    in_range = (tgt >= 0) & (tgt < V)
-    z_t = _target_logit(x_row, tgt, in_range, inv_temp)
-    c = inv_temp * LOG2E
-    m_x, s_x, t_x, _, _, _, _ = _scan(x_row, x_row, x_row, V, c, False, False, WITH_ENT, BLOCK_V)
-    b_lse, b_ent = lse_entropy(m_x, s_x, t_x, inv_temp)
-    tl.store(lp + row, _target_logp(z_t, in_range, b_lse))
-    tl.store(lse + row, b_lse)
-    if WITH_ENT:
-        tl.store(ent + row, b_ent)
-
-
-@triton.heuristics({
-    "HAS_POS_LOGITS": lambda a: a["pos_logits"] is not None,
-    "HAS_NEG_LOGITS": lambda a: a["neg_logits"] is not None,
-    "HAS_TEACHERS": lambda a: a["pos_logits"] is not None or a["pos_logp"] is not None,
-    "HAS_OLD": lambda a: a["old_logp"] is not None,
-})
-@triton.jit(do_not_specialize=["T", "V"])
-def _cepo_fwd_kernel(
-    logits, pos_logits, neg_logits, targets, adv, mask, old_logp, pos_logp, neg_logp,
-    lp, lse, a_hat, loss, coef, delta,
-    T, V, s_b, s_t, s_pb, s_pt, s_nb, s_nt,
-    inv_temp, lam, eps_w, eps_low, eps_high, clip_dual,
-    HAS_POS_LOGITS: tl.constexpr, HAS_NEG_LOGITS: tl.constexpr, HAS_TEACHERS: tl.constexpr,
-    HAS_OLD: tl.constexpr, HAS_DUAL: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    t = row - b * T
-    tgt = tl.load(targets + row)
-    in_range = (tgt >= 0) & (tgt < V)
-    valid = tl.load(mask + row) != 0
-    b_a = tl.load(adv + row)
-    used = valid & (b_a != 0)
-    c = inv_temp * LOG2E
-    x_row = logits + b * s_b + t * s_t
-    p_row = x_row
-    n_row = x_row
-    if HAS_POS_LOGITS:
-        p_row = pos_logits + b * s_pb + t * s_pt
-    if HAS_NEG_LOGITS:
-        n_row = neg_logits + b * s_nb + t * s_nt
-    # the target logits first (scalar loads, whose latency the scan hides)
-    z_x = _target_logit(x_row, tgt, in_range, inv_temp)
-    z_p = 0.0
-    z_n = 0.0
-    if HAS_POS_LOGITS:
-        z_p = _target_logit(p_row, tgt, in_range, inv_temp)
-    if HAS_NEG_LOGITS:
-        z_n = _target_logit(n_row, tgt, in_range, inv_temp)
-    if HAS_POS_LOGITS or HAS_NEG_LOGITS:
-        # teachers of masked or A = 0 tokens are not read: A_hat = 0 whatever Delta is
-        if used:
-            m_x, s_x, _, m_p, s_p, m_n, s_n = _scan(x_row, p_row, n_row, V, c, HAS_POS_LOGITS, HAS_NEG_LOGITS,
-                                                    False, BLOCK_V)
-        else:
-            m_x, s_x, _, m_p, s_p, m_n, s_n = _scan(x_row, p_row, n_row, V, c, False, False, False, BLOCK_V)
-    else:
-        m_x, s_x, _, m_p, s_p, m_n, s_n = _scan(x_row, p_row, n_row, V, c, False, False, False, BLOCK_V)
-    b_lse, _ = lse_entropy(m_x, s_x, s_x, inv_temp)
-    b_lp = _target_logp(z_x, in_range, b_lse)
-    b_delta = 0.0
-    if HAS_TEACHERS:
-        if HAS_POS_LOGITS:
-            lse_p, _ = lse_entropy(m_p, s_p, s_p, inv_temp)
-            b_pos = _target_logp(z_p, in_range, lse_p)
-        else:
-            b_pos = tl.load(pos_logp + row)
-        if HAS_NEG_LOGITS:
-            lse_n, _ = lse_entropy(m_n, s_n, s_n, inv_temp)
-            b_neg = _target_logp(z_n, in_range, lse_n)
-        else:
-            b_neg = tl.load(neg_logp + row)
-        b_delta = tl.where(used, b_pos - b_neg, 0.0)
-        tl.store(delta + row, b_delta)
-    b_old = b_lp
-    if HAS_OLD:
-        b_old = tl.load(old_logp + row)
-    b_ahat, b_loss, b_coef = cepo_token(b_lp, b_old, b_a, b_delta, valid, lam, eps_w, eps_low, eps_high,
-                                        clip_dual, HAS_OLD, HAS_TEACHERS, HAS_DUAL)
-    b_coef = tl.where(b_loss != b_loss, b_loss, b_coef)  # a NaN loss gives a NaN gradient, not 0
-    tl.store(lp + row, b_lp)
-    tl.store(lse + row, b_lse)
-    tl.store(a_hat + row, b_ahat)
-    tl.store(loss + row, b_loss)
-    tl.store(coef + row, b_coef)
-
-
-@triton.heuristics({"HAS_GRAD_ENT": lambda a: a["grad_ent"] is not None})
-@triton.jit(do_not_specialize=["T", "V"])
-def _logprobs_bwd_kernel(
-    logits, dlogits, targets, lse, ent, grad_lp, grad_ent,
-    T, V, s_b, s_t, s_db, s_dt, inv_temp,
-    HAS_GRAD_ENT: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    t = row - b * T
-    x_row = logits + b * s_b + t * s_t
-    d_row = dlogits + b * s_db + t * s_dt
-    o_v = tl.arange(0, BLOCK_V)
-    V_main = V - V % BLOCK_V
-    tgt = tl.load(targets + row)
-    g_lp = tl.load(grad_lp + row)
-    skip = g_lp == 0.0
-    g_ent = 0.0
-    if HAS_GRAD_ENT:
-        g_ent = tl.load(grad_ent + row)
-        skip = skip & (g_ent == 0.0)
-    if skip:
-        # masked, clipped or A_hat = 0: zero gradient, the logits are not read
-        b_zero = tl.zeros([BLOCK_V], tl.float32).to(dlogits.dtype.element_ty)
-        for start in range(0, V_main, BLOCK_V):
-            tl.store(d_row + start + o_v, b_zero)
-        if V_main < V:
-            tl.store(d_row + V_main + o_v, b_zero, mask=V_main + o_v < V)
-    else:
-        in_range = (tgt >= 0) & (tgt < V)
-        g_lp = tl.where(in_range, g_lp, float("nan"))  # the log-prob itself is NaN
-        b_lse = tl.load(lse + row)
-        b_ent = 0.0
-        if HAS_GRAD_ENT:
-            b_ent = tl.load(ent + row)
-        # the target's entry (onehot = 1), from one scalar load before the row is overwritten (in place)
-        tgt_c = tl.where(in_range, tgt, 0)
-        d_t = _dlogit_target(tl.load(x_row + tgt_c).to(tl.float32), g_lp, g_ent, b_lse, b_ent, inv_temp,
-                             HAS_GRAD_ENT, ROUND_BF16)
-        for start in range(0, V_main, BLOCK_V):
-            b_x = tl.load(x_row + start + o_v).to(tl.float32)
-            b_d = _dlogits(b_x, g_lp, g_ent, b_lse, b_ent, inv_temp, HAS_GRAD_ENT, ROUND_BF16)
-            tl.store(d_row + start + o_v, b_d.to(dlogits.dtype.element_ty))
-        if V_main < V:
-            m_v = V_main + o_v < V
-            b_x = tl.load(x_row + V_main + o_v, mask=m_v, other=float("-inf")).to(tl.float32)
-            b_d = _dlogits(b_x, g_lp, g_ent, b_lse, b_ent, inv_temp, HAS_GRAD_ENT, ROUND_BF16)
-            tl.store(d_row + V_main + o_v, b_d.to(dlogits.dtype.element_ty), mask=m_v)
-        tl.debug_barrier()  # every thread's tile stores land before the target's entry is overwritten
-        if in_range:
-            tl.store(d_row + tgt_c, d_t.to(dlogits.dtype.element_ty))
-
-
-@triton.jit
-def _cepo_advantages_fwd_kernel(adv, pos_logp, neg_logp, mask, a_hat, N, lam, eps_w, BLOCK: tl.constexpr):
-    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = o < N
-    b_a = tl.load(adv + o, mask=m, other=0.0)
-    b_delta = tl.load(pos_logp + o, mask=m, other=0.0) - tl.load(neg_logp + o, mask=m, other=0.0)
-    valid = tl.load(mask + o, mask=m, other=0) != 0
-    b_ahat, _, _ = cepo_token(b_a * 0.0, b_a, b_a, b_delta, valid, lam, eps_w, 0.0, 0.0, 0.0,
-                              False, True, False)
-    tl.store(a_hat + o, b_ahat, mask=m)
-
-
-def _alloc(shape, dtype, device):
-    """Every output buffer comes from here (tests replace it with a NaN-filled one)."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _autotuned(kernel, key, inplace=False):
@@ -225,9 +57,7 @@ def _launch(kernel, n, x, key, *args, inplace=False, **kwargs):
     """One program per row; BLOCK_V and num_warps from configs.get(key, device) (ops/configs.py)."""
     if n == 0:
         return
-    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise RuntimeError("cepo_kernels: CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 "
-                           "before importing triton/cepo_kernels, or move the inputs to a GPU")
+    _common.require_backend(x.device)
     tuned = _autotuned(kernel, key, inplace) if x.device.type == "cuda" else None
     if tuned is not None:
         tuned[(n,)](*args, **kwargs)
@@ -238,8 +68,8 @@ def _launch(kernel, n, x, key, *args, inplace=False, **kwargs):
 def logprobs_fwd(logits, targets, temperature=1.0, with_entropy=True):
     """logits [B, T, V] (last dim contiguous), targets [B*T] int64 -> (logp, lse, entropy or None), fp32."""
     B, T, V = logits.shape
-    lp, lse = (_alloc((B * T,), torch.float32, logits.device) for _ in range(2))
-    ent = _alloc((B * T,), torch.float32, logits.device) if with_entropy else None
+    lp, lse = (_common.alloc((B * T,), torch.float32, logits.device) for _ in range(2))
+    ent = _common.alloc((B * T,), torch.float32, logits.device) if with_entropy else None
     _launch(_logprobs_fwd_kernel, B * T, logits, "logprobs_fwd", logits, targets, lp, lse, ent, T, V,
             logits.stride(0), logits.stride(1), 1.0 / temperature)
     return lp, lse, ent
@@ -254,9 +84,9 @@ def cepo_fwd(logits, targets, adv, mask, params, *, old_logp=None, pos_logits=No
     """
     B, T, V = logits.shape
     N = B * T
-    lp, lse, a_hat, loss, coef = (_alloc((N,), torch.float32, logits.device) for _ in range(5))
+    lp, lse, a_hat, loss, coef = (_common.alloc((N,), torch.float32, logits.device) for _ in range(5))
     has_teachers = pos_logits is not None or pos_logp is not None
-    delta = _alloc((N,), torch.float32, logits.device) if has_teachers else None
+    delta = _common.alloc((N,), torch.float32, logits.device) if has_teachers else None
     pos_s = (0, 0) if pos_logits is None else pos_logits.stride()[:2]
     neg_s = (0, 0) if neg_logits is None else neg_logits.stride()[:2]
     p = params
@@ -276,7 +106,7 @@ def logprobs_bwd(logits, targets, lse, ent, grad_lp, grad_ent=None, temperature=
     inplace=True writes into (and returns) `logits` itself.
     """
     B, T, V = logits.shape
-    dlogits = logits if inplace else _alloc(logits.shape, logits.dtype, logits.device)
+    dlogits = logits if inplace else _common.alloc(logits.shape, logits.dtype, logits.device)
     _launch(_logprobs_bwd_kernel, B * T, logits, "logits_bwd", logits, dlogits, targets, lse, ent,
             grad_lp.float().contiguous(), None if grad_ent is None else grad_ent.float().contiguous(),
             T, V, logits.stride(0), logits.stride(1), dlogits.stride(0), dlogits.stride(1),
@@ -293,8 +123,9 @@ def cepo_bwd(logits, targets, lse, coef, grad_loss, temperature=1.0, inplace=Fal
 def cepo_advantages_fwd(adv, pos_logp, neg_logp, mask, lam, eps_w):
     """A_hat [N] fp32 from contiguous [N] fp32 adv, pos_logp, neg_logp and uint8 mask."""
     N = adv.numel()
-    out = _alloc((N,), torch.float32, adv.device)
+    out = _common.alloc((N,), torch.float32, adv.device)
     if N:
+        _common.require_backend(adv.device)
         BLOCK = 1024
         _cepo_advantages_fwd_kernel[(triton.cdiv(N, BLOCK),)](adv, pos_logp, neg_logp, mask, out, N,
                                                                float(lam), float(eps_w), BLOCK=BLOCK)
@@ -368,9 +199,11 @@ def token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False, in
     """log_softmax(logits / temperature)[targets] in one pass over the vocabulary, differentiable.
 
     Args:
-        logits: [..., V] fp32/bf16/fp16; any strides, only the last dim should be contiguous.
-        targets: [...] int64 token ids. An id outside [0, V) gives a NaN log-prob (never an
-            out-of-bounds read).
+        logits: [..., V] fp32/bf16/fp16 (float64 raises TypeError: use cepo_ref); any strides, only the
+            last dim should be contiguous.
+        targets: [...] int64 token ids. A negative id (Hugging Face's -100 ignore index) gives logp = 0
+            with no gradient (the entropy is computed as usual); an id >= V gives a NaN log-prob (never
+            an out-of-bounds read).
         temperature: > 0, the logits are divided by it.
         return_entropy: also return the entropy of the tempered distribution (differentiable).
         inplace: the backward writes dlogits into the logits' storage (no second [..., V] buffer);
@@ -379,6 +212,7 @@ def token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False, in
         logp [...] fp32, or (logp, entropy) with return_entropy.
     """
     check_logits_and_targets(logits, targets)
+    check_kernel_dtype("logits", logits)
     check_temperature(temperature)
     x = _as_btv(logits)
     out = _TokenLogprobs.apply(x, targets.reshape(-1).long().contiguous(), float(temperature), bool(inplace),
@@ -398,8 +232,11 @@ def cepo_loss(logits, targets, advantages, mask, *, old_logp=None, pos_logits=No
     neg_logp=old_logp); no teachers -> GRPO. The gradient reaches only `logits`.
 
     Args:
-        logits: [B, T, V] or [N, V] policy logits, fp32/bf16/fp16, last dim contiguous (any other strides).
-        targets: [B, T] / [N] int64 sampled tokens.
+        logits: [B, T, V] or [N, V] policy logits, fp32/bf16/fp16 (float64 raises TypeError, as for the
+            teachers' logits), last dim contiguous (any other strides).
+        targets: [B, T] / [N] int64 sampled tokens. A negative id (Hugging Face's -100) counts as masked
+            (as F.cross_entropy(ignore_index=-100); no host sync) and its logp comes out 0; an id >= V at
+            an unmasked position gives a NaN log-prob, hence a NaN loss (never an out-of-bounds read).
         advantages: [B] (one per sequence) or [B, T] / [N], float.
         mask: [B, T] / [N] bool or 0/1: the response tokens that count.
         old_logp: [B, T] / [N] log-probs of the rollout policy; None -> on-policy (ratio 1).
@@ -409,7 +246,10 @@ def cepo_loss(logits, targets, advantages, mask, *, old_logp=None, pos_logits=No
         eps_low, eps_high, clip_dual: PPO clip range and dual clip (None: off).
         temperature: > 0; policy and teacher logits are divided by it.
         reduction: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "sum" or "none".
-        num_tokens: token-mean denominator (gradient accumulation across micro-batches).
+        num_tokens: token-mean denominator (gradient accumulation across micro-batches): a number > 0,
+            used as given, or a one-element tensor used as given on the device (no host sync, not
+            validated): 0 means no valid tokens (zero loss and gradient), a negative or NaN value gives a
+            NaN loss.
         inplace: the backward writes dlogits into the logits' storage (no extra [N, V] buffer); the
             logits are clobbered and must not be used after backward (their version counter is bumped,
             so autograd raises if anything that saved them reads them later).
@@ -427,6 +267,9 @@ def cepo_loss(logits, targets, advantages, mask, *, old_logp=None, pos_logits=No
         pos_logp=pos_logp, neg_logp=neg_logp, num_tokens=num_tokens, lam=lam, eps_w=eps_w, eps_low=eps_low,
         eps_high=eps_high, clip_dual=clip_dual, temperature=temperature, reduction=reduction,
     )
+    for name, t in (("logits", logits), ("pos_logits", pos_logits), ("neg_logits", neg_logits)):
+        if t is not None:
+            check_kernel_dtype(name, t)
     B, T = batch.B, batch.T
 
     def flat(t):
@@ -443,16 +286,7 @@ def cepo_loss(logits, targets, advantages, mask, *, old_logp=None, pos_logits=No
                                                  params, bool(inplace), tensors)
     loss_tok, lp, a_hat = loss_tok.reshape(B, T), lp.reshape(B, T), a_hat.reshape(B, T)
     delta = None if delta is None else delta.detach().reshape(B, T)
-    loss = reduce_loss(loss_tok, batch.mask, reduction, num_tokens)
-    if metrics:
-        metrics = loss_metrics(lp, batch.old_logp, batch.advantages, a_hat, delta, batch.mask, params,
-                               as_tensors=metrics == "tensor")
-    else:
-        metrics = {}
-    shape = (-1,) if batch.flat else (B, T)
-    if reduction == "none":
-        loss = loss.reshape(shape)
-    return CEPOOutput(loss, lp.reshape(shape), a_hat.reshape(shape), metrics)
+    return loss_output(loss_tok, lp, a_hat, delta, batch, params, num_tokens, metrics)
 
 
 def grpo_loss(logits, targets, advantages, mask, *, old_logp=None, eps_low=0.2, eps_high=0.28, clip_dual=3.0,
