@@ -14,7 +14,7 @@ def err(x, ref):
 
 
 def assert_close(actual, ref64, torch_same_dtype, atol=1e-6, name="value"):
-    """err(kernel, fp64 ref) <= 2 * err(torch in the same dtype, fp64 ref) + atol: the house tolerance rule."""
+    """err(kernel, fp64 ref) <= 2 * err(torch in the same dtype, fp64 ref) + atol (the house rule)."""
     e_kernel = err(actual, ref64)
     e_torch = err(torch_same_dtype, ref64)
     assert e_kernel <= 2 * e_torch + atol, (

@@ -123,7 +123,8 @@ def _linear_fwd_kernel(h0, h1, h2, weight, bias, targets, rows, count, stats, tg
     tl.store(p_s + stride_sk, s_i, mask=m_m)
     tl.store(p_s + 2 * stride_sk, t_i, mask=m_m)
     if split == 0:  # the target logit as a dot of two H-vectors (no full-tile compare)
-        m_y = m_m & (b_t >= 0) & (b_t < V)  # an id outside [0, V) is never read (its logp: 0 if < 0, NaN if >= V)
+        # an id outside [0, V) is never read (its logp: 0 if < 0, NaN if >= V)
+        m_y = m_m & (b_t >= 0) & (b_t < V)
         p_y = weight + tl.where(m_y, b_t, 0)[:, None] * stride_wv  # [BLOCK_M, 1]
         y = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k in range(0, H, BLOCK_H):
@@ -142,8 +143,8 @@ def _linear_fwd_kernel(h0, h1, h2, weight, bias, targets, rows, count, stats, tg
 def _linear_combine_kernel(stats, tgt, targets, rows, count, lse, logp, ent, P, V, n_split,
                            stride_t, stride_ss, stride_sk, stride_sp, stride_out,
                            ROWS_FROM: tl.constexpr, HAS_ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """Fixed-order combine of the splits: lse, logp (0 for a negative target, NaN for one >= V) and entropy of the
-    scored positions of source program_id(1), written at their rows of [N_SRC, N] outputs."""
+    """Fixed-order combine of the splits: lse, logp (0 for a negative target, NaN for one >= V) and entropy of
+    the scored positions of source program_id(1), written at their rows of [N_SRC, N] outputs."""
     src = tl.program_id(1)
     o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = o < scored_count(src, count, P, ROWS_FROM, HAS_ROWS)

@@ -30,7 +30,11 @@ from cepo_kernels._params import (
 )
 from cepo_kernels.ops import _common
 from cepo_kernels.ops._common import check_metrics_option, loss_output
-from cepo_kernels.ops._linear_kernels import _linear_combine_kernel, _linear_fwd_kernel, _linear_token_fwd_kernel
+from cepo_kernels.ops._linear_kernels import (
+    _linear_combine_kernel,
+    _linear_fwd_kernel,
+    _linear_token_fwd_kernel,
+)
 from cepo_kernels.ops.linear_bwd import active_rows, dot_precision, linear_bwd, upcast_dot
 
 # per operand width: 16-bit dots run on the tensor cores (wgmma m64n128); fp32 IEEE dots run on the FMA

@@ -114,8 +114,8 @@ def _linear_bwd_kernel(hidden, weight, bias, targets, rows, count, lse, g_lp, en
     o_v = v0 + o_j
     m_v = m_j & (o_v < V)
     p_h = hidden + r[:, None] * stride_hn  # [BLOCK_M, 1]
-    acc = logit_tile(p_h, m_i, weight, bias, o_v, m_v, H, stride_wv, stride_b, HAS_BIAS, UPCAST_DOT, PRECISION,
-                     BLOCK_M, BLOCK_V, BLOCK_H)
+    acc = logit_tile(p_h, m_i, weight, bias, o_v, m_v, H, stride_wv, stride_b, HAS_BIAS, UPCAST_DOT,
+                     PRECISION, BLOCK_M, BLOCK_V, BLOCK_H)
     b_lse = tl.load(lse + r, mask=m_i, other=0.0)
     b_g = tl.load(g_lp + r, mask=m_i, other=0.0)
     b_t = tl.load(targets + r, mask=m_i, other=-1)
