@@ -16,7 +16,7 @@ and nvdisasm then give registers, spills and the SASS. One JSON line per compile
   m64n128k16), sass_instrs (static count), and for the hot loop (the innermost SASS loop loading the most
   global bytes): loop_instrs, loop_load_bytes (per thread per iteration), instr_per_kb = SASS
   warp-instructions issued per KB of global input read in that loop (lower is better: ~177 is Liger's
-  GRPO forward, ANCHORS.md), loop_bars, loop_mufu.
+  GRPO forward, docs/peers.md), loop_bars, loop_mufu.
 
 tests/test_compile.py runs this script (a subset) and asserts on its output; `--sweep` also compiles the
 candidate configs that bench/tune_logits.py may write to the config table (cepo_kernels/ops/configs.py).

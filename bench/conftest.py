@@ -32,7 +32,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def peak_extra_gib():
-    """measure(fn) -> GiB allocated at peak during fn() beyond what was live before it (ANCHORS.md)."""
+    """measure(fn) -> GiB allocated at peak during fn() beyond what was live before it (docs/peers.md)."""
 
     def measure(fn):
         torch.cuda.synchronize()

@@ -1,6 +1,6 @@
 """Loss from hidden states + lm_head, fwd+bwd: cepo_kernels vs torch eager, cut-cross-entropy and Liger.
 
-Shapes of ../shared/ANCHORS.md (a Qwen3-4B head): B=4, T=2048, H=2560, V=151936, bf16, 1/8 of the tokens
+Shapes of docs/peers.md (a Qwen3-4B head): B=4, T=2048, H=2560, V=151936, bf16, 1/8 of the tokens
 masked, fp32 advantages and old log-probs. "dense": every sequence has a non-zero advantage;
 "half-zero": half the sequences have A = 0 (an all-correct or all-wrong group), whose rows the fused kernels
 skip. Run on a GPU: `pytest bench/test_linear_loss.py --benchmark-columns=median,min,max`; each result's

@@ -1,4 +1,4 @@
-"""fwd+bwd of the CEPO/GRPO loss on logits at the ANCHORS.md shape (Qwen3-4B head).
+"""fwd+bwd of the CEPO/GRPO loss on logits at the docs/peers.md shape (Qwen3-4B head).
 
 B=4 sequences x T=2048 tokens, V=151936, bf16 policy logits [B, T, V] (Liger: [B, T+1, V]), the last
 1/8 of each sequence masked, fp32 per-sequence advantages and old log-probs; CEPO also reads two

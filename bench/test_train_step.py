@@ -1,6 +1,6 @@
 """One RL update step of a Qwen3-4B-shaped model: GRPO, CEPO, CEPO with half the groups at A = 0, naive CEPO.
 
-GPU (the anchor shape of ../shared/ANCHORS.md): a Qwen3-4B-shaped model from its config with random weights,
+GPU (the anchor shape of docs/peers.md): a Qwen3-4B-shaped model from its config with random weights,
 bf16, gradient checkpointing; 768 prompt + 2048 response tokens, 16 answer tokens in the teacher contexts;
 "4x1": 4 sequences with their own prompts, "1x8": 8 responses sharing one prompt (a group). Modes: LoRA
 (rank 16, peft) and full-parameter. A step = the teacher passes (no grad) + the policy's forward and backward

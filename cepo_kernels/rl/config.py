@@ -69,7 +69,7 @@ class TrainConfig:
     temperature: float = 1.0
     top_p: float = 1.0
 
-    # the method (METHOD.md): lambda(step) = max(0, lam0 * (1 - step / t_warm))
+    # docs/method.md §7: lambda(step) = max(0, lam0 * (1 - step / t_warm))
     algo: str = "cepo"
     lam0: float = 0.5
     t_warm: int = 25
