@@ -26,6 +26,7 @@ from pathlib import Path
 
 from cepo_kernels.analysis.credit import credit_files, load_credit
 from cepo_kernels.analysis.plots import RunDataError, plot_curves
+from cepo_kernels.runfiles import atomic_write
 
 
 def load_run_credit(run_dir: str | Path) -> dict:
@@ -248,7 +249,7 @@ likely than the one that saw the rejected answer (r-). Responses are grouped by 
 """
     out_html = Path(out_html)
     out_html.parent.mkdir(parents=True, exist_ok=True)
-    out_html.write_text(page, encoding="utf-8")
+    atomic_write(out_html, page.encode("utf-8"))
     return out_html
 
 

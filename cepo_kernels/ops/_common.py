@@ -31,6 +31,11 @@ def alloc(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def interpreted() -> bool:
+    """Whether the kernels run through Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def require_backend(device):
     """Raises a clear error when the kernels cannot run on `device`: CPU tensors need Triton's interpreter.
 
@@ -38,7 +43,7 @@ def require_backend(device):
     "0 active drivers" error). Meta tensors pass: the compile-only report (bench/compile_report.py)
     launches on them with a stand-in driver.
     """
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if device.type == "cpu" and not interpreted():
         raise RuntimeError("cepo_kernels: CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 "
                            "before importing triton/cepo_kernels, or move the inputs to a GPU")
 

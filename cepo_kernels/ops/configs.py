@@ -20,6 +20,8 @@ import json
 import os
 from pathlib import Path
 
+from cepo_kernels.runfiles import atomic_write
+
 KEYS = ("logprobs_fwd", "cepo_fwd_x1", "cepo_fwd_x2", "cepo_fwd_x3", "logits_bwd")
 DEFAULTS = {
     "logprobs_fwd": {"BLOCK_V": 4096, "num_warps": 8},
@@ -116,8 +118,6 @@ def write_table(card, entries, path=None):
         check_config(key, cfg)
     table = json.loads(path.read_text()) if path.exists() else {}
     table[card] = {**table.get(card, {}), **entries}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
+    atomic_write(path, (json.dumps(table, indent=1, sort_keys=True) + "\n").encode("utf-8"))
     _tables.pop(path, None)
     return table

@@ -13,7 +13,6 @@ only on rows with a non-zero gradient.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -29,7 +28,7 @@ from cepo_kernels._params import (
     resolve_lam,
 )
 from cepo_kernels.ops import _common
-from cepo_kernels.ops._common import check_metrics_option, loss_output
+from cepo_kernels.ops._common import check_metrics_option, interpreted, loss_output
 from cepo_kernels.ops._linear_kernels import (
     _linear_combine_kernel,
     _linear_fwd_kernel,
@@ -84,8 +83,7 @@ def linear_fwd(sources, weight, bias, targets, rows=None, count=None, *, rows_fr
     cfg = _FWD_CONFIG[32 if weight.dtype == torch.float32 else 16]
     n_vrb = S * triton.cdiv(P, cfg["BLOCK_M"])
     n_tiles = triton.cdiv(V, cfg["BLOCK_V"])
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    want = _INTERPRET_SPLITS if interpret else triton.cdiv(_FWD_PROGRAMS, n_vrb)
+    want = _INTERPRET_SPLITS if interpreted() else triton.cdiv(_FWD_PROGRAMS, n_vrb)
     tiles_per_split = triton.cdiv(n_tiles, min(n_tiles, max(1, want)))
     n_split = triton.cdiv(n_tiles, tiles_per_split)
     stats = _common.alloc((S, 3, n_split, P), torch.float32, dev)

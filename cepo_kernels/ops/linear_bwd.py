@@ -51,7 +51,7 @@ def upcast_dot(dtype):
     The interpreter also truncates fp32 -> bf16 casts (a GPU rounds to nearest even), so there the bf16
     outputs of the backward are written in fp32 and rounded by torch.
     """
-    return os.environ.get("TRITON_INTERPRET") == "1" and dtype == torch.bfloat16
+    return _common.interpreted() and dtype == torch.bfloat16
 
 
 def grad_filter():

@@ -22,7 +22,7 @@ import inspect
 
 import torch
 
-from cepo_kernels.step.contexts import pack, to_device
+from cepo_kernels.step.contexts import pack, response_targets, to_device
 
 __all__ = ["base_model", "lm_head", "response_hidden", "SharedPrefixUnsupported", "prefix_hidden",
            "context_hidden"]
@@ -78,16 +78,9 @@ def prefix_hidden(model, prefixes: list[list[int]], responses: list[list[int]], 
         raise SharedPrefixUnsupported(f"no DynamicCache for this model ({e})") from None
     if any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", [])):
         raise SharedPrefixUnsupported("sliding-window attention layers")
-    g, n = len(prefixes), len(responses)
-    L = max(len(p) for p in prefixes)
-    ids = torch.full((g, L), pad_id, dtype=torch.long)
-    attn = torch.zeros((g, L), dtype=torch.long)
-    for i, p in enumerate(prefixes):
-        ids[i, L - len(p) :] = torch.tensor(p, dtype=torch.long)
-        attn[i, L - len(p) :] = 1
+    packed = pack(prefixes, [[] for _ in prefixes], pad_id, device, resp_len=0)  # left-padded prefixes only
+    ids, attn, pos = packed.input_ids, packed.attention_mask, packed.position_ids
     plen = attn.sum(dim=1)
-    pos = (attn.cumsum(dim=1) - 1).clamp_min(0)
-    ids, attn, pos, plen = (to_device(t, device) for t in (ids, attn, pos, plen))
     # transformers >= 5.x names the argument `cache`, earlier releases `past_key_values`
     arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
     out = decoder(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **{arg: cache})
@@ -99,14 +92,8 @@ def prefix_hidden(model, prefixes: list[list[int]], responses: list[list[int]], 
     if not hasattr(cache, "reorder_cache"):
         raise SharedPrefixUnsupported(f"{type(cache).__name__} cannot be repeated per response")
     cache.reorder_cache(rows)  # [g, ...] -> [n, ...]: each response's copy of its prefix's cache
-    rids = torch.full((n, R - 1), pad_id, dtype=torch.long)
-    rattn = torch.zeros((n, R - 1), dtype=torch.long)
-    for i, r in enumerate(responses):
-        r = r[: R - 1]
-        if r:
-            rids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            rattn[i, : len(r)] = 1
-    rids, rattn = to_device(rids, device), to_device(rattn, device)
+    rids, rmask = response_targets(responses, R - 1, pad_id, device)  # the response tokens run on top
+    rattn = rmask.long()
     full_attn = torch.cat([attn[rows], rattn], dim=1)
     rpos = plen[rows, None] + torch.arange(R - 1, device=device)[None]
     out = decoder(input_ids=rids, attention_mask=full_attn, position_ids=rpos, use_cache=True, **{arg: cache})
