@@ -71,12 +71,12 @@ def test_trl_version_outside_range_fails_clearly(monkeypatch):
     monkeypatch.delenv("CEPO_TRL_ALLOW_ANY_VERSION", raising=False)
     monkeypatch.setattr(trl, "__version__", "1.15.2")
     with pytest.raises(ImportError, match=r"TRL >= 1\.16, < 1\.17; found trl 1\.15\.2"):
-        cepo_trl._check_trl()
+        cepo_trl.check_trl_version()
     monkeypatch.setattr(trl, "__version__", "1.17.0")
     with pytest.raises(ImportError, match="CEPO_TRL_ALLOW_ANY_VERSION"):
-        cepo_trl._check_trl()
+        cepo_trl.check_trl_version()
     monkeypatch.setenv("CEPO_TRL_ALLOW_ANY_VERSION", "1")
-    cepo_trl._check_trl()
+    cepo_trl.check_trl_version()
 
 
 @pytest.mark.parametrize("prompts", ["plain", "conversational"])

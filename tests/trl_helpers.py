@@ -128,10 +128,10 @@ def recording(base):
                 completion_ids += c
             return completion_ids, logprobs
 
-        def _compute_loss(self, model, inputs):
+        def compute_loss(self, model, inputs, *args, **kwargs):
             self.seen.append({"advantages": inputs["advantages"].detach().clone(),
                               "mask": inputs["completion_mask"].detach().clone()})
-            return super()._compute_loss(model, inputs)
+            return super().compute_loss(model, inputs, *args, **kwargs)
 
     return Recording
 

@@ -33,7 +33,8 @@ import torch
 TRL_MIN, TRL_BELOW = "1.16", "1.17"
 
 
-def _check_trl():
+def check_trl_version():
+    """ImportError with the supported range when TRL is missing or outside it (checked at import)."""
     try:
         import trl
     except ImportError as e:
@@ -54,7 +55,7 @@ def _check_trl():
         )
 
 
-_check_trl()
+check_trl_version()
 
 from accelerate.utils import gather_object  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
@@ -73,7 +74,7 @@ from cepo_kernels.step import (  # noqa: E402
     token_advantages,
 )
 
-__all__ = ["CEPOConfig", "CEPOTrainer"]
+__all__ = ["CEPOConfig", "CEPOTrainer", "check_trl_version"]
 
 
 @dataclass
