@@ -5,15 +5,19 @@ cepo_loss, grpo_loss, linear_cepo_loss, linear_grpo_loss. Importing needs no GPU
 without one, set TRITON_INTERPRET=1 before importing to run the kernels through Triton's interpreter.
 """
 
-from cepo_kernels._params import CEPOOutput, LossParams
-from cepo_kernels.ops.advantages import group_advantages
-from cepo_kernels.ops.linear import (
+from cepo_kernels.rl.signals import quiet_startup_interrupt  # first: Ctrl-C while torch imports
+
+quiet_startup_interrupt()
+
+from cepo_kernels._params import CEPOOutput, LossParams  # noqa: E402
+from cepo_kernels.ops.advantages import group_advantages  # noqa: E402
+from cepo_kernels.ops.linear import (  # noqa: E402
     linear_cepo_loss,
     linear_grpo_loss,
     linear_logprobs,
     linear_teacher_logprobs,
 )
-from cepo_kernels.ops.logits import cepo_advantages, cepo_loss, grpo_loss, token_logprobs
+from cepo_kernels.ops.logits import cepo_advantages, cepo_loss, grpo_loss, token_logprobs  # noqa: E402
 
 __version__ = "0.1.0"
 

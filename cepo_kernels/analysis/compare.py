@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from cepo_kernels.runfiles import atomic_write, read_metrics, write_json
+from cepo_kernels.runfiles import atomic_write, read_metrics, write_json, writing
 
 ALGOS = ("cepo", "grpo", "rlsd")
 
@@ -266,6 +266,7 @@ def compare(base: dict, out: Path, algos: list[str], seeds: list[int], last: int
 
 
 def main(argv=None) -> int:
+    """Exit codes: 0 done, 1 a run failed (its message), 2 bad input or a failed write, 130 Ctrl-C."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     import logging
     import warnings
@@ -286,11 +287,20 @@ def main(argv=None) -> int:
         print(f"cepo-compare: error: {e}", file=sys.stderr)
         return 2
     try:
-        compare(base, Path(args.out), algos, seeds, args.last, args.keep_models, argv,
-                log=lambda m: print(m, flush=True))
+        with writing(Path(args.out)):
+            compare(base, Path(args.out), algos, seeds, args.last, args.keep_models, argv,
+                    log=lambda m: print(m, flush=True))
+    except OSError as e:  # runfiles.WriteFailed: a full disk, a read-only directory (one line)
+        print(f"cepo-compare: error: {e}; the finished runs are kept (run the same command again)",
+              file=sys.stderr)
+        return 2
     except RuntimeError as e:  # a run failed: its own message, and the finished runs are kept
         print(e, file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\ncepo-compare: stopped (Ctrl-C); the finished runs are kept (run the same command again)",
+              file=sys.stderr)
+        return 130
     return 0
 
 

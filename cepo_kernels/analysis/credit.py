@@ -137,8 +137,36 @@ class CreditRecorder:
         return write_credit(self.out_dir, rec)
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_KINDS = {  # kind: (test of one value, test of a list's item or None, what the message says)
+    "number": (_is_number, None, "a number"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), None, "an integer"),
+    "str": (lambda v: isinstance(v, str), None, "a string"),
+    "str|null": (lambda v: v is None or isinstance(v, str), None, "a string or null"),
+    "numbers": (None, _is_number, "a list of numbers"),
+    "strs": (None, lambda v: isinstance(v, str), "a list of strings"),
+}
+
+
+def _check(path, where: str, key: str, value, kind: str):
+    """ValueError naming the file and the field when value is not of kind (a key of _KINDS)."""
+    one, item, what = _KINDS[kind]
+    if one is not None and one(value):
+        return
+    if item is not None and isinstance(value, list):
+        bad = [x for x in value if not item(x)]
+        if not bad:
+            return
+        value = bad[0]
+    raise ValueError(f"{path}: {where}field {key!r}: expected {what}, got {value!r:.40}")
+
+
 def load_credit(path: str | Path) -> dict:
-    """A credit file; ValueError naming the file when it is unreadable or lacks a field."""
+    """A credit file; ValueError naming the file and the field when it is unreadable, lacks a field or
+    holds a value of the wrong type (a null or a string where a number belongs)."""
     path = Path(path)
     try:
         with gzip.open(path, "rt", encoding="utf-8") as fh:
@@ -149,17 +177,30 @@ def load_credit(path: str | Path) -> dict:
         ) from None
     if not isinstance(rec, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(rec).__name__}")
-    for key in ("step", "algo", "lambda", "eps_w", "groups"):
+    for key, kind in (("step", "int"), ("algo", "str"), ("lambda", "number"), ("eps_w", "number"),
+                      ("groups", None)):
         if key not in rec:
             raise ValueError(f"{path}: missing field {key!r} (fields present: {sorted(rec)})")
+        if kind:
+            _check(path, "", key, rec[key], kind)
+    if not isinstance(rec["groups"], list) or not all(isinstance(g, dict) for g in rec["groups"]):
+        raise ValueError(f"{path}: field 'groups': expected a list of objects")
     for g, group in enumerate(rec["groups"]):
-        for key in ("question", "r_plus", "r_minus", "responses"):
+        for key, kind in (("question", "str"), ("r_plus", "str"), ("r_minus", "str|null"),
+                          ("responses", None)):
             if key not in group:
                 raise ValueError(f"{path}: group {g}: missing field {key!r}")
+            if kind:
+                _check(path, f"group {g}: ", key, group[key], kind)
+        responses = group["responses"]
+        if not isinstance(responses, list) or not all(isinstance(r, dict) for r in responses):
+            raise ValueError(f"{path}: group {g}: field 'responses': expected a list of objects")
         for r, resp in enumerate(group["responses"]):
-            for key in ("reward", "adv", "tokens", "delta", "w", "a_hat"):
+            for key, kind in (("reward", "number"), ("adv", "number"), ("tokens", "strs"),
+                              ("delta", "numbers"), ("w", "numbers"), ("a_hat", "numbers")):
                 if key not in resp:
                     raise ValueError(f"{path}: group {g} response {r}: missing field {key!r}")
+                _check(path, f"group {g} response {r}: ", key, resp[key], kind)
             n = len(resp["tokens"])
             if not len(resp["delta"]) == len(resp["w"]) == len(resp["a_hat"]) == n:
                 raise ValueError(

@@ -12,11 +12,15 @@ all of them have). Otherwise each run is its own line.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import math
 from pathlib import Path
 
-from cepo_kernels.runfiles import MetricsError, read_metrics
+from cepo_kernels.runfiles import MetricsError, atomic_write, read_metrics, writing
+
+log = logging.getLogger("cepo_kernels.analysis")
 
 PANELS = (
     ("reward (batch mean)", ("reward_mean",)),
@@ -36,6 +40,22 @@ class RunDataError(ValueError):
     """A run directory with missing or unreadable data (the message names the path and what is missing)."""
 
 
+def read_json_object(path: Path) -> dict | None:
+    """A run's config.json or summary.json as a dict; None (with a warning naming it) when it is
+    absent, unreadable or not a JSON object."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        log.warning("%s: unreadable (%s); ignored", path, e)
+        return None
+    if not isinstance(data, dict):
+        log.warning("%s: expected a JSON object, got %s; ignored", path, type(data).__name__)
+        return None
+    return data
+
+
 def load_run(run_dir: str | Path) -> dict:
     """{"dir", "rows" (metrics.jsonl lines), "config" (or None), "summary" (or None)} of a run directory."""
     rdir = Path(run_dir)
@@ -45,18 +65,14 @@ def load_run(run_dir: str | Path) -> dict:
     if not path.is_file():
         raise RunDataError(f"{rdir}: no metrics.jsonl (not a cepo-train run directory, or no step finished)")
     try:
-        rows = read_metrics(path)
+        rows = read_metrics(path, strict=False)  # a garbage line is skipped with a warning naming it
     except MetricsError as e:
         raise RunDataError(str(e)) from None
     if not rows:
         raise RunDataError(f"{path}: empty (no step finished yet)")
     extra = {}
     for name in ("config", "summary"):
-        p = rdir / f"{name}.json"
-        try:
-            extra[name] = json.loads(p.read_text()) if p.is_file() else None
-        except json.JSONDecodeError:
-            extra[name] = None
+        extra[name] = read_json_object(rdir / f"{name}.json")
     return {"dir": rdir, "rows": rows, **extra}
 
 
@@ -94,8 +110,9 @@ def group_runs(runs: list[dict]) -> list[dict]:
 
 def _series(run: dict, key: str) -> dict[int, float]:
     out = {}
-    if key == "eval_accuracy" and run["summary"] and run["summary"].get("eval_accuracy_start") is not None:
-        out[0] = float(run["summary"]["eval_accuracy_start"])
+    start = (run["summary"] or {}).get("eval_accuracy_start")
+    if key == "eval_accuracy" and isinstance(start, (int, float)) and not isinstance(start, bool):
+        out[0] = float(start)
     for row in run["rows"]:
         v = row.get(key)
         if key == "time_teachers" and isinstance(v, (int, float)):
@@ -152,7 +169,10 @@ def plot_curves(run_dirs, out_png: str | Path, title: str | None = None, dpi: in
     fig.tight_layout(rect=(0, 0.04, 1, 0.97 if title else 1))
     panels = [ax.get_title() for ax in axes.flat]
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=dpi)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format="png")
     plt.close(fig)
+    with writing(out_png):
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_png, buf.getvalue())
     return {"path": out_png, "panels": panels, "labels": labels}

@@ -12,8 +12,12 @@ weight w, or by A_hat (a toggle; `credit.html#w` or `#a_hat` opens in that mode)
 its Delta, w and A_hat. The legend gives the scale of the current mode.
 Python: `render_credit_html(run_dirs, out_html)`.
 
-Missing or partial data (no such directory, no credit files, a truncated file, no metrics.jsonl) stops
-with a one-line message naming the path (exit code 2).
+Missing data (no such directory, no credit files at all, no metrics.jsonl) stops with a one-line message
+naming the path (exit code 2). A corrupt or malformed credit file (truncated, a null or a string where a
+number belongs) is skipped with a warning naming the file and field, and the page shows the good steps
+(and names the skipped files); a garbage metrics.jsonl line is skipped with a warning naming its line.
+`-o` is an output directory, created when missing (the files in it are replaced); a path naming an
+existing file is refused. A failed write (a full disk) is one line naming the directory (exit code 2).
 """
 
 from __future__ import annotations
@@ -21,16 +25,20 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import logging
 import sys
 from pathlib import Path
 
 from cepo_kernels.analysis.credit import credit_files, load_credit
-from cepo_kernels.analysis.plots import RunDataError, plot_curves
-from cepo_kernels.runfiles import atomic_write
+from cepo_kernels.analysis.plots import RunDataError, plot_curves, read_json_object
+from cepo_kernels.runfiles import atomic_write, writing
+
+log = logging.getLogger("cepo_kernels.analysis")
 
 
 def load_run_credit(run_dir: str | Path) -> dict:
-    """{"name", "config", "steps": {step: record}} of a run; RunDataError when nothing usable is there."""
+    """{"name", "config", "steps": {step: record}, "skipped": [one line per unusable credit file]} of a
+    run; RunDataError when no credit file is usable."""
     rdir = Path(run_dir)
     if not rdir.is_dir():
         raise RunDataError(f"{rdir}: no such run directory")
@@ -40,20 +48,19 @@ def load_run_credit(run_dir: str | Path) -> dict:
             f"{rdir}: no credit maps (credit/step_*.json.gz); the run saved none (credit_every=0) or "
             f"was made by an older cepo-train: rerun it with --credit-every K"
         )
-    steps = {}
+    steps, skipped = {}, []
     for f in files:
         try:
             rec = load_credit(f)
         except ValueError as e:
-            raise RunDataError(str(e)) from None
-        steps[int(rec["step"])] = rec
-    config = None
-    if (rdir / "config.json").is_file():
-        try:
-            config = json.loads((rdir / "config.json").read_text())
-        except json.JSONDecodeError:
-            config = None
-    return {"name": str(rdir), "config": config, "steps": steps}
+            log.warning("skipped %s", e)
+            skipped.append(str(e))
+            continue
+        steps[rec["step"]] = rec
+    if not steps:
+        raise RunDataError(f"{rdir}: no usable credit file ({len(files)} unreadable; first: {skipped[0]})")
+    return {"name": str(rdir), "config": read_json_object(rdir / "config.json"), "steps": steps,
+            "skipped": skipped}
 
 
 _CSS = """
@@ -219,9 +226,10 @@ def render_credit_html(run_dirs, out_html: str | Path, step: int | None = None,
         initial = step if step is not None else saved[0]
         data["runs"].append({"name": run["name"], "initial": initial,
                              "steps": {str(s): rec for s, rec in run["steps"].items()}})
+        skipped = "".join(f'<div class="meta wrong">skipped: {html.escape(m)}</div>' for m in run["skipped"])
         sections.append(
             f'<h2>{html.escape(run["name"])}</h2><div class="meta">{html.escape(_config_line(run["config"]))}'
-            f' &nbsp; <label>saved step: <select id="step-{ri}"></select></label></div>'
+            f' &nbsp; <label>saved step: <select id="step-{ri}"></select></label></div>{skipped}'
             f'<div id="run-{ri}"></div>'
         )
     payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
@@ -248,7 +256,8 @@ likely than the one that saw the rejected answer (r-). Responses are grouped by 
 </body></html>
 """
     out_html = Path(out_html)
-    out_html.parent.mkdir(parents=True, exist_ok=True)
+    with writing(out_html):
+        out_html.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out_html, page.encode("utf-8"))
     return out_html
 
@@ -260,8 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
         "directories.",
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("-o", "--out", help="output directory (default: the run directory for one run, else "
-                   "./cepo-viz)")
+    p.add_argument("-o", "--out", help="output directory, created when missing; credit.html and curves.png "
+                   "in it are replaced (default: the run directory for one run, else ./cepo-viz)")
     p.add_argument("--step", type=int, help="the saved step shown first (default: the first saved)")
     p.add_argument("--no-html", action="store_true", help="only the curves")
     p.add_argument("--no-curves", action="store_true", help="only the credit map")
@@ -269,16 +278,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Exit codes: 0 written (a skipped credit file is a warning), 2 bad input, missing data or a failed
+    write, 130 Ctrl-C."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("\ncepo-viz: stopped (Ctrl-C); the files already written are complete", file=sys.stderr)
+        return 130
+
+
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="cepo-viz: warning: %(message)s")
     out = Path(args.out) if args.out else (Path(args.run_dirs[0]) if len(args.run_dirs) == 1
                                            else Path("cepo-viz"))
+    if out.exists() and not out.is_dir():
+        print(f"cepo-viz: error: -o/--out: {str(out)!r} is a file; expected a directory (new or existing)",
+              file=sys.stderr)
+        return 2
+    written = []
     try:
-        written = []
         if not args.no_html:
             written.append(render_credit_html(args.run_dirs, out / "credit.html", step=args.step))
         if not args.no_curves:
             written.append(plot_curves(args.run_dirs, out / "curves.png")["path"])
-    except RunDataError as e:
+    except (RunDataError, OSError) as e:  # OSError: runfiles.WriteFailed (a full disk), one line
+        for path in written:
+            print(f"cepo-viz: wrote {path}")
         print(f"cepo-viz: error: {e}", file=sys.stderr)
         return 2
     for path in written:

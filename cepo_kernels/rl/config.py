@@ -17,6 +17,7 @@ import typing
 from dataclasses import dataclass, fields
 
 from cepo_kernels._params import REDUCTIONS, LossParams
+from cepo_kernels.step.contexts import check_template
 
 ALGOS = ("cepo", "rlsd", "grpo")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -82,6 +83,7 @@ class TrainConfig:
     adv_scale: str = "group"
     # text inserted between the templated prompt and the response in the teacher contexts; "{answer}" is
     # replaced by r+ or r-. With "{question}" in it, it replaces the user message instead (re-templated).
+    # Any other {name} is refused (braces right after a letter or backslash, as in \boxed{x}, are text).
     teacher_template: str = " {answer}"
 
     # optimisation: one optimizer update per mini-batch, gradient accumulation over micro-batches
@@ -122,6 +124,8 @@ class TrainConfig:
     eval_every: int = 10
     save_every: int = 10
     keep_last: int = 2
+    # continue a run: its run directory (newest checkpoint), its checkpoints/ folder or one checkpoint; the
+    # options saved in the checkpoint are the defaults, flags given now override them
     resume: str | None = None
     progress: bool = True
     # credit maps (cepo-viz): save per-token Delta, w, A_hat at step 1 and every credit_every steps (0: never)
@@ -232,10 +236,7 @@ def check_config(cfg: TrainConfig):
         raise ValueError(f"format_bonus: expected a value in [0, 1], got {cfg.format_bonus}")
     if not 0.0 <= cfg.min_lr_ratio <= 1.0:
         raise ValueError(f"min_lr_ratio: expected a value in [0, 1], got {cfg.min_lr_ratio}")
-    if "{answer}" not in cfg.teacher_template:
-        raise ValueError(
-            f"teacher_template: expected a string containing '{{answer}}', got {cfg.teacher_template!r}"
-        )
+    check_template(cfg.teacher_template)
     clip_dual = cfg.clip_dual if cfg.clip_dual > 0 else None  # the loss's own checks, before the run starts
     LossParams(lam=cfg.lam0, eps_w=cfg.eps_w, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
                temperature=cfg.temperature, clip_dual=clip_dual, reduction=cfg.reduction)

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from cepo_kernels.rl.errors import NaNLossError
 from cepo_kernels.rl.model import export_model
 from cepo_kernels.rl.signals import graceful_stop
-from cepo_kernels.runfiles import append_jsonl, read_metrics, write_json
+from cepo_kernels.runfiles import append_jsonl, read_metrics, write_json, writing
+
+log = logging.getLogger("cepo_kernels.rl")
 
 
 def run_steps(self, stop_after: int | None) -> dict:
@@ -25,11 +28,21 @@ def run_steps(self, stop_after: int | None) -> dict:
     bar = tqdm(total=cfg.steps, initial=self.step_idx, disable=not cfg.progress,
                desc=f"cepo-train {cfg.algo}", dynamic_ncols=True)
     self.stop_requested = False
+    warned_cut = False  # the truncation warning is given once
     with bar, graceful_stop(self):
         while self.step_idx < end and not self.stop_requested:
+            cut = self.prompts_cut
             rec = self.step()
+            rec["prompts_truncated"] = self.prompts_cut - cut
+            if rec["prompts_truncated"] and not warned_cut:
+                warned_cut = True
+                log.warning("step %d: %d of %d prompts are longer than max_prompt_tokens=%d and were cut to "
+                            "their last %d tokens (metrics field prompts_truncated counts them every step)",
+                            rec["step"], rec["prompts_truncated"], cfg.prompts_per_step,
+                            cfg.max_prompt_tokens, cfg.max_prompt_tokens)
             if cfg.eval_every and (self.step_idx % cfg.eval_every == 0 or self.step_idx == cfg.steps):
                 rec["eval_accuracy"] = self.evaluate()
+            self.unsaved_metrics.append(rec)
             append_jsonl(self.metrics_path, rec)
             bar.set_postfix(
                 reward=f"{rec['reward_mean']:.3f}",
@@ -46,7 +59,8 @@ def run_steps(self, stop_after: int | None) -> dict:
                 self.save()
     self.save()
     if self.step_idx >= cfg.steps:
-        export_model(self.model, self.tok, self.out / "final_model")
+        with writing(self.out / "final_model"):
+            export_model(self.model, self.tok, self.out / "final_model")
     summary = run_summary(self)
     write_json(self.out / "summary.json", summary)
     return summary
@@ -70,4 +84,5 @@ def run_summary(self) -> dict:
         "teacher_tokens_naive": sum(r.get("teacher_tokens_naive", 0) for r in rows),
         "policy_tokens": sum(r.get("policy_tokens", 0) for r in rows),
         "policy_tokens_naive": sum(r.get("policy_tokens_naive", 0) for r in rows),
+        "prompts_truncated": sum(r.get("prompts_truncated", 0) for r in rows),
     }

@@ -31,13 +31,43 @@ class RunDir:
         self.path = Path(path).absolute()
         self.acquire()
         others = sorted(p.name for p in self.path.iterdir() if p.name != LOCK)
+        if others and not resuming and self._never_stepped(others):
+            log.warning("out_dir: %s holds a run that stopped before its first step finished (%s, no "
+                        "checkpoint, no metrics): starting it over in place", self.path, ", ".join(others))
+            for name in others:
+                p = self.path / name
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            others = []
         if others and not resuming:
             self.release()
+            from cepo_kernels.rl.checkpoint import list_checkpoints
+
+            if not list_checkpoints(self.path / "checkpoints"):
+                raise RunDirError(
+                    f"out_dir: {str(self.path)!r} holds a run that stopped before its first checkpoint "
+                    f"({', '.join(others[:4])}): there is nothing to resume; delete the directory to start "
+                    "over there, or choose a new --out-dir"
+                )
             raise RunDirError(
                 f"out_dir: {str(self.path)!r} already holds a run ({', '.join(others[:4])}"
                 f"{', ...' if len(others) > 4 else ''}); resume it with --resume {self.path}, "
                 "or choose a new --out-dir"
             )
+
+    def _never_stepped(self, names: list[str]) -> bool:
+        """Only what a run writes before its first step (config.json, an empty metrics.jsonl, empty or
+        partial checkpoint and credit folders): nothing would be lost by starting over."""
+        if not set(names) <= {"config.json", "metrics.jsonl", "checkpoints", "credit"}:
+            return False
+        metrics, ckpts, credit = (self.path / n for n in ("metrics.jsonl", "checkpoints", "credit"))
+        if metrics.exists() and (not metrics.is_file() or metrics.stat().st_size > 0):
+            return False
+        if credit.exists() and (not credit.is_dir() or any(credit.iterdir())):
+            return False
+        if ckpts.exists() and (not ckpts.is_dir() or any(not p.name.startswith((".tmp-", ".old-"))
+                                                         for p in ckpts.iterdir())):
+            return False
+        return True
 
     def acquire(self):
         if getattr(self, "_fh", None) is not None and not self._fh.closed:

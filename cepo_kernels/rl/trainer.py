@@ -93,6 +93,7 @@ class Trainer:
         self.reward_fn = reward_fn or (
             lambda text, ref: 1.0 if answers_match(self.extract(text), ref) else 0.0
         )
+        self.grade = self.reward_fn  # correctness, for eval_accuracy: without the format bonus
         self.resume_from = ckpt.resolve_checkpoint(cfg.resume) if cfg.resume else None
         self.out, in_place = resolve_out_dir(cfg.out_dir, cfg.algo, self.resume_from)
         self.cfg = cfg = dataclasses.replace(cfg, out_dir=str(self.out))
@@ -120,6 +121,8 @@ class Trainer:
         self.eval_start = None  # held-out accuracy before the first step
         self.wall_before = 0.0  # seconds spent by earlier sessions of a resumed run
         self.stop_requested = False
+        self.unsaved_metrics = []  # the records since the last checkpoint (saved in the next one)
+        self.prompts_cut = 0  # prompts longer than max_prompt_tokens so far (cut to their last tokens)
         self.credit = CreditRecorder(self.out, every=cfg.credit_every, samples=cfg.credit_samples,
                                      algo=cfg.algo, eps_w=cfg.eps_w, group_size=cfg.group_size,
                                      tokenizer=self.tok)
@@ -137,7 +140,8 @@ class Trainer:
                 rows = read_metrics(self.metrics_path if in_place else source, upto_step=self.step_idx)
             except MetricsError as e:
                 raise ValueError(f"resume: {e}") from None
-            write_jsonl(self.metrics_path, rows)  # drops lines written after the checkpoint
+            # drops lines written after the checkpoint, restores torn or lost ones from the checkpoints
+            write_jsonl(self.metrics_path, ckpt.restore_metrics(rows, self.resume_from))
 
     def close(self):
         """Releases the run directory's lock (also released when the process ends)."""
@@ -158,6 +162,7 @@ class Trainer:
 
     def prompt_ids(self, problem) -> list[int]:
         ids = encode(self.tok, render_prompt(self.tok, self.question(problem), self.cfg.system_prompt))
+        self.prompts_cut += len(ids) > self.cfg.max_prompt_tokens  # reported by the loop (rl/loop.py)
         return ids[-self.cfg.max_prompt_tokens :]
 
     def batch_problems(self, step: int):
@@ -172,7 +177,8 @@ class Trainer:
         return out
 
     def evaluate(self, problems=None) -> float:
-        """Greedy accuracy on held-out problems."""
+        """Greedy accuracy on held-out problems: the fraction answered correctly, as the built-in grader
+        says, or with a user reward function, reward >= 0.5 (the rule of `accuracy` and of r-'s rejection)."""
         problems = self.eval_set if problems is None else problems
         if not problems:
             return None
@@ -187,8 +193,8 @@ class Trainer:
             device=self.device,
         )
         texts = self.tok.batch_decode(resp, skip_special_tokens=True)
-        scores, _ = safe_rewards(self.reward_fn, texts, [p.answer for p in problems])
-        return float(np.mean(scores))
+        scores, _ = safe_rewards(self.grade, texts, [p.answer for p in problems])
+        return float(np.mean([r >= 0.5 for r in scores]))
 
     def forward(self, contexts: list[list[int]], responses: list[list[int]]) -> tuple[torch.Tensor, int, int]:
         """(hidden [n, R, H] predicting each response after its context; tokens run; tokens of the plain
@@ -339,13 +345,16 @@ class Trainer:
         return rec
 
     def save(self):
-        return ckpt.save_checkpoint(
+        path = ckpt.save_checkpoint(
             self.out / "checkpoints", self.step_idx, model=self.model, optimizer=self.optimizer,
             scheduler=self.scheduler, config=self.cfg.to_dict(), keep_last=self.cfg.keep_last,
             trainable_only=self.cfg.lora_rank > 0 and self.cfg.model is not None,
             extra={"nan_streak": self.nan_streak, "eval_accuracy_start": self.eval_start,
-                   "wall_s": self.wall_before + time.perf_counter() - self._t_start},
+                   "wall_s": self.wall_before + time.perf_counter() - self._t_start,
+                   "metrics": self.unsaved_metrics},
         )  # fmt: skip
+        self.unsaved_metrics = []
+        return path
 
     def train(self, stop_after: int | None = None) -> dict:
         """Runs the remaining steps (or stop_after of them), then writes the final checkpoint, the exported

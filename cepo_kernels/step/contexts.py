@@ -8,12 +8,13 @@ are used, so every layout here puts the responses in the same columns. Tokenizer
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["encode", "render_prompt", "teacher_prefix", "teacher_rows", "TeacherContexts", "teacher_contexts",
-           "Packed", "pack", "response_targets", "to_device"]
+__all__ = ["encode", "render_prompt", "check_template", "teacher_prefix", "teacher_rows", "TeacherContexts",
+           "teacher_contexts", "Packed", "pack", "response_targets", "to_device"]
 
 
 def render_prompt(tokenizer, question: str, system_prompt: str | None = None) -> str:
@@ -28,6 +29,25 @@ def render_prompt(tokenizer, question: str, system_prompt: str | None = None) ->
 def encode(tokenizer, text: str) -> list[int]:
     """Token ids of text with no special tokens added (templates already carry theirs)."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+TEMPLATE_FIELDS = ("answer", "question")
+# a {name} not right after a letter or backslash: \boxed{x} and \text{...} are LaTeX, not placeholders
+_PLACEHOLDER = re.compile(r"(?<![A-Za-z\\])\{(\w+)\}")
+
+
+def check_template(template: str, name: str = "teacher_template") -> str:
+    """template, when it holds {answer} and no placeholder but {answer} and {question}; else ValueError
+    naming the unknown placeholder and the allowed ones."""
+    if not isinstance(template, str):
+        raise TypeError(f"{name}: expected a string, got {type(template).__name__}")
+    allowed = ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS)
+    unknown = [m for m in _PLACEHOLDER.findall(template) if m not in TEMPLATE_FIELDS]
+    if unknown:
+        raise ValueError(f"{name}: unknown placeholder {{{unknown[0]}}} in {template!r}; allowed: {allowed}")
+    if "{answer}" not in template:
+        raise ValueError(f"{name}: expected a string containing '{{answer}}', got {template!r}")
+    return template
 
 
 def teacher_prefix(tokenizer, question: str, prompt_ids: list[int], answer: str, template: str = " {answer}",

@@ -4,6 +4,7 @@ the scoring of a rollout batch with a user's reward function (a failing call sco
 from __future__ import annotations
 
 import math
+import numbers
 import re
 
 BOXED = "\\boxed"
@@ -72,8 +73,27 @@ def boxed_reward(response: str, answer: str) -> float:
     return 1.0 if answers_match(extract_boxed(response), answer) else 0.0
 
 
+# a reward beyond this magnitude is a bug in the reward function, not a signal (the advantages would be
+# dominated by one response, and an accuracy read off rewards would be meaningless)
+MAX_ABS_REWARD = 1e6
+
+
+def _reward_value(r) -> float:
+    """r as a float when it is a real number (int, float, bool, a numpy scalar); ValueError otherwise."""
+    kind = getattr(getattr(r, "dtype", None), "kind", None) if getattr(r, "shape", None) == () else None
+    if isinstance(r, str) or not (isinstance(r, (numbers.Real, bool)) or kind in ("b", "i", "u", "f")):
+        raise TypeError(f"expected a real number (int, float, bool), got {type(r).__name__} {r!r:.40}")
+    value = float(r)
+    if not math.isfinite(value):
+        raise ValueError(f"non-finite reward {value}")
+    if abs(value) > MAX_ABS_REWARD:
+        raise ValueError(f"absurd reward {value:g} (|reward| > {MAX_ABS_REWARD:g})")
+    return value
+
+
 def safe_rewards(fn, responses: list[str], answers: list[str], failures: list | None = None):
-    """Scores every (response, answer) pair; a call that raises or returns a non-finite value scores 0.
+    """Scores every (response, answer) pair; a call that raises, or returns anything but a finite real
+    number of magnitude <= MAX_ABS_REWARD (a string "1.0" included), scores 0 and counts as failed.
 
     Returns (rewards, number of failed calls); `failures`, when given, receives a one-line description of
     each failure (the trainer warns with the first one, and stops when every call failed).
@@ -81,9 +101,7 @@ def safe_rewards(fn, responses: list[str], answers: list[str], failures: list | 
     rewards, errors = [], 0
     for response, answer in zip(responses, answers, strict=True):
         try:
-            r = float(fn(response, answer))
-            if not math.isfinite(r):
-                raise ValueError(f"non-finite reward {r}")
+            r = _reward_value(fn(response, answer))
         except Exception as e:  # a user's reward function may fail in any way: that sample scores 0
             r, errors = 0.0, errors + 1
             if failures is not None:
@@ -104,6 +122,6 @@ def with_format_bonus(fn, bonus: float, extract=extract_boxed):
             has_answer = extract(text) is not None
         except Exception:  # a user's extractor failing on one response: no format credit
             has_answer = False
-        return (1.0 - bonus) * float(fn(text, ref)) + bonus * float(has_answer)
+        return (1.0 - bonus) * _reward_value(fn(text, ref)) + bonus * float(has_answer)
 
     return reward
