@@ -1,6 +1,7 @@
 """Credit maps (HTML, rendered in headless Chromium), training curves (PNG), cepo-compare end to end on a
 tiny setting, the format bonus, and clear messages for missing or partial run data."""
 
+import errno
 import gzip
 import json
 import re
@@ -12,10 +13,18 @@ import torch
 
 import cepo_ref
 from cepo_kernels.analysis import compare, viz
-from cepo_kernels.analysis.credit import credit_path, credit_record, load_credit, should_save, write_credit
+from cepo_kernels.analysis.credit import (
+    credit_files,
+    credit_path,
+    credit_record,
+    load_credit,
+    should_save,
+    write_credit,
+)
 from cepo_kernels.analysis.plots import PANELS, RunDataError, plot_curves
 from cepo_kernels.rl.config import TrainConfig
 from cepo_kernels.rl.task import build_tokenizer
+from cepo_kernels.runfiles import write_json_gz
 from cepo_kernels.step.rewards import boxed_reward, with_format_bonus
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -218,14 +227,59 @@ def test_missing_or_partial_data_gives_one_line(tmp_path, compared, capsys):
     run = tmp_path / "partial"
     shutil.copytree(compared / "runs" / "cepo-seed0", run)
     assert "no credit map saved at step 5" in error_of(run, "--step", "5")
-    data = credit_path(run, 2).read_bytes()
-    credit_path(run, 2).write_bytes(data[: len(data) // 2])  # a truncated file
-    assert "unreadable credit file" in error_of(run)
+    good = {f: f.read_bytes() for f in credit_files(run)}
+    for f, data in good.items():
+        f.write_bytes(data[: len(data) // 2])  # every file truncated: nothing to show
+    assert "no usable credit file" in error_of(run) and "unreadable credit file" in error_of(run)
+    for f, data in good.items():
+        f.write_bytes(data)
     with gzip.open(credit_path(run, 2), "wt") as fh:
         json.dump({"step": 2, "algo": "cepo"}, fh)
-    assert "missing field 'lambda'" in error_of(run)
+    assert "missing field 'lambda'" in load_error(credit_path(run, 2))
     credit_path(run, 2).unlink()
     (run / "metrics.jsonl").write_text("")
     assert "empty" in error_of(run, "--no-html")
     with pytest.raises(RunDataError, match="no run directories"):
         plot_curves([], tmp_path / "x.png")
+
+
+def load_error(path):
+    with pytest.raises(ValueError) as e:
+        load_credit(path)
+    return str(e.value)
+
+
+def test_bad_credit_files_are_named_and_the_good_steps_shown(tmp_path, compared, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(compared / "runs" / "cepo-seed0", run)
+    saved = [load_credit(f)["step"] for f in credit_files(run)]
+    bad = credit_path(run, saved[-1])
+    rec = load_credit(bad)
+    rec["groups"][0]["responses"][0]["w"] = None
+    write_json_gz(bad, rec)
+    assert re.search(r"group 0 response 0: field 'w': expected a list of numbers, got None", load_error(bad))
+    rec["groups"][0]["responses"][0]["w"] = ["0.5"] * len(rec["groups"][0]["responses"][0]["tokens"])
+    write_json_gz(bad, rec)
+    assert "field 'w': expected a list of numbers, got '0.5'" in load_error(bad)
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text() + "garbage\n{\"step\": 99}\n")
+    assert viz.main([str(run), "-o", str(tmp_path / "v")]) == 0
+    captured = capsys.readouterr()
+    assert f"cepo-viz: warning: skipped {bad}: group 0 response 0: field 'w'" in captured.err
+    assert "metrics.jsonl:" in captured.err and "skipped an unreadable metrics line" in captured.err
+    page = (tmp_path / "v" / "credit.html").read_text()
+    assert "skipped: " in page and (tmp_path / "v" / "curves.png").stat().st_size > 10_000
+    (tmp_path / "file").write_text("x")
+    assert viz.main([str(run), "-o", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"cepo-viz: error: -o/--out: {str(tmp_path / 'file')!r} is a file; expected a directory "
+                   "(new or existing)"]
+
+
+def test_viz_full_disk_is_one_line(tmp_path, compared, capsys, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("cepo_kernels.runfiles.os.fsync", full)
+    assert viz.main([str(compared / "runs" / "cepo-seed0"), "-o", str(tmp_path / "v")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"cepo-viz: error: cannot write credit.html in {tmp_path / 'v'}: no space left on device"]

@@ -53,12 +53,13 @@ def load_run_credit(run_dir: str | Path) -> dict:
         try:
             rec = load_credit(f)
         except ValueError as e:
-            log.warning("skipped %s", e)
             skipped.append(str(e))
             continue
         steps[rec["step"]] = rec
     if not steps:
         raise RunDataError(f"{rdir}: no usable credit file ({len(files)} unreadable; first: {skipped[0]})")
+    for message in skipped:
+        log.warning("skipped %s", message)
     return {"name": str(rdir), "config": read_json_object(rdir / "config.json"), "steps": steps,
             "skipped": skipped}
 
@@ -280,16 +281,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Exit codes: 0 written (a skipped credit file is a warning), 2 bad input, missing data or a failed
     write, 130 Ctrl-C."""
+    warnings = logging.StreamHandler(sys.stderr)  # skipped files and lines, one line each
+    warnings.setFormatter(logging.Formatter("cepo-viz: warning: %(message)s"))
+    warnings.setLevel(logging.WARNING)
+    logger = logging.getLogger("cepo_kernels")
+    logger.addHandler(warnings)
     try:
         return _main(argv)
     except KeyboardInterrupt:
         print("\ncepo-viz: stopped (Ctrl-C); the files already written are complete", file=sys.stderr)
         return 130
+    finally:
+        logger.removeHandler(warnings)
 
 
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="cepo-viz: warning: %(message)s")
     out = Path(args.out) if args.out else (Path(args.run_dirs[0]) if len(args.run_dirs) == 1
                                            else Path("cepo-viz"))
     if out.exists() and not out.is_dir():
