@@ -20,9 +20,15 @@ ON_GPU = DEVICE == "cuda"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (large shapes); skipped on CPU")
+    config.addinivalue_line("markers", "soak: a long run (minutes); only with `-m soak`")
 
 
 def pytest_collection_modifyitems(config, items):
+    if "soak" not in (config.getoption("markexpr") or ""):
+        long = pytest.mark.skip(reason="a soak test: run it with `pytest -m soak`")
+        for item in items:
+            if "soak" in item.keywords:
+                item.add_marker(long)
     if ON_GPU:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (the CPU run covers the same code at small shapes)")
