@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -26,6 +27,7 @@ __all__ = ["atomic_write", "write_json", "write_jsonl", "append_jsonl", "write_j
            "json_safe", "MetricsError", "WriteFailed", "writing"]
 # torch.save's C++ writer reports a short write as these, without an errno
 _SHORT_WRITE = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
+_ERRNO_IN_TEXT = re.compile(r"\(os error (\d+)\)|\[Errno (\d+)\]")
 _LOW_SPACE = 1 << 20  # bytes free below which a write error without an errno is a full disk
 
 
@@ -58,13 +60,17 @@ def _free_bytes(path: Path) -> int | None:
 
 
 def write_failed(e: BaseException, path: str | Path) -> WriteFailed | None:
-    """The WriteFailed for an error raised while writing path, or None when e is not a write error."""
-    if isinstance(e, WriteFailed):
-        return e
+    """The WriteFailed naming path for an error raised while writing it (or inside it: a WriteFailed of
+    a file within is renamed to path), or None when e is not a write error."""
     path = Path(path)
     os_err = _os_error(e)
-    if os_err is not None:
+    if isinstance(e, WriteFailed):
+        code, cause = e.errno, e.cause
+    elif os_err is not None:
         code = os_err.errno
+        cause = os.strerror(code).lower()
+    elif _ERRNO_IN_TEXT.search(str(e)):  # safetensors: "I/O error: No space left on device (os error 28)"
+        code = int(next(g for g in _ERRNO_IN_TEXT.search(str(e)).groups() if g))
         cause = os.strerror(code).lower()
     elif isinstance(e, RuntimeError) and any(m in str(e) for m in _SHORT_WRITE):
         free = _free_bytes(path.parent)
@@ -72,17 +78,18 @@ def write_failed(e: BaseException, path: str | Path) -> WriteFailed | None:
         cause = "no space left on device" if code == errno.ENOSPC else f"write failed ({str(e).strip()[:80]})"
     else:
         return None
-    where = path.parent if path.suffix or not path.is_dir() else path
-    return WriteFailed(code, f"cannot write {path.name} in {where}: {cause}")
+    err = WriteFailed(code, f"cannot write {path.name} in {path.parent}: {cause}")
+    err.cause = cause
+    return err
 
 
 @contextlib.contextmanager
 def writing(path: str | Path):
-    """Turns a failed write of path (OSError, or torch.save's RuntimeError for a short write) into
-    WriteFailed; other errors pass through."""
+    """Turns a failed write of path (an OSError, torch.save's RuntimeError for a short write, another
+    library's error carrying an errno in its text) into WriteFailed; other errors pass through."""
     try:
         yield
-    except (OSError, RuntimeError) as e:
+    except Exception as e:
         err = write_failed(e, path)
         if err is None:
             raise

@@ -90,6 +90,9 @@ def test_torch_save_short_write_is_named(tmp_path):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534") from cause
     with pytest.raises(WriteFailed, match="m.pt in .*: write failed"), writing(tmp_path / "m.pt"):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    with pytest.raises(WriteFailed, match="final_model in .*: no space left on device"), \
+            writing(tmp_path / "final_model"):  # safetensors' own error type, the errno in its text
+        raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
     with pytest.raises(RuntimeError, match="unrelated"), writing(tmp_path / "m.pt"):
         raise RuntimeError("unrelated")  # not a write error: passes through
 

@@ -51,8 +51,8 @@ def set_rng_state(state: dict):
 
 
 def _save(obj, path: Path):
-    """torch.save through a Python file, so a full disk surfaces as its errno (runfiles.WriteFailed)."""
-    with writing(path), open(path, "wb") as fh:
+    """torch.save through a Python file, so a full disk surfaces as its errno in the error's chain."""
+    with open(path, "wb") as fh:
         torch.save(obj, fh)
         fh.flush()
         os.fsync(fh.fileno())
@@ -84,18 +84,18 @@ def save_checkpoint(
         ckpt_root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{PREFIX}{step:06d}-", dir=ckpt_root))
     try:
-        _save(model_state(model, trainable_only), tmp / "model_state.pt")
-        _save(optimizer.state_dict(), tmp / "optimizer.pt")
-        _save(scheduler.state_dict(), tmp / "scheduler.pt")
-        write_json(tmp / RNG, rng_state(), indent=None)
-        # written last: a checkpoint is complete when it has its state file (list_checkpoints)
-        write_json(tmp / STATE, {"step": step, "trainable_only": trainable_only, "config": config,
-                                 **(extra or {})})
-        if final.exists():  # re-saving the same step (e.g. a resumed run stopping where it started)
-            old = ckpt_root / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        with writing(final):
+        with writing(final):  # a failed write names the checkpoint, not its temporary directory
+            _save(model_state(model, trainable_only), tmp / "model_state.pt")
+            _save(optimizer.state_dict(), tmp / "optimizer.pt")
+            _save(scheduler.state_dict(), tmp / "scheduler.pt")
+            write_json(tmp / RNG, rng_state(), indent=None)
+            # written last: a checkpoint is complete when it has its state file (list_checkpoints)
+            write_json(tmp / STATE, {"step": step, "trainable_only": trainable_only, "config": config,
+                                     **(extra or {})})
+            if final.exists():  # re-saving the same step (e.g. a resumed run stopping where it started)
+                old = ckpt_root / f".old-{final.name}-{os.getpid()}"
+                os.replace(final, old)
+                shutil.rmtree(old, ignore_errors=True)
             os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
