@@ -117,9 +117,14 @@ def parse_args(argv=None) -> TrainConfig:
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
     values.update({k: v for k, v in args.items() if v is not None})
     if values.get("resume"):
-        from cepo_kernels.rl.checkpoint import read_state, resolve_checkpoint
+        from cepo_kernels.rl.checkpoint import STATE, read_state, resolve_checkpoint
 
-        saved = read_state(resolve_checkpoint(values["resume"]))["config"]
+        ckpt = resolve_checkpoint(values["resume"])
+        saved = read_state(ckpt)["config"]
+        try:  # a run directory may come from anywhere: its options are checked like the command line's
+            config_from_dict(merge_resumed(saved, {}), source=f"resume: {ckpt / STATE}")
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"resume: {ckpt / STATE}: saved config: {e}") from None
         values = merge_resumed(saved, values)
     return config_from_dict(values)
 

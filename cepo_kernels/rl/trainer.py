@@ -98,6 +98,15 @@ class Trainer:
         self.out, in_place = resolve_out_dir(cfg.out_dir, cfg.algo, self.resume_from)
         self.cfg = cfg = dataclasses.replace(cfg, out_dir=str(self.out))
         self.rundir = RunDir(self.out, resuming=in_place)  # held (locked) until close()
+        try:
+            self._build(in_place)
+        except BaseException:  # the directory is free again for a corrected command in this process
+            self.rundir.release()
+            raise
+
+    def _build(self, in_place: bool):
+        """Everything after the run directory is claimed: model, optimizer, schedule, a resumed state."""
+        cfg = self.cfg
         if cfg.format_bonus > 0:  # the authors' 0.9 x accuracy + 0.1 x format
             self.reward_fn = with_format_bonus(self.reward_fn, cfg.format_bonus, self.extract)
         self.model, self.tok = load_model_and_tokenizer(cfg, self.device, self.dtype)
