@@ -5,7 +5,7 @@ cepo_loss, grpo_loss, linear_cepo_loss, linear_grpo_loss. Importing needs no GPU
 without one, set TRITON_INTERPRET=1 before importing to run the kernels through Triton's interpreter.
 """
 
-from cepo_kernels.rl.signals import quiet_startup_interrupt  # first: Ctrl-C while torch imports
+from cepo_kernels._interrupt import quiet_startup_interrupt  # first: Ctrl-C while torch imports
 
 quiet_startup_interrupt()
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from cepo_kernels.runfiles import write_json_gz
+from cepo_kernels.runfiles import write_json_gz, writing
 from cepo_kernels.step.advantages import token_advantages
 
 CREDIT_DIR = "credit"
@@ -108,7 +108,8 @@ def credit_record(
 def write_credit(out_dir: str | Path, record: dict) -> Path:
     """Writes the record atomically (temporary file, then rename) and returns its path."""
     path = credit_path(out_dir, record["step"])
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     return write_json_gz(path, record)
 
 
