@@ -9,15 +9,24 @@ import os
 import sys
 
 COMMANDS = ("cepo-train", "cepo-viz", "cepo-compare")
+MODULES = {"cepo_kernels.rl.cli": "cepo-train", "cepo_kernels.analysis.viz": "cepo-viz",
+           "cepo_kernels.analysis.compare": "cepo-compare"}
+
+
+def _command() -> str:
+    """The tool this process runs: its console script's name, or the module of `python -m MODULE`."""
+    argv = getattr(sys, "orig_argv", [])
+    if "-m" in argv[:-1]:
+        return MODULES.get(argv[argv.index("-m") + 1], "")
+    return os.path.basename(sys.argv[0]).removesuffix(".exe") if sys.argv and sys.argv[0] else ""
 
 
 def quiet_startup_interrupt():
     """In a cepo-train / cepo-viz / cepo-compare process: Ctrl-C before main() runs (while torch imports)
     prints one line instead of a KeyboardInterrupt traceback; Python then exits with the SIGINT status
-    (130 in a shell). Called first thing by `import cepo_kernels`; a no-op in any other program
-    (CEPO_CLI names the command in a process cepo-train re-executes with `python -m`)."""
-    prog = os.environ.get("CEPO_CLI") or (os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "")
-    if prog.removesuffix(".exe") not in COMMANDS:
+    (130 in a shell). Called first thing by `import cepo_kernels`; a no-op in any other program."""
+    prog = os.environ.get("CEPO_CLI") or _command()
+    if prog not in COMMANDS:
         return
     previous = sys.excepthook
 
