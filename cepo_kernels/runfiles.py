@@ -59,13 +59,16 @@ def _free_bytes(path: Path) -> int | None:
     return None
 
 
-def write_failed(e: BaseException, path: str | Path) -> WriteFailed | None:
-    """The WriteFailed naming path for an error raised while writing it (or inside it: a WriteFailed of
-    a file within is renamed to path), or None when e is not a write error."""
+def write_failed(e: BaseException, path: str | Path, whole: bool = False) -> WriteFailed | None:
+    """The WriteFailed naming path for an error raised while writing it, or None when e is not a write
+    error. A WriteFailed of a file inside path is kept, or with whole=True renamed to path (a checkpoint
+    directory named as one thing, not by its temporary files)."""
     path = Path(path)
     os_err = _os_error(e)
     if isinstance(e, WriteFailed):
-        code, cause = e.errno, e.cause
+        if not whole:
+            return e
+        code, cause = e.errno, getattr(e, "cause", e.strerror)
     elif os_err is not None:
         code = os_err.errno
         cause = os.strerror(code).lower()
@@ -84,13 +87,14 @@ def write_failed(e: BaseException, path: str | Path) -> WriteFailed | None:
 
 
 @contextlib.contextmanager
-def writing(path: str | Path):
+def writing(path: str | Path, whole: bool = False):
     """Turns a failed write of path (an OSError, torch.save's RuntimeError for a short write, another
-    library's error carrying an errno in its text) into WriteFailed; other errors pass through."""
+    library's error carrying an errno in its text) into WriteFailed (see write_failed for `whole`); other
+    errors pass through."""
     try:
         yield
     except Exception as e:
-        err = write_failed(e, path)
+        err = write_failed(e, path, whole)
         if err is None:
             raise
         raise err from None

@@ -283,3 +283,28 @@ def test_viz_full_disk_is_one_line(tmp_path, compared, capsys, monkeypatch):
     assert viz.main([str(compared / "runs" / "cepo-seed0"), "-o", str(tmp_path / "v")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"cepo-viz: error: cannot write credit.html in {tmp_path / 'v'}: no space left on device"]
+
+
+def test_compare_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    from cepo_kernels.runfiles import WriteFailed
+
+    monkeypatch.setattr(compare, "base_config", lambda rest: {})
+
+    def own_write_fails(*a, **k):
+        raise WriteFailed(errno.ENOSPC, f"cannot write table.md in {tmp_path}: no space left on device")
+
+    monkeypatch.setattr(compare, "compare", own_write_fails)
+    assert compare.main(["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"cepo-compare: error: cannot write table.md in {tmp_path}: no space left on device; the "
+                   "finished runs are kept (run the same command again)"]
+
+    def run_fails(*a, **k):  # a child cepo-train's disk filled up
+        raise RuntimeError("cepo-compare: the cepo run with seed 0 failed (exit 2):\nINFO x\n"
+                           f"cepo-train: error: cannot write step_000002 in {tmp_path}: no space left")
+
+    monkeypatch.setattr(compare, "compare", run_fails)
+    assert compare.main(["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["cepo-compare: the cepo run with seed 0 failed (exit 2): cepo-train: error: cannot write "
+                   f"step_000002 in {tmp_path}: no space left"]

@@ -295,6 +295,11 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     except RuntimeError as e:  # a run failed: its own message, and the finished runs are kept
+        lines = str(e).splitlines()
+        full = [ln for ln in lines if ln.startswith("cepo-train: error: cannot write")]
+        if full:  # the run's disk filled up: the same one line as any other writer (exit code 2)
+            print(f"{lines[0].rstrip(':')}: {full[-1]}", file=sys.stderr)
+            return 2
         print(e, file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -84,7 +84,7 @@ def save_checkpoint(
         ckpt_root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{PREFIX}{step:06d}-", dir=ckpt_root))
     try:
-        with writing(final):  # a failed write names the checkpoint, not its temporary directory
+        with writing(final, whole=True):  # a failed write names the checkpoint, not its temporary files
             _save(model_state(model, trainable_only), tmp / "model_state.pt")
             _save(optimizer.state_dict(), tmp / "optimizer.pt")
             _save(scheduler.state_dict(), tmp / "scheduler.pt")
