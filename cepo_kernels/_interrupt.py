@@ -24,7 +24,8 @@ def _command() -> str:
 def quiet_startup_interrupt():
     """In a cepo-train / cepo-viz / cepo-compare process: Ctrl-C before main() runs (while torch imports)
     prints one line instead of a KeyboardInterrupt traceback; Python then exits with the SIGINT status
-    (130 in a shell). Called first thing by `import cepo_kernels`; a no-op in any other program."""
+    (130 in a shell). Called first thing by `import cepo_kernels`; a no-op in any other program
+    (CEPO_CLI=name forces it, for tests)."""
     prog = os.environ.get("CEPO_CLI") or _command()
     if prog not in COMMANDS:
         return

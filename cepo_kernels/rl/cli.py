@@ -20,7 +20,7 @@ def _ensure_interpreter(argv: list[str]):
 
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         return
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CEPO_CLI": "cepo-train"}
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
     if "triton" not in sys.modules:  # nothing imported triton yet: setting the variable is enough
         os.environ.update(env)
         return
