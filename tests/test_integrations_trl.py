@@ -30,6 +30,7 @@ from trl_helpers import (  # noqa: E402
 
 import cepo_ref  # noqa: E402
 from cepo_kernels.integrations import trl as cepo_trl  # noqa: E402
+from cepo_kernels.integrations.trl import head as trl_head  # noqa: E402
 
 EPS32 = torch.finfo(torch.float32).eps
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,7 +173,7 @@ def test_kernel_logprobs_match_trl_head(tmp_path, monkeypatch):
         return counted
 
     for name in calls:
-        monkeypatch.setattr(cepo_trl, name, counting(name, getattr(cepo_trl, name)))
+        monkeypatch.setattr(trl_head, name, counting(name, getattr(trl_head, name)))
     runs = []
     for kernels in (False, True):
         tr = _trainer(cepo_trl.CEPOTrainer, tmp_path / f"k{kernels}", cepo_kernel_logprobs=kernels)
