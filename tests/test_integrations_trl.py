@@ -241,3 +241,101 @@ def test_two_processes_match_one(tmp_path):
     for n, u in single["updates"].items():
         close(r0["updates"][n], u)
         close(r1["updates"][n], u)
+
+
+@pytest.mark.parametrize("kw", [{"steps_per_generation": 2, "gradient_accumulation_steps": 1},
+                                {"num_iterations": 2}])
+def test_lambda_counts_generation_batches_not_optimizer_steps(tmp_path, kw):
+    """4 optimizer steps, one generation batch every 2: lambda(0), lambda(0), lambda(1), lambda(1)
+    (docs/method.md §7: lambda counts rollout batches), and the A_hat of a batch is computed when it is
+    generated."""
+    tr = _trainer(cepo_trl.CEPOTrainer, tmp_path, max_steps=4, lam0=0.5, t_warm=4,
+                  per_device_train_batch_size=4 if "steps_per_generation" in kw else 8, **kw)
+    tr.train()
+    assert [h["step"] for h in tr.history] == [0, 1]
+    assert [h["lam"] for h in tr.history] == [0.5, 0.5 * (1 - 1 / 4)]
+    assert len(tr.seen) == 4 and tr.state.global_step == 4
+
+
+def test_default_config_without_args(tmp_path, monkeypatch):
+    """No `args`: a default CEPOConfig named after the model, as GRPOTrainer builds its GRPOConfig (here with
+    the CPU defaults this machine needs: TRL's own default asks for bf16 on a GPU)."""
+    from dataclasses import dataclass
+
+    from cepo_kernels.integrations.trl import trainer as trl_trainer
+
+    @dataclass
+    class CPUConfig(cepo_trl.CEPOConfig):
+        use_cpu: bool = True
+        bf16: bool = False
+        report_to: str = "none"
+
+    monkeypatch.setattr(trl_trainer, "CEPOConfig", CPUConfig)
+    monkeypatch.chdir(tmp_path)
+    tr = cepo_trl.CEPOTrainer(model=tiny_model(0), reward_funcs=boxed_reward, train_dataset=tiny_dataset(),
+                              processing_class=tiny_tokenizer())
+    assert type(tr.args) is CPUConfig and tr.args.output_dir.endswith("-CEPO")
+    assert (tr.args.lam0, tr.args.t_warm, tr.args.eps_w) == (0.5, 25, 0.2)
+
+
+LOSS_TYPES = ["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"]
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_every_loss_type_trains_on_per_token_advantages(tmp_path, loss_type):
+    kw = {"importance_sampling_level": "sequence"} if loss_type == "luspo" else {}
+    tr = _trainer(cepo_trl.CEPOTrainer, tmp_path, max_steps=1, loss_type=loss_type, **kw)
+    tr.train()
+    assert tr.seen[0]["advantages"].dim() == 2 and all(map(torch.isfinite, map(torch.tensor, _losses(tr))))
+    assert any(s.get("rows") for s in tr.scored)
+
+
+@pytest.mark.parametrize("kw", [{"importance_sampling_level": "sequence", "loss_type": "grpo"},
+                                {"mask_truncated_completions": True, "max_completion_length": 2},
+                                {"beta": 0.1}])
+def test_gspo_truncation_masking_and_reference_model(tmp_path, kw):
+    """GSPO (sequence-level ratio), mask_truncated_completions and a KL to a reference model (beta > 0, the
+    reference loaded by TRL from the policy's path) with CEPO's per-token A_hat."""
+    if kw.get("beta"):
+        tiny_model(0).save_pretrained(tmp_path / "policy")
+        tr = recording(cepo_trl.CEPOTrainer)(
+            model=str(tmp_path / "policy"), reward_funcs=boxed_reward, train_dataset=tiny_dataset(),
+            args=tiny_config(cepo_trl.CEPOConfig, tmp_path / "out", max_steps=2, **kw),
+            processing_class=tiny_tokenizer())
+    else:
+        tr = _trainer(cepo_trl.CEPOTrainer, tmp_path, max_steps=2, **kw)
+    tr.train()
+    for rec in tr.scored:
+        rows = set(rec.get("rows") or [])
+        assert rows == {i for i in range(len(rec["adv"])) if rec["adv"][i] != 0 and rec["mask"][i].any()}
+        # GSPO / truncation keep A_hat per token: 0 at masked tokens, sign(A) elsewhere
+        assert torch.all(rec["a_hat"][~rec["mask"]] == 0)
+        assert torch.all(torch.sign(rec["a_hat"][rec["mask"]]) == torch.sign(
+            rec["adv"][:, None].expand_as(rec["a_hat"])[rec["mask"]]))
+    if kw.get("beta"):
+        assert tr.ref_model is not None and any("kl" in h for h in tr.state.log_history)
+    assert all(map(lambda x: x == x, _losses(tr)))
+
+
+def test_peft_lora(tmp_path):
+    peft = pytest.importorskip("peft")
+    args = tiny_config(cepo_trl.CEPOConfig, tmp_path / "out", max_steps=1)
+    tr = recording(cepo_trl.CEPOTrainer)(
+        model=tiny_model(0), reward_funcs=boxed_reward, args=args, train_dataset=tiny_dataset(),
+        processing_class=tiny_tokenizer(),
+        peft_config=peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    tr.train()
+    assert any(s.get("rows") for s in tr.scored) and len(_losses(tr)) == 1
+
+
+def test_vision_language_processor_refused_at_construction(tmp_path):
+    from transformers import ProcessorMixin
+
+    class TextOnlyProcessor(ProcessorMixin):  # a processor (as a VLM's), for TRL: the multimodal path
+        attributes = ["tokenizer"]
+        tokenizer_class = "PreTrainedTokenizerFast"
+
+    proc = TextOnlyProcessor(tokenizer=tiny_tokenizer())
+    with pytest.raises(ValueError, match="processing_class: expected a text tokenizer, got a"):
+        cepo_trl.CEPOTrainer(model=tiny_model(0), reward_funcs=boxed_reward, train_dataset=tiny_dataset(),
+                             args=tiny_config(cepo_trl.CEPOConfig, tmp_path), processing_class=proc)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import torch
 from accelerate.utils import gather_object
+from transformers import ProcessorMixin
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import get_config_model_id
 
-from cepo_kernels.integrations.trl.config import CEPOConfig
+from cepo_kernels.integrations.trl.config import CEPOConfig, refuse_unsupported
 from cepo_kernels.integrations.trl.head import KernelHead
 from cepo_kernels.step import (
     choose_negatives,
@@ -22,6 +24,10 @@ from cepo_kernels.step import (
 )
 
 __all__ = ["CEPOTrainer"]
+
+_VLM_REFUSED = ("processing_class: expected a text tokenizer, got a (vision-language) processor; "
+                "CEPOTrainer's teacher contexts do not carry image inputs yet: use a text-only model and "
+                "tokenizer")
 
 
 def _completion_text(completion) -> str:
@@ -49,8 +55,19 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
     `pos_logp`, `neg_logp` [B, T]) after every generation.
     """
 
-    def __init__(self, *args, answer_extractor=None, cepo_observer=None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model, reward_funcs, args=None, *rest, answer_extractor=None, cepo_observer=None,
+                 **kwargs):
+        if args is None:  # as GRPOTrainer builds its default GRPOConfig
+            name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = CEPOConfig(f"{name.split('/')[-1]}-CEPO")
+        if isinstance(args, CEPOConfig):
+            refuse_unsupported(args, kwargs.get("peft_config"))
+        processing_class = kwargs.get("processing_class", rest[2] if len(rest) > 2 else None)
+        if isinstance(processing_class, ProcessorMixin):
+            raise ValueError(_VLM_REFUSED)
+        super().__init__(model, reward_funcs, args, *rest, **kwargs)
+        if getattr(self, "_is_vlm", False):  # a processor TRL loaded itself
+            raise ValueError(_VLM_REFUSED)
         if cepo_observer is not None and not callable(cepo_observer):
             raise TypeError(f"cepo_observer: expected a callable or None, got {type(cepo_observer).__name__}")
         self.cepo_observer = cepo_observer
@@ -74,9 +91,16 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
         if self.args.cepo_kernel_logprobs:
             self._cepo_head()  # fail at construction, not mid-training, on a model the kernels cannot serve
 
+    def cepo_generation(self) -> int:
+        """The 0-based index of the current generation (rollout) batch: TRL generates once every
+        steps_per_generation x num_iterations training steps (micro-batches), so several optimizer steps
+        can share one batch; lambda counts these batches (docs/method.md §7)."""
+        every = self.args.steps_per_generation * self.num_iterations
+        return self._step // every
+
     def cepo_lambda(self, step: int | None = None) -> float:
-        """lambda at a 0-based step (default: the trainer's current global step)."""
-        step = self.state.global_step if step is None else step
+        """lambda at a 0-based generation batch (default: the current one, `cepo_generation()`)."""
+        step = self.cepo_generation() if step is None else step
         return lam_at(step, self.args.lam0, self.args.t_warm)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -103,7 +127,7 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
         mask = output["completion_mask"].bool()
         if "tool_mask" in output:
             mask = mask & output["tool_mask"].bool()
-        step = self.state.global_step
+        step = self.cepo_generation()
         lam = self.cepo_lambda(step)
         G = self.num_generations if mode == "train" else self.num_generations_eval
         B, R = mask.shape
