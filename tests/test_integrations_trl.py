@@ -198,6 +198,30 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _torchrun(out_dir, env, timeout):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           str(ROOT / "tests" / "trl_helpers.py"), str(out_dir), "4"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", "1"), **env)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_rank_that_dies_ends_the_other_within_bounded_time(tmp_path):
+    """Rank 1 raises at its first generation while rank 0 goes on into the gathers: the run ends (torchrun
+    stops the survivor; failing that, the 60 s ddp_timeout of the collective) with rank 1's error, well within
+    the subprocess limit, instead of hanging."""
+    import time
+
+    start = time.monotonic()
+    proc = _torchrun(tmp_path, {"CEPO_TEST_DIE_RANK": "1"}, timeout=240)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert "rank 1 dies (test)" in proc.stderr
+    assert elapsed < 180, f"took {elapsed:.0f} s"
+    assert not list(tmp_path.glob("rank*.json"))
+
+
 def test_two_processes_match_one(tmp_path):
     """2 processes (gloo) x 4 completions vs 1 process x 8, each completion sampled with the seed of its
     global row: the same r- on both ranks and in the single run, the same A_hat, losses and SGD updates.
@@ -210,12 +234,7 @@ def test_two_processes_match_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1", TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", "1"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(ROOT / "tests" / "trl_helpers.py"), str(two), "4"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = _torchrun(two, {}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     main(str(one), 8)
     single = json.loads((one / "rank0.json").read_text())

@@ -8,7 +8,8 @@ scores 0.1 even when wrong).
 As a script (`torchrun --nproc_per_node N tests/trl_helpers.py OUT_DIR PER_DEVICE`): trains CEPO for a few
 steps with completions sampled with a seed per global row (so that N processes x G/N completions draw what one
 process x G draws), and writes OUT_DIR/rank{r}.json: the logged losses, the r- choices of every step, the
-advantages handed to the loss, and the final parameters.
+advantages handed to the loss, and the final parameters. With CEPO_TEST_DIE_RANK=r, rank r raises at its
+first generation (the bounded-failure test).
 """
 
 from __future__ import annotations
@@ -140,14 +141,21 @@ def main(out_dir: str, per_device: int, steps: int = 2):
     from cepo_kernels.integrations.trl import CEPOConfig, CEPOTrainer
 
     # plain SGD: the update is linear in the gradient, so two runs' updates compare like their gradients
+    # ddp_timeout: a collective waiting on a dead rank fails within a minute instead of TRL's 30
     args = tiny_config(CEPOConfig, os.path.join(out_dir, "trainer"), per_device_train_batch_size=per_device,
                        max_steps=steps, lam0=0.5, t_warm=10, optim="sgd", lr_scheduler_type="constant",
-                       max_grad_norm=0.0)
+                       max_grad_norm=0.0, ddp_timeout=60)
     model = tiny_model(0)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = recording(CEPOTrainer)(model=model, reward_funcs=boxed_reward, args=args,
                                      train_dataset=tiny_dataset(), processing_class=tiny_tokenizer(),
                                      row_seeded=True)
+    die = os.environ.get("CEPO_TEST_DIE_RANK")  # the failure test: this rank raises at its first generation
+    if die is not None and int(die) == trainer.accelerator.process_index:
+        def dying(record, tensors):
+            raise RuntimeError(f"rank {die} dies (test)")
+
+        trainer.cepo_observer = dying
     trainer.train()
     rank = trainer.accelerator.process_index
     final = trainer.accelerator.unwrap_model(trainer.model).named_parameters()

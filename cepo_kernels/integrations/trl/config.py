@@ -79,13 +79,3 @@ class CEPOConfig(GRPOConfig):
                 f"teacher_batch_size: expected None or an int >= 1, got {self.teacher_batch_size!r}"
             )
 
-
-# GRPOConfig settings CEPOTrainer refuses, each with why (every other setting is tested or passes through)
-UNSUPPORTED: dict = {}
-
-
-def refuse_unsupported(args: CEPOConfig, peft_config=None) -> None:
-    """ValueError naming the first setting of `args` that CEPOTrainer does not support, and why."""
-    for (name, value), why in UNSUPPORTED.items():
-        if getattr(args, name, None) == value:
-            raise ValueError(f"{name}={value!r}: not supported by CEPOTrainer ({why})")

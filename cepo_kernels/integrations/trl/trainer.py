@@ -10,7 +10,7 @@ from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id
 
-from cepo_kernels.integrations.trl.config import CEPOConfig, refuse_unsupported
+from cepo_kernels.integrations.trl.config import CEPOConfig
 from cepo_kernels.integrations.trl.head import KernelHead
 from cepo_kernels.step import (
     choose_negatives,
@@ -60,8 +60,6 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
         if args is None:  # as GRPOTrainer builds its default GRPOConfig
             name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = CEPOConfig(f"{name.split('/')[-1]}-CEPO")
-        if isinstance(args, CEPOConfig):
-            refuse_unsupported(args, kwargs.get("peft_config"))
         processing_class = kwargs.get("processing_class", rest[2] if len(rest) > 2 else None)
         if isinstance(processing_class, ProcessorMixin):
             raise ValueError(_VLM_REFUSED)
