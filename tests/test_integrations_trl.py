@@ -198,10 +198,12 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _torchrun(out_dir, env, timeout):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+def _torchrun(out_dir, env, timeout, script_args=("4",), nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(ROOT / "tests" / "trl_helpers.py"), str(out_dir), "4"]
+           str(ROOT / "tests" / "trl_helpers.py"), *script_args]
+    if script_args == ("4",):
+        cmd.insert(-1, str(out_dir))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", "1"), **env)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -358,3 +360,31 @@ def test_vision_language_processor_refused_at_construction(tmp_path):
     with pytest.raises(ValueError, match="processing_class: expected a text tokenizer, got a"):
         cepo_trl.CEPOTrainer(model=tiny_model(0), reward_funcs=boxed_reward, train_dataset=tiny_dataset(),
                              args=tiny_config(cepo_trl.CEPOConfig, tmp_path), processing_class=proc)
+
+
+def test_fsdp2_kernel_head_matches_one_process(tmp_path):
+    """FSDP2 for real: 2 processes (gloo), the tiny model `fully_shard`-ed (every parameter a DTensor), the
+    policy's log-prob loss over gradient accumulation 2 with one micro-batch whose rows are all masked (a
+    zero loss, still tied to the weights: no rank hangs), with HF's logits, with the kernel head on the
+    unsharded root's weight, and with it all-gathered from its DTensor shard by `full_weight`: the full
+    gradients equal 1 process's average over the same micro-batches. Tolerance as the test above: 64 eps of
+    the largest magnitude (measured: about 1 eps)."""
+    for nproc in (2, 1):
+        proc = _torchrun(tmp_path, {}, timeout=300, script_args=("--fsdp-head", str(tmp_path)), nproc=nproc)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    two, one = (json.loads((tmp_path / f"fsdp{w}.json").read_text()) for w in (2, 1))
+    assert two["dtensors"] and not one["dtensors"] and two["sharded_head"] > 0
+    tol = 64 * EPS32
+    for mode in ("hf", "kernels", "kernels_gathered_first"):
+        for name, ref in one[mode].items():
+            a, b = torch.tensor(two[mode][name]), torch.tensor(ref)
+            torch.testing.assert_close(a, b, rtol=0, atol=tol * float(b.abs().max().clamp_min(1e-30)),
+                                       msg=f"{mode} {name}")
+        assert max(map(abs, one[mode]["lm_head.weight"])) > 0
+
+
+def test_full_weight_gathers_a_dtensor_and_passes_a_tensor_through():
+    from cepo_kernels.integrations.trl.head import full_weight
+
+    t = torch.randn(3, 4)
+    assert full_weight(t) is t

@@ -172,5 +172,70 @@ def main(out_dir: str, per_device: int, steps: int = 2):
         json.dump(result, f)
 
 
+def fsdp_head(out_dir: str):
+    """`torchrun --nproc_per_node 2 tests/trl_helpers.py --fsdp-head OUT` (or 1 process): the policy's
+    log-prob loss of 2 micro-batches per rank (gradient accumulation 2, every row of rank 1's second one
+    masked), with the kernel head (`linear_logprobs` on `full_weight(lm_head.weight)`) and with HF's logits,
+    the tiny model sharded by FSDP2 (`fully_shard` per decoder layer and at the root) when 2 processes run.
+    One process computes both ranks' micro-batches and averages, as FSDP2 averages over ranks. Writes
+    OUT/fsdp{world}.json: the full gradients per mode, whether the parameters were DTensors, how many times
+    the head weight was a DTensor before a forward."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from cepo_kernels import linear_logprobs
+    from cepo_kernels.integrations.trl.head import full_weight
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = tiny_model(0)
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    result = {"dtensors": all(isinstance(p, DTensor) for p in model.parameters()), "sharded_head": 0}
+    for mode in ("hf", "kernels", "kernels_gathered_first"):
+        kernels = mode != "hf"
+        model.zero_grad(set_to_none=True)
+        for r in [rank] if world > 1 else [0, 1]:  # one process: both ranks' micro-batches
+            for micro in range(2):
+                g = torch.Generator().manual_seed(100 * r + micro)
+                ids = torch.randint(3, len(WORDS), (4, 7), generator=g)
+                mask = torch.ones(4, 6)
+                if r == 1 and micro == 1:
+                    mask.zero_()  # all rows masked: a zero loss, still tied to the weights
+                # the head whole before the forward (then a DTensor shard: the all-gather path) or after it
+                # (FSDP2's root still unsharded: a plain tensor)
+                w = model.lm_head.weight
+                result["sharded_head"] += isinstance(w, DTensor)
+                w = full_weight(w) if mode == "kernels_gathered_first" else None
+                out = model(input_ids=ids, output_hidden_states=kernels, logits_to_keep=1 if kernels else 0)
+                if kernels:
+                    w = full_weight(model.lm_head.weight) if w is None else w
+                    lp = linear_logprobs(out.hidden_states[-1][:, :-1].contiguous(), w, ids[:, 1:])
+                else:
+                    lp = torch.log_softmax(out.logits[:, :-1].float(), -1).gather(2, ids[:, 1:, None])[..., 0]
+                loss = -(lp * mask).sum() / mask.sum().clamp_min(1.0)
+                (loss / (1 if world > 1 else 2)).backward()
+        grads = {}
+        for n, p in model.named_parameters():
+            g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            grads[n] = g.double().flatten().tolist()
+        result[mode] = grads
+    if rank == 0:
+        with open(os.path.join(out_dir, f"fsdp{world}.json"), "w") as f:
+            json.dump(result, f)
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    if sys.argv[1] == "--fsdp-head":
+        fsdp_head(sys.argv[2])
+    else:
+        main(sys.argv[1], int(sys.argv[2]))

@@ -7,7 +7,18 @@ import torch
 
 from cepo_kernels import linear_logprobs, linear_teacher_logprobs
 
-__all__ = ["KernelHead"]
+__all__ = ["KernelHead", "full_weight"]
+
+
+def full_weight(param: torch.Tensor) -> torch.Tensor:
+    """A parameter whole, for the kernels: an FSDP2 (`fully_shard`) DTensor shard is all-gathered, and its
+    gradient reduce-scattered back averaged over the mesh, as FSDP2 averages every other gradient; a plain
+    tensor (unsharded, or FSDP2's root between its forward and its reshard) is returned as it is."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    if isinstance(param, DTensor):
+        return param.full_tensor(grad_placements=[Partial("avg")] * param.device_mesh.ndim)
+    return param
 
 
 class KernelHead:
@@ -30,10 +41,14 @@ class KernelHead:
         if not isinstance(head, torch.nn.Linear):
             raise ValueError(f"cepo_kernel_logprobs: expected the lm_head to be a torch.nn.Linear, got "
                              f"{type(head).__name__} (an adapter on it?); set cepo_kernel_logprobs=False")
-        weight, bias = head.weight, head.bias
-        if hasattr(weight, "full_tensor") or getattr(weight, "ds_id", None) is not None or weight.dim() != 2:
-            raise ValueError("cepo_kernel_logprobs: a sharded lm_head (FSDP / ZeRO-3) is not supported; "
-                             "set cepo_kernel_logprobs=False")
+        if getattr(head.weight, "ds_id", None) is not None:
+            raise ValueError("cepo_kernel_logprobs: a DeepSpeed ZeRO-3-partitioned lm_head is not supported "
+                             "(its gather is not implemented: DeepSpeed is not in this package's tests); "
+                             "use FSDP2, ZeRO-1/2, or set cepo_kernel_logprobs=False")
+        weight, bias = full_weight(head.weight), None if head.bias is None else full_weight(head.bias)
+        if weight.dim() != 2:
+            raise ValueError(f"cepo_kernel_logprobs: expected a 2-D lm_head weight, got shape "
+                             f"{tuple(weight.shape)}; set cepo_kernel_logprobs=False")
         if self.args.cast_lm_head_to_fp32:
             weight, bias = weight.float(), None if bias is None else bias.float()
         return weight, bias
@@ -54,12 +69,13 @@ class KernelHead:
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
                 compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **multimodal)
-        weight, bias = self._cepo_head()
         batch_size = batch_size or input_ids.size(0)
         logps, entropies = [], []
         for s in range(0, input_ids.size(0), batch_size):
             ids, attn = input_ids[s : s + batch_size], attention_mask[s : s + batch_size]
-            hidden = self._cepo_hidden(model, ids, attn, logits_to_keep).to(weight.dtype)
+            hidden = self._cepo_hidden(model, ids, attn, logits_to_keep)
+            weight, bias = self._cepo_head()  # after the forward: FSDP2 may hold the root unsharded then
+            hidden = hidden.to(weight.dtype)
             lp, ent = linear_logprobs(hidden, weight, ids[:, -logits_to_keep:], bias=bias,
                                       temperature=self.temperature, return_entropy=True)
             valid = attn[:, -logits_to_keep:].bool()  # as TRL's head: 0 at padding
@@ -68,8 +84,11 @@ class KernelHead:
         return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
 
     def _cepo_kernel_teachers(self, hidden, target, mask, n):
-        """Both teachers' log-probs [n, R]: rows :n of hidden [2n, R, H] after r+, rows n: after r-."""
+        """Both teachers' log-probs [n, R] from the lists of chunks hidden [*, R, H], target, mask (rows :n
+        after r+, rows n: after r-); (None, None) for n = 0, the head gathered all the same."""
         weight, bias = self._cepo_head()
-        hidden = hidden.to(weight.dtype)
+        if not n:
+            return None, None
+        hidden, target, mask = torch.cat(hidden).to(weight.dtype), torch.cat(target), torch.cat(mask)
         return linear_teacher_logprobs(hidden[:n], hidden[n:], weight, target[:n], bias=bias,
                                        temperature=self.temperature, rows=mask[:n])

@@ -85,6 +85,7 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
                     f"answers, got columns {names}"
                 )
         self._cepo_scored = None
+        self._cepo_head_checked = False
         self.cepo_last: dict | None = None
         if self.args.cepo_kernel_logprobs:
             self._cepo_head()  # fail at construction, not mid-training, on a model the kernels cannot serve
@@ -108,6 +109,10 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         self._cepo_scored = None
+        if self.args.cepo_kernel_logprobs and not self._cepo_head_checked:
+            # the model is wrapped (FSDP, DeepSpeed) once train() has started: check it at the first batch
+            self._cepo_head()
+            self._cepo_head_checked = True
         output = super()._generate_and_score_completions(inputs)
         scored, self._cepo_scored = self._cepo_scored, None
         if scored is None:
@@ -214,12 +219,12 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
                                      position_ids=packed.position_ids, labels=labels, fused_lm_head=True)
                 out.append(res.log_probs[:, -R:].float())
         n = len(rows)
+        if kernels:  # gathers a sharded head on every rank, rows or not (a collective under FSDP2)
+            return self._cepo_kernel_teachers(out, targets, masks, n)
         if not n:
             return None, None
-        if not kernels:
-            logp = torch.cat(out, dim=0)
-            return logp[:n], logp[n:]
-        return self._cepo_kernel_teachers(torch.cat(out), torch.cat(targets), torch.cat(masks), n)
+        logp = torch.cat(out, dim=0)
+        return logp[:n], logp[n:]
 
     def _cepo_log(self, mode, record, delta, adv, mask):
         metrics = self._metrics[mode]
