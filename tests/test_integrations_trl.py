@@ -362,6 +362,37 @@ def test_vision_language_processor_refused_at_construction(tmp_path):
                              args=tiny_config(cepo_trl.CEPOConfig, tmp_path), processing_class=proc)
 
 
+@pytest.mark.parametrize("kernels", ["0", "1"])
+def test_cepo_trainer_under_fsdp2_matches_one_process(tmp_path, kernels):
+    """CEPOTrainer under FSDP2 for real (2 processes, gloo, every parameter a DTensor: see
+    trl_helpers.force_fsdp2_on_cpu), gradient accumulation 2, the kernel head off and on, against 1 process
+    with the same global batch: the same r-, losses and SGD updates (tolerance as the DDP test above)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    env = {"CEPO_TEST_FSDP2": "1", "CEPO_TEST_KERNELS": kernels, "CEPO_TEST_GA": "2"}
+    proc = _torchrun(two, env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = _torchrun(one, env, timeout=600, script_args=(str(one), "8"), nproc=1)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    single = json.loads((one / "rank0.json").read_text())
+    r0, r1 = (json.loads((two / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["dtensors"] and r1["dtensors"] and not single["dtensors"]
+    keys = ("step", "lam", "neg_answers", "neg_how", "neg_index", "teacher_rows")
+    choices = [[{k: h[k] for k in keys} for h in run["history"]] for run in (r0, r1, single)]
+    assert choices[0] == choices[1] == choices[2]
+    tol = 64 * EPS32
+
+    def close(a, b):
+        a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+        torch.testing.assert_close(a, b, rtol=0, atol=tol * float(b.abs().max().clamp_min(1e-30)))
+
+    close(r0["losses"], single["losses"])
+    assert any(max(map(abs, u)) > 0 for u in single["updates"].values())
+    for n, u in single["updates"].items():
+        close(r0["updates"][n], u)
+
+
 def test_fsdp2_kernel_head_matches_one_process(tmp_path):
     """FSDP2 for real: 2 processes (gloo), the tiny model `fully_shard`-ed (every parameter a DTensor), the
     policy's log-prob loss over gradient accumulation 2 with one micro-batch whose rows are all masked (a

@@ -9,7 +9,8 @@ As a script (`torchrun --nproc_per_node N tests/trl_helpers.py OUT_DIR PER_DEVIC
 steps with completions sampled with a seed per global row (so that N processes x G/N completions draw what one
 process x G draws), and writes OUT_DIR/rank{r}.json: the logged losses, the r- choices of every step, the
 advantages handed to the loss, and the final parameters. With CEPO_TEST_DIE_RANK=r, rank r raises at its
-first generation (the bounded-failure test).
+first generation (the bounded-failure test); CEPO_TEST_FSDP2, CEPO_TEST_KERNELS, CEPO_TEST_GA: see main.
+`--fsdp-head OUT`: the FSDP2 test of the kernel head alone (fsdp_head).
 """
 
 from __future__ import annotations
@@ -137,14 +138,45 @@ def recording(base):
     return Recording
 
 
+def force_fsdp2_on_cpu():
+    """Makes accelerate take its FSDP2 path on CPU processes (gloo). accelerate 1.16 keeps a CPU run's
+    distributed type MULTI_CPU whatever FSDP options it is given (`accelerate launch --use_fsdp` then runs
+    DDP, silently), so the FSDP plugin is installed here by hand: the trainer's model is then `fully_shard`-ed
+    (each Qwen2 decoder layer and the root) and every parameter is a DTensor, which the script records."""
+    import accelerate.state as st
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    init = st.AcceleratorState.__init__
+
+    def patched(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if "fsdp_plugin" in kwargs and self.distributed_type == DistributedType.MULTI_CPU:
+            self.fsdp_plugin = kwargs["fsdp_plugin"] or FullyShardedDataParallelPlugin(
+                fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap",
+                transformer_cls_names_to_wrap=["Qwen2DecoderLayer"])
+            self.distributed_type = DistributedType.FSDP
+            st.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    st.AcceleratorState.__init__ = patched
+
+
 def main(out_dir: str, per_device: int, steps: int = 2):
+    from torch.distributed.tensor import DTensor
+
     from cepo_kernels.integrations.trl import CEPOConfig, CEPOTrainer
+
+    # CEPO_TEST_FSDP2=1: FSDP2 on 2+ processes; CEPO_TEST_KERNELS=1: cepo_kernel_logprobs;
+    # CEPO_TEST_GA: the gradient accumulation (and steps per generation)
+    if os.environ.get("CEPO_TEST_FSDP2") == "1" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        force_fsdp2_on_cpu()
+    ga = int(os.environ.get("CEPO_TEST_GA", "1"))
 
     # plain SGD: the update is linear in the gradient, so two runs' updates compare like their gradients
     # ddp_timeout: a collective waiting on a dead rank fails within a minute instead of TRL's 30
     args = tiny_config(CEPOConfig, os.path.join(out_dir, "trainer"), per_device_train_batch_size=per_device,
                        max_steps=steps, lam0=0.5, t_warm=10, optim="sgd", lr_scheduler_type="constant",
-                       max_grad_norm=0.0, ddp_timeout=60)
+                       max_grad_norm=0.0, ddp_timeout=60, gradient_accumulation_steps=ga,
+                       cepo_kernel_logprobs=os.environ.get("CEPO_TEST_KERNELS") == "1")
     model = tiny_model(0)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = recording(CEPOTrainer)(model=model, reward_funcs=boxed_reward, args=args,
@@ -158,10 +190,13 @@ def main(out_dir: str, per_device: int, steps: int = 2):
         trainer.cepo_observer = dying
     trainer.train()
     rank = trainer.accelerator.process_index
-    final = trainer.accelerator.unwrap_model(trainer.model).named_parameters()
-    updates = {n: (p.detach() - initial[n]).double().flatten().tolist() for n, p in final}
+    final = list(trainer.accelerator.unwrap_model(trainer.model).named_parameters())
+    dtensors = all(isinstance(p, DTensor) for _, p in final)
+    whole = {n: p.detach().full_tensor() if isinstance(p, DTensor) else p.detach() for n, p in final}
+    updates = {n: (p - initial[n]).double().flatten().tolist() for n, p in whole.items()}
     result = {
         "world_size": trainer.accelerator.num_processes,
+        "dtensors": dtensors,
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "history": trainer.history,
         "a_hat": [s["a_hat"].tolist() for s in trainer.scored],
