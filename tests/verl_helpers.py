@@ -88,3 +88,56 @@ def make_batch(tokenizer, groups=GROUPS, order=None):
                  "position_ids": pos, "response_mask": attn[:, P:].clone(), "token_level_rewards": scores},
         non_tensors={"uid": np.array([uids[i] for i in order], dtype=object),
                      "reward_model": np.array([{"ground_truth": refs[i]} for i in order], dtype=object)})
+
+
+class FakeTransferQueue:
+    """verl's TransferQueue client in memory (`kv_batch_get`, `kv_batch_put`): rows stored per key, tensor
+    fields returned as jagged nested tensors and the others as NonTensorStacks, as the v1 trainer reads
+    them."""
+
+    def __init__(self):
+        self.rows: dict = {}
+
+    class Meta:
+        def __init__(self, keys, partition_id):
+            self.keys, self.partition_id = list(keys), partition_id
+
+        def __len__(self):
+            return len(self.keys)
+
+    def put_batch(self, data, partition_id="train"):
+        """A padded DataProto (make_batch, with old_log_probs) as the rows verl's rollout writes."""
+        b, nt = data.batch, data.non_tensor_batch
+        P = b["prompts"].shape[1]
+        keys = []
+        for i in range(len(data)):
+            key = f"{nt['uid'][i]}_0_{i}"
+            valid_p = b["attention_mask"][i, :P].bool()
+            n = int(b["attention_mask"][i, P:].sum())
+            self.rows[(partition_id, key)] = {
+                "prompts": b["prompts"][i][valid_p], "responses": b["responses"][i, :n],
+                "response_mask": b["response_mask"][i, :n], "rm_scores": b["token_level_rewards"][i, :n],
+                "old_log_probs": b["old_log_probs"][i, :n], "uid": nt["uid"][i],
+                "reward_model": nt["reward_model"][i]}
+            keys.append(key)
+        return self.Meta(keys, partition_id)
+
+    def kv_batch_get(self, keys, partition_id, select_fields):
+        from tensordict import NonTensorStack, TensorDict
+
+        rows = [self.rows[(partition_id, k)] for k in keys]
+        out = {}
+        for f in select_fields:
+            if f not in rows[0]:
+                continue
+            vals = [r[f] for r in rows]
+            tensor = isinstance(vals[0], torch.Tensor)
+            out[f] = (torch.nested.as_nested_tensor(vals, layout=torch.jagged) if tensor
+                      else NonTensorStack(*vals))
+        return TensorDict(out, batch_size=[len(rows)])
+
+    def kv_batch_put(self, keys, partition_id, fields=None, tags=None):
+        for f in fields.keys():
+            for k, v in zip(keys, fields[f].unbind(), strict=True):
+                self.rows[(partition_id, k)][f] = v
+        return self.Meta(keys, partition_id)
