@@ -293,3 +293,22 @@ def test_kernel_head_refuses_a_zero3_partitioned_head_when_training_starts(tmp_p
     with pytest.raises(ValueError, match="ZeRO-3-partitioned lm_head is not supported"):
         tr.train()
     assert tr.state.global_step == 0 and torch.equal(tr.model.lm_head.weight.detach(), before)
+
+
+def test_constructor_forms_of_grpo_trainer(tmp_path):
+    """As GRPOTrainer accepts them: positional (model, reward_funcs, args), a model path with no
+    processing_class (TRL loads the tokenizer saved beside it), and a list of reward functions with
+    weights."""
+    tiny_model(0).save_pretrained(tmp_path / "policy")
+    tiny_tokenizer().save_pretrained(tmp_path / "policy")
+    args = tiny_config(cepo_trl.CEPOConfig, tmp_path / "a", max_steps=1)
+    positional = cepo_trl.CEPOTrainer(tiny_model(0), boxed_reward, args, tiny_dataset(),
+                                      processing_class=tiny_tokenizer())
+    assert positional.args is args
+    tr = recording(cepo_trl.CEPOTrainer)(
+        model=str(tmp_path / "policy"), reward_funcs=[boxed_reward, always_right],
+        train_dataset=tiny_dataset(),
+        args=tiny_config(cepo_trl.CEPOConfig, tmp_path / "b", max_steps=1, reward_weights=[1.0, 0.5]))
+    assert tr.processing_class.name_or_path == str(tmp_path / "policy")
+    tr.train()
+    assert len(_losses(tr)) == 1 and tr.history[0]["teacher_rows"] > 0
