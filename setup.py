@@ -2,6 +2,8 @@ from setuptools import find_packages, setup
 
 TRAIN = ["transformers>=4.45", "peft>=0.12", "tqdm", "matplotlib", "pyyaml"]
 TRL = ["trl>=1.16,<1.17", "datasets", "accelerate"]
+# verl 0.9.x; its GPU stack (vLLM / SGLang, flash-attn, Megatron) is the user's own install
+VERL = ["verl>=0.9,<0.10"]
 
 setup(
     name="cepo_kernels",
@@ -20,6 +22,7 @@ setup(
     extras_require={
         "train": TRAIN,
         "trl": TRL,
+        "verl": VERL,
         # the whole test suite: the training-loop and TRL tests need those extras too
         "test": ["pytest>=7", "pytest-benchmark>=4", *TRAIN, *TRL],
     },

@@ -4,11 +4,6 @@ The kernels run through Triton's interpreter here (tests/conftest.py), so the sh
 of <= 6 tokens, an 18-word vocabulary, a 1-layer Qwen2 with hidden size 16.
 """
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +15,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers
 from trl_helpers import (  # noqa: E402
     always_right,
     boxed_reward,
-    main,
     recording,
     tiny_config,
     tiny_dataset,
@@ -30,6 +24,7 @@ from trl_helpers import (  # noqa: E402
 
 import cepo_ref  # noqa: E402
 from cepo_kernels.integrations import trl as cepo_trl  # noqa: E402
+from cepo_kernels.integrations.trl import head as trl_head  # noqa: E402
 
 EPS32 = torch.finfo(torch.float32).eps
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,7 +167,7 @@ def test_kernel_logprobs_match_trl_head(tmp_path, monkeypatch):
         return counted
 
     for name in calls:
-        monkeypatch.setattr(cepo_trl, name, counting(name, getattr(cepo_trl, name)))
+        monkeypatch.setattr(trl_head, name, counting(name, getattr(trl_head, name)))
     runs = []
     for kernels in (False, True):
         tr = _trainer(cepo_trl.CEPOTrainer, tmp_path / f"k{kernels}", cepo_kernel_logprobs=kernels)
@@ -191,52 +186,129 @@ def test_kernel_logprobs_match_trl_head(tmp_path, monkeypatch):
     torch.testing.assert_close(la, lb, rtol=tol, atol=tol * float(lb.abs().max()))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.mark.parametrize("kw", [{"steps_per_generation": 2, "gradient_accumulation_steps": 1},
+                                {"num_iterations": 2}])
+def test_lambda_counts_generation_batches_not_optimizer_steps(tmp_path, kw):
+    """4 optimizer steps, one generation batch every 2: lambda(0), lambda(0), lambda(1), lambda(1)
+    (docs/method.md §7: lambda counts rollout batches), and the A_hat of a batch is computed when it is
+    generated."""
+    tr = _trainer(cepo_trl.CEPOTrainer, tmp_path, max_steps=4, lam0=0.5, t_warm=4,
+                  per_device_train_batch_size=4 if "steps_per_generation" in kw else 8, **kw)
+    tr.train()
+    assert [h["step"] for h in tr.history] == [0, 1]
+    assert [h["lam"] for h in tr.history] == [0.5, 0.5 * (1 - 1 / 4)]
+    assert len(tr.seen) == 4 and tr.state.global_step == 4
 
 
-def test_two_processes_match_one(tmp_path):
-    """2 processes (gloo) x 4 completions vs 1 process x 8, each completion sampled with the seed of its
-    global row: the same r- on both ranks and in the single run, the same A_hat, losses and SGD updates.
+def test_default_config_without_args(tmp_path, monkeypatch):
+    """No `args`: a default CEPOConfig named after the model, as GRPOTrainer builds its GRPOConfig (here with
+    the CPU defaults this machine needs: TRL's own default asks for bf16 on a GPU)."""
+    from dataclasses import dataclass
 
-    Tolerance: the two runs do the same fp32 arithmetic except for the widths of padded batches and the order
-    of the cross-process sums, whose rounding differs by O(n eps) for reductions of n <= 64 terms (hidden 16,
-    vocabulary 18, <= 48 tokens): 64 eps, relative to the largest magnitude of the tensor compared (an
-    update's error is relative to the whole gradient's scale, not to each of its entries).
-    """
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir()
-    two.mkdir()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1", TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", "1"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(ROOT / "tests" / "trl_helpers.py"), str(two), "4"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    main(str(one), 8)
-    single = json.loads((one / "rank0.json").read_text())
-    r0, r1 = (json.loads((two / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert single["world_size"] == 1 and r0["world_size"] == r1["world_size"] == 2
-    assert len(single["losses"]) == 2
-    assert r0["history"] == r1["history"]  # both ranks made the same r- choices (and saw all 8 teacher rows)
-    keys = ("step", "lam", "neg_answers", "neg_how", "neg_index", "teacher_rows")
-    choices = [[{k: h[k] for k in keys} for h in run["history"]] for run in (r0, single)]
-    assert choices[0] == choices[1]
-    tol = 64 * EPS32
+    from cepo_kernels.integrations.trl import trainer as trl_trainer
 
-    def close(a, b):
-        a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
-        torch.testing.assert_close(a, b, rtol=0, atol=tol * float(b.abs().max().clamp_min(1e-30)))
+    @dataclass
+    class CPUConfig(cepo_trl.CEPOConfig):
+        use_cpu: bool = True
+        bf16: bool = False
+        report_to: str = "none"
 
-    close(r0["losses"], single["losses"])
-    close(r1["losses"], single["losses"])
-    for s in range(2):
-        close(r0["adv"][s] + r1["adv"][s], single["adv"][s])
-        close(r0["a_hat"][s] + r1["a_hat"][s], single["a_hat"][s])
-    assert any(max(map(abs, u)) > 0 for u in single["updates"].values())
-    for n, u in single["updates"].items():
-        close(r0["updates"][n], u)
-        close(r1["updates"][n], u)
+    monkeypatch.setattr(trl_trainer, "CEPOConfig", CPUConfig)
+    monkeypatch.chdir(tmp_path)
+    tr = cepo_trl.CEPOTrainer(model=tiny_model(0), reward_funcs=boxed_reward, train_dataset=tiny_dataset(),
+                              processing_class=tiny_tokenizer())
+    assert type(tr.args) is CPUConfig and tr.args.output_dir.endswith("-CEPO")
+    assert (tr.args.lam0, tr.args.t_warm, tr.args.eps_w) == (0.5, 25, 0.2)
+
+
+LOSS_TYPES = ["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"]
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_every_loss_type_trains_on_per_token_advantages(tmp_path, loss_type):
+    kw = {"importance_sampling_level": "sequence"} if loss_type == "luspo" else {}
+    tr = _trainer(cepo_trl.CEPOTrainer, tmp_path, max_steps=1, loss_type=loss_type, **kw)
+    tr.train()
+    assert tr.seen[0]["advantages"].dim() == 2 and all(map(torch.isfinite, map(torch.tensor, _losses(tr))))
+    assert any(s.get("rows") for s in tr.scored)
+
+
+@pytest.mark.parametrize("kw", [{"importance_sampling_level": "sequence", "loss_type": "grpo"},
+                                {"mask_truncated_completions": True, "max_completion_length": 2},
+                                {"beta": 0.1}])
+def test_gspo_truncation_masking_and_reference_model(tmp_path, kw):
+    """GSPO (sequence-level ratio), mask_truncated_completions and a KL to a reference model (beta > 0, the
+    reference loaded by TRL from the policy's path) with CEPO's per-token A_hat."""
+    if kw.get("beta"):
+        tiny_model(0).save_pretrained(tmp_path / "policy")
+        tr = recording(cepo_trl.CEPOTrainer)(
+            model=str(tmp_path / "policy"), reward_funcs=boxed_reward, train_dataset=tiny_dataset(),
+            args=tiny_config(cepo_trl.CEPOConfig, tmp_path / "out", max_steps=2, **kw),
+            processing_class=tiny_tokenizer())
+    else:
+        tr = _trainer(cepo_trl.CEPOTrainer, tmp_path, max_steps=2, **kw)
+    tr.train()
+    for rec in tr.scored:
+        rows = set(rec.get("rows") or [])
+        assert rows == {i for i in range(len(rec["adv"])) if rec["adv"][i] != 0 and rec["mask"][i].any()}
+        # GSPO / truncation keep A_hat per token: 0 at masked tokens, sign(A) elsewhere
+        assert torch.all(rec["a_hat"][~rec["mask"]] == 0)
+        assert torch.all(torch.sign(rec["a_hat"][rec["mask"]]) == torch.sign(
+            rec["adv"][:, None].expand_as(rec["a_hat"])[rec["mask"]]))
+    if kw.get("beta"):
+        assert tr.ref_model is not None and any("kl" in h for h in tr.state.log_history)
+    assert all(map(lambda x: x == x, _losses(tr)))
+
+
+def test_peft_lora(tmp_path):
+    peft = pytest.importorskip("peft")
+    args = tiny_config(cepo_trl.CEPOConfig, tmp_path / "out", max_steps=1)
+    tr = recording(cepo_trl.CEPOTrainer)(
+        model=tiny_model(0), reward_funcs=boxed_reward, args=args, train_dataset=tiny_dataset(),
+        processing_class=tiny_tokenizer(),
+        peft_config=peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    tr.train()
+    assert any(s.get("rows") for s in tr.scored) and len(_losses(tr)) == 1
+
+
+def test_vision_language_processor_refused_at_construction(tmp_path):
+    from transformers import ProcessorMixin
+
+    class TextOnlyProcessor(ProcessorMixin):  # a processor (as a VLM's), for TRL: the multimodal path
+        attributes = ["tokenizer"]
+        tokenizer_class = "PreTrainedTokenizerFast"
+
+    proc = TextOnlyProcessor(tokenizer=tiny_tokenizer())
+    with pytest.raises(ValueError, match="processing_class: expected a text tokenizer, got a"):
+        cepo_trl.CEPOTrainer(model=tiny_model(0), reward_funcs=boxed_reward, train_dataset=tiny_dataset(),
+                             args=tiny_config(cepo_trl.CEPOConfig, tmp_path), processing_class=proc)
+
+
+def test_kernel_head_refuses_a_zero3_partitioned_head_when_training_starts(tmp_path):
+    """The wrapped model is checked at the first batch (train() has started), not mid-run: a head with
+    DeepSpeed's partition id (ZeRO-3) is refused with a message naming it, before any update."""
+    tr = _trainer(cepo_trl.CEPOTrainer, tmp_path, cepo_kernel_logprobs=True)
+    tr.model.lm_head.weight.ds_id = 7  # what deepspeed.zero.Init leaves on a partitioned parameter
+    before = tr.model.lm_head.weight.detach().clone()
+    with pytest.raises(ValueError, match="ZeRO-3-partitioned lm_head is not supported"):
+        tr.train()
+    assert tr.state.global_step == 0 and torch.equal(tr.model.lm_head.weight.detach(), before)
+
+
+def test_constructor_forms_of_grpo_trainer(tmp_path):
+    """As GRPOTrainer accepts them: positional (model, reward_funcs, args), a model path with no
+    processing_class (TRL loads the tokenizer saved beside it), and a list of reward functions with
+    weights."""
+    tiny_model(0).save_pretrained(tmp_path / "policy")
+    tiny_tokenizer().save_pretrained(tmp_path / "policy")
+    args = tiny_config(cepo_trl.CEPOConfig, tmp_path / "a", max_steps=1)
+    positional = cepo_trl.CEPOTrainer(tiny_model(0), boxed_reward, args, tiny_dataset(),
+                                      processing_class=tiny_tokenizer())
+    assert positional.args is args
+    tr = recording(cepo_trl.CEPOTrainer)(
+        model=str(tmp_path / "policy"), reward_funcs=[boxed_reward, always_right],
+        train_dataset=tiny_dataset(),
+        args=tiny_config(cepo_trl.CEPOConfig, tmp_path / "b", max_steps=1, reward_weights=[1.0, 0.5]))
+    assert tr.processing_class.name_or_path == str(tmp_path / "policy")
+    tr.train()
+    assert len(_losses(tr)) == 1 and tr.history[0]["teacher_rows"] > 0

@@ -8,7 +8,9 @@ scores 0.1 even when wrong).
 As a script (`torchrun --nproc_per_node N tests/trl_helpers.py OUT_DIR PER_DEVICE`): trains CEPO for a few
 steps with completions sampled with a seed per global row (so that N processes x G/N completions draw what one
 process x G draws), and writes OUT_DIR/rank{r}.json: the logged losses, the r- choices of every step, the
-advantages handed to the loss, and the final parameters.
+advantages handed to the loss, and the final parameters. With CEPO_TEST_DIE_RANK=r, rank r raises at its
+first generation (the bounded-failure test); CEPO_TEST_FSDP2, CEPO_TEST_KERNELS, CEPO_TEST_GA: see main.
+`--fsdp-head OUT`: the FSDP2 test of the kernel head alone (fsdp_head).
 """
 
 from __future__ import annotations
@@ -136,24 +138,65 @@ def recording(base):
     return Recording
 
 
+def force_fsdp2_on_cpu():
+    """Makes accelerate take its FSDP2 path on CPU processes (gloo). accelerate 1.16 keeps a CPU run's
+    distributed type MULTI_CPU whatever FSDP options it is given (`accelerate launch --use_fsdp` then runs
+    DDP, silently), so the FSDP plugin is installed here by hand: the trainer's model is then `fully_shard`-ed
+    (each Qwen2 decoder layer and the root) and every parameter is a DTensor, which the script records."""
+    import accelerate.state as st
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    init = st.AcceleratorState.__init__
+
+    def patched(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if "fsdp_plugin" in kwargs and self.distributed_type == DistributedType.MULTI_CPU:
+            self.fsdp_plugin = kwargs["fsdp_plugin"] or FullyShardedDataParallelPlugin(
+                fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap",
+                transformer_cls_names_to_wrap=["Qwen2DecoderLayer"])
+            self.distributed_type = DistributedType.FSDP
+            st.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    st.AcceleratorState.__init__ = patched
+
+
 def main(out_dir: str, per_device: int, steps: int = 2):
+    from torch.distributed.tensor import DTensor
+
     from cepo_kernels.integrations.trl import CEPOConfig, CEPOTrainer
 
+    # CEPO_TEST_FSDP2=1: FSDP2 on 2+ processes; CEPO_TEST_KERNELS=1: cepo_kernel_logprobs;
+    # CEPO_TEST_GA: the gradient accumulation (and steps per generation)
+    if os.environ.get("CEPO_TEST_FSDP2") == "1" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        force_fsdp2_on_cpu()
+    ga = int(os.environ.get("CEPO_TEST_GA", "1"))
+
     # plain SGD: the update is linear in the gradient, so two runs' updates compare like their gradients
+    # ddp_timeout: a collective waiting on a dead rank fails within a minute instead of TRL's 30
     args = tiny_config(CEPOConfig, os.path.join(out_dir, "trainer"), per_device_train_batch_size=per_device,
                        max_steps=steps, lam0=0.5, t_warm=10, optim="sgd", lr_scheduler_type="constant",
-                       max_grad_norm=0.0)
+                       max_grad_norm=0.0, ddp_timeout=60, gradient_accumulation_steps=ga,
+                       cepo_kernel_logprobs=os.environ.get("CEPO_TEST_KERNELS") == "1")
     model = tiny_model(0)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = recording(CEPOTrainer)(model=model, reward_funcs=boxed_reward, args=args,
                                      train_dataset=tiny_dataset(), processing_class=tiny_tokenizer(),
                                      row_seeded=True)
+    die = os.environ.get("CEPO_TEST_DIE_RANK")  # the failure test: this rank raises at its first generation
+    if die is not None and int(die) == trainer.accelerator.process_index:
+        def dying(record, tensors):
+            raise RuntimeError(f"rank {die} dies (test)")
+
+        trainer.cepo_observer = dying
     trainer.train()
     rank = trainer.accelerator.process_index
-    final = trainer.accelerator.unwrap_model(trainer.model).named_parameters()
-    updates = {n: (p.detach() - initial[n]).double().flatten().tolist() for n, p in final}
+    final = list(trainer.accelerator.unwrap_model(trainer.model).named_parameters())
+    dtensors = all(isinstance(p, DTensor) for _, p in final)
+    whole = {n: p.detach().full_tensor() if isinstance(p, DTensor) else p.detach() for n, p in final}
+    updates = {n: (p - initial[n]).double().flatten().tolist() for n, p in whole.items()}
     result = {
         "world_size": trainer.accelerator.num_processes,
+        "dtensors": dtensors,
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "history": trainer.history,
         "a_hat": [s["a_hat"].tolist() for s in trainer.scored],
@@ -164,5 +207,70 @@ def main(out_dir: str, per_device: int, steps: int = 2):
         json.dump(result, f)
 
 
+def fsdp_head(out_dir: str):
+    """`torchrun --nproc_per_node 2 tests/trl_helpers.py --fsdp-head OUT` (or 1 process): the policy's
+    log-prob loss of 2 micro-batches per rank (gradient accumulation 2, every row of rank 1's second one
+    masked), with the kernel head (`linear_logprobs` on `full_weight(lm_head.weight)`) and with HF's logits,
+    the tiny model sharded by FSDP2 (`fully_shard` per decoder layer and at the root) when 2 processes run.
+    One process computes both ranks' micro-batches and averages, as FSDP2 averages over ranks. Writes
+    OUT/fsdp{world}.json: the full gradients per mode, whether the parameters were DTensors, how many times
+    the head weight was a DTensor before a forward."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from cepo_kernels import linear_logprobs
+    from cepo_kernels.integrations.trl.head import full_weight
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = tiny_model(0)
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    result = {"dtensors": all(isinstance(p, DTensor) for p in model.parameters()), "sharded_head": 0}
+    for mode in ("hf", "kernels", "kernels_gathered_first"):
+        kernels = mode != "hf"
+        model.zero_grad(set_to_none=True)
+        for r in [rank] if world > 1 else [0, 1]:  # one process: both ranks' micro-batches
+            for micro in range(2):
+                g = torch.Generator().manual_seed(100 * r + micro)
+                ids = torch.randint(3, len(WORDS), (4, 7), generator=g)
+                mask = torch.ones(4, 6)
+                if r == 1 and micro == 1:
+                    mask.zero_()  # all rows masked: a zero loss, still tied to the weights
+                # the head whole before the forward (then a DTensor shard: the all-gather path) or after it
+                # (FSDP2's root still unsharded: a plain tensor)
+                w = model.lm_head.weight
+                result["sharded_head"] += isinstance(w, DTensor)
+                w = full_weight(w) if mode == "kernels_gathered_first" else None
+                out = model(input_ids=ids, output_hidden_states=kernels, logits_to_keep=1 if kernels else 0)
+                if kernels:
+                    w = full_weight(model.lm_head.weight) if w is None else w
+                    lp = linear_logprobs(out.hidden_states[-1][:, :-1].contiguous(), w, ids[:, 1:])
+                else:
+                    lp = torch.log_softmax(out.logits[:, :-1].float(), -1).gather(2, ids[:, 1:, None])[..., 0]
+                loss = -(lp * mask).sum() / mask.sum().clamp_min(1.0)
+                (loss / (1 if world > 1 else 2)).backward()
+        grads = {}
+        for n, p in model.named_parameters():
+            g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            grads[n] = g.double().flatten().tolist()
+        result[mode] = grads
+    if rank == 0:
+        with open(os.path.join(out_dir, f"fsdp{world}.json"), "w") as f:
+            json.dump(result, f)
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    if sys.argv[1] == "--fsdp-head":
+        fsdp_head(sys.argv[2])
+    else:
+        main(sys.argv[1], int(sys.argv[2]))

@@ -1,0 +1,75 @@
+"""The CEPO trainer of verl's v1 trainer registry: `trainer.v1.trainer_mode=cepo`.
+
+Load it in the driver (the TaskRunner actor) with verl's external-module hook,
+`VERL_USE_EXTERNAL_MODULES=cepo_kernels.integrations.verl.trainer`, and select the algorithm with
+`algorithm.adv_estimator=cepo` (or `rlsd`). It is verl's synchronous trainer with one stage extended:
+after verl's advantage stage has written A (the registered estimator), the batch's rows are read back from
+verl's TransferQueue, `cepo_reweight` scores the teachers with the actor worker group's `compute_log_prob`
+and A_hat replaces `advantages` per token; the actor update (verl's PPO loss) is unchanged.
+lambda counts rollout batches: step = global_steps - 1 (verl counts training steps from 1).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import transfer_queue as tq
+from tensordict import TensorDict
+from verl.trainer.ppo.v1 import PPOTrainerSync, register_trainer
+from verl.workers.utils.padding import response_to_nested
+
+from cepo_kernels.integrations.verl.advantages import (
+    ALGOS,
+    CEPOSettings,
+    _pad_id,
+    cepo_active,
+    cepo_reweight,
+    teacher_batch,
+    worker_group_scorer,
+)
+
+__all__ = ["CEPOPPOTrainer"]
+
+_FIELDS = ["uid", "prompts", "responses", "response_mask", "advantages", "rm_scores", "old_log_probs",
+           "reward_model"]
+
+
+def _rows(t) -> list[list]:
+    """Per-row values of a TransferQueue field (nested or padded) as lists."""
+    return [x.tolist() for x in (t.unbind() if getattr(t, "is_nested", False) else t)]
+
+
+@register_trainer("cepo")
+class CEPOPPOTrainer(PPOTrainerSync):
+    """verl's PPOTrainerSync with CEPO / RLSD token advantages (see the module docstring)."""
+
+    def _compute_advantage(self, batch, metrics: dict):
+        algo = str(getattr(self.config.algorithm.adv_estimator, "value", self.config.algorithm.adv_estimator))
+        if algo not in ALGOS:
+            raise ValueError(f"trainer.v1.trainer_mode=cepo: expected algorithm.adv_estimator in {ALGOS}, "
+                             f"got {algo!r}")
+        settings = CEPOSettings.from_config(self.config.algorithm)  # checked before any work
+        with cepo_active():
+            batch = super()._compute_advantage(batch, metrics)
+        data, response_mask = self._driver_batch(batch)
+        scorer = worker_group_scorer(self.actor_rollout_wg, self.config.actor_rollout_ref.rollout.temperature)
+        metrics.update(cepo_reweight(data, self.tokenizer, scorer, settings, self.global_steps - 1, algo))
+        fields = TensorDict({"advantages": response_to_nested(data.batch["advantages"], response_mask),
+                             "returns": response_to_nested(data.batch["advantages"], response_mask)},
+                            batch_size=len(batch))
+        return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=fields)
+
+    def _driver_batch(self, batch):
+        """The batch's rows from the TransferQueue as a padded verl DataProto (verl's rollout layout)."""
+        td = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=_FIELDS)
+        response_mask = td["response_mask"]
+        prompts, responses = _rows(td["prompts"]), _rows(td["responses"])
+        R = max(len(r) for r in responses)
+        data = teacher_batch(prompts, responses, _pad_id(self.tokenizer), R, "cpu")
+        padded = td.select("response_mask", "advantages", "rm_scores", "old_log_probs").to_padded_tensor()
+        for key in ("response_mask", "advantages", "old_log_probs"):
+            data.batch[key] = padded[key][:, :R]
+        data.batch["token_level_rewards"] = padded["rm_scores"][:, :R]
+        data.non_tensor_batch["uid"] = np.array(list(td["uid"]), dtype=object)
+        data.non_tensor_batch["reward_model"] = np.array(list(td["reward_model"]), dtype=object)
+        return data, response_mask
+
