@@ -132,54 +132,143 @@ def cepo_advantages_fwd(adv, pos_logp, neg_logp, mask, lam, eps_w):
     return out
 
 
-def _bump_if_inplace(ctx, logits):
-    """After an in-place backward the logits' storage holds dlogits: bump their version counter so that
-    any later reader of the saved logits (a second backward with retain_graph, another op that saved
-    them) raises autograd's "modified by an inplace operation" error instead of reading gradients."""
-    if ctx.inplace:
-        torch.autograd.graph.increment_version(logits)
+# ---- the custom operators torch.ops.cepo_kernels.*: the launchers above as their real implementation (the
+# config lookup and the launch run there, outside any trace), a fake implementation of the output shapes, and
+# the autograd formula. docs/kernels.md ("Operators").
+_LP_SCHEMA = "(Tensor logits, Tensor targets, float temperature, bool with_entropy, bool inplace)"
+_BWD_ARGS = "Tensor targets, Tensor lse, Tensor ent, Tensor grad_lp, Tensor? grad_ent, float temperature"
 
 
-class _TokenLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets, temperature, inplace, with_entropy):
-        lp, lse, ent = logprobs_fwd(logits, targets, temperature, with_entropy)
-        ctx.save_for_backward(logits, targets, lse, lse if ent is None else ent)
-        ctx.temperature, ctx.inplace = temperature, inplace
-        ctx.set_materialize_grads(False)
-        return (lp, ent) if with_entropy else lp
-
-    @staticmethod
-    def backward(ctx, grad_lp, grad_ent=None):
-        logits, targets, lse, ent = ctx.saved_tensors
-        if grad_lp is None and grad_ent is None:
-            return None, None, None, None, None
-        if grad_lp is None:
-            grad_lp = torch.zeros_like(lse)
-        dlogits = logprobs_bwd(logits, targets, lse, ent, grad_lp.reshape(-1),
-                               None if grad_ent is None else grad_ent.reshape(-1), ctx.temperature,
-                               ctx.inplace)
-        _bump_if_inplace(ctx, logits)
-        return dlogits, None, None, None, None
+def _rows(logits):
+    return logits.shape[0] * logits.shape[1]
 
 
-class _CEPOLoss(torch.autograd.Function):
-    """Per-token losses [B*T]; the reduction happens in torch, so backward receives dL/dL_t."""
+@torch.library.custom_op("cepo_kernels::token_logprobs", mutates_args=(),
+                         schema=_LP_SCHEMA + " -> (Tensor, Tensor, Tensor)")
+def _token_logprobs_op(logits, targets, temperature, with_entropy, inplace):
+    """(logp, lse, entropy) [B*T] fp32 of [B, T, V] logits; entropy is [0] without with_entropy."""
+    lp, lse, ent = logprobs_fwd(logits, targets, temperature, with_entropy)
+    return lp, lse, lse.new_empty(0) if ent is None else ent
 
-    @staticmethod
-    def forward(ctx, logits, targets, params, inplace, tensors):
-        lp, lse, a_hat, loss, coef, delta = cepo_fwd(logits, targets, params=params, **tensors)
-        ctx.save_for_backward(logits, targets, lse, coef)
-        ctx.temperature, ctx.inplace = params.temperature, inplace
-        ctx.mark_non_differentiable(*(t for t in (lp, a_hat, delta) if t is not None))
-        return loss, lp, a_hat, delta
 
-    @staticmethod
-    def backward(ctx, grad_loss, *_):
-        logits, targets, lse, coef = ctx.saved_tensors
-        dlogits = cepo_bwd(logits, targets, lse, coef, grad_loss, ctx.temperature, ctx.inplace)
-        _bump_if_inplace(ctx, logits)
-        return dlogits, None, None, None, None
+@_token_logprobs_op.register_fake
+def _(logits, targets, temperature, with_entropy, inplace):
+    n = _rows(logits)
+    return (logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32),
+            logits.new_empty(n if with_entropy else 0, dtype=torch.float32))
+
+
+@torch.library.custom_op("cepo_kernels::logprobs_bwd", mutates_args=(),
+                         schema=f"(Tensor logits, {_BWD_ARGS}) -> Tensor")
+def _logprobs_bwd_op(logits, targets, lse, ent, grad_lp, grad_ent, temperature):
+    return logprobs_bwd(logits, targets, lse, ent, grad_lp, grad_ent, temperature)
+
+
+@_logprobs_bwd_op.register_fake
+def _(logits, targets, lse, ent, grad_lp, grad_ent, temperature):
+    return logits.new_empty(logits.shape)
+
+
+@torch.library.custom_op("cepo_kernels::logprobs_bwd_", mutates_args=("logits",),
+                         schema=f"(Tensor(a!) logits, {_BWD_ARGS}) -> ()")
+def _logprobs_bwd_inplace_op(logits, targets, lse, ent, grad_lp, grad_ent, temperature):
+    """The in-place backward: dlogits overwrite the logits (the op bumps their version counter, so a later
+    reader of the saved logits gets autograd's "modified by an inplace operation" error)."""
+    logprobs_bwd(logits, targets, lse, ent, grad_lp, grad_ent, temperature, inplace=True)
+
+
+@_logprobs_bwd_inplace_op.register_fake
+def _(logits, targets, lse, ent, grad_lp, grad_ent, temperature):
+    return None
+
+
+def _dlogits(logits, targets, lse, ent, grad_lp, grad_ent, temperature, inplace):
+    if inplace:
+        torch.ops.cepo_kernels.logprobs_bwd_(logits, targets, lse, ent, grad_lp, grad_ent, temperature)
+        return logits
+    return torch.ops.cepo_kernels.logprobs_bwd(logits, targets, lse, ent, grad_lp, grad_ent, temperature)
+
+
+def _token_logprobs_setup(ctx, inputs, output):
+    logits, targets, temperature, with_entropy, inplace = inputs
+    _, lse, ent = output
+    ctx.save_for_backward(logits, targets, lse, ent if with_entropy else lse)
+    ctx.temperature, ctx.inplace, ctx.with_entropy = temperature, inplace, with_entropy
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no entropy term then
+
+
+def _token_logprobs_backward(ctx, grad_lp, grad_lse, grad_ent):
+    """lse is an internal output (saved for the backward), not differentiated."""
+    logits, targets, lse, ent = ctx.saved_tensors
+    grad_ent = grad_ent if ctx.with_entropy else None
+    if grad_lp is None and grad_ent is None:
+        return None, None, None, None, None
+    grad_lp = torch.zeros_like(lse) if grad_lp is None else grad_lp.float().contiguous()
+    grad_ent = None if grad_ent is None else grad_ent.float().contiguous()
+    d = _dlogits(logits, targets, lse, ent, grad_lp, grad_ent, ctx.temperature, ctx.inplace)
+    return d, None, None, None, None
+
+
+_token_logprobs_op.register_autograd(_token_logprobs_backward, setup_context=_token_logprobs_setup)
+
+_CEPO_SCHEMA = ("(Tensor logits, Tensor targets, Tensor adv, Tensor mask, Tensor? old_logp, Tensor? pos_logits, "
+                "Tensor? neg_logits, Tensor? pos_logp, Tensor? neg_logp, float temperature, float lam, "
+                "float eps_w, float eps_low, float eps_high, float? clip_dual, bool inplace) "
+                "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+
+@torch.library.custom_op("cepo_kernels::cepo_fwd", mutates_args=(), schema=_CEPO_SCHEMA)
+def _cepo_fwd_op(logits, targets, adv, mask, old_logp, pos_logits, neg_logits, pos_logp, neg_logp, temperature,
+                 lam, eps_w, eps_low, eps_high, clip_dual, inplace):
+    """(per-token loss, logp, lse, A_hat, coef, Delta) [B*T] fp32; Delta is [0] without teachers."""
+    params = LossParams(lam=lam, eps_w=eps_w, eps_low=eps_low, eps_high=eps_high, clip_dual=clip_dual,
+                        temperature=temperature)
+    lp, lse, a_hat, loss, coef, delta = cepo_fwd(logits, targets, adv, mask, params, old_logp=old_logp,
+                                                 pos_logits=pos_logits, neg_logits=neg_logits,
+                                                 pos_logp=pos_logp, neg_logp=neg_logp)
+    return loss, lp, lse, a_hat, coef, lse.new_empty(0) if delta is None else delta
+
+
+@_cepo_fwd_op.register_fake
+def _(logits, targets, adv, mask, old_logp, pos_logits, neg_logits, pos_logp, neg_logp, *args):
+    n = _rows(logits)
+    teachers = pos_logits is not None or pos_logp is not None
+    out = [logits.new_empty(n, dtype=torch.float32) for _ in range(5)]
+    return (*out, logits.new_empty(n if teachers else 0, dtype=torch.float32))
+
+
+def _cepo_setup(ctx, inputs, output):
+    _, _, lse, _, coef, _ = output
+    ctx.save_for_backward(inputs[0], inputs[1], lse, coef)
+    ctx.temperature, ctx.inplace = inputs[9], inputs[15]
+    ctx.set_materialize_grads(False)
+
+
+def _cepo_backward(ctx, grad_loss, grad_lp, *_):
+    """dL/dlogits from dL/dL_t (dL_t/dlp = coef) and, if used, dL/dlogp; the other outputs are constants."""
+    logits, targets, lse, coef = ctx.saved_tensors
+    g = None if grad_loss is None else grad_loss.float() * coef
+    if grad_lp is not None:
+        g = grad_lp.float() if g is None else g + grad_lp.float()
+    if g is None:
+        return (None,) * 16
+    d = _dlogits(logits, targets, lse, lse, g.contiguous(), None, ctx.temperature, ctx.inplace)
+    return (d,) + (None,) * 15
+
+
+_cepo_fwd_op.register_autograd(_cepo_backward, setup_context=_cepo_setup)
+
+
+@torch.library.custom_op("cepo_kernels::cepo_advantages", mutates_args=(),
+                         schema="(Tensor adv, Tensor pos_logp, Tensor neg_logp, Tensor mask, float lam, "
+                                "float eps_w) -> Tensor")
+def _cepo_advantages_op(adv, pos_logp, neg_logp, mask, lam, eps_w):
+    return cepo_advantages_fwd(adv, pos_logp, neg_logp, mask, lam, eps_w)
+
+
+@_cepo_advantages_op.register_fake
+def _(adv, pos_logp, neg_logp, mask, lam, eps_w):
+    return adv.new_empty(adv.numel(), dtype=torch.float32)
 
 
 def _as_btv(x):
@@ -215,11 +304,11 @@ def token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False, in
     check_kernel_dtype("logits", logits)
     check_temperature(temperature)
     x = _as_btv(logits)
-    out = _TokenLogprobs.apply(x, targets.reshape(-1).long().contiguous(), float(temperature), bool(inplace),
-                               bool(return_entropy))
+    lp, _, ent = torch.ops.cepo_kernels.token_logprobs(x, targets.reshape(-1).long().contiguous(),
+                                                       float(temperature), bool(return_entropy), bool(inplace))
     if return_entropy:
-        return out[0].reshape(targets.shape), out[1].reshape(targets.shape)
-    return out.reshape(targets.shape)
+        return lp.reshape(targets.shape), ent.reshape(targets.shape)
+    return lp.reshape(targets.shape)
 
 
 def cepo_loss(logits, targets, advantages, mask, *, old_logp=None, pos_logits=None, neg_logits=None,
@@ -275,17 +364,16 @@ def cepo_loss(logits, targets, advantages, mask, *, old_logp=None, pos_logits=No
     def flat(t):
         return None if t is None else t.detach().reshape(-1).float().contiguous()
 
-    tensors = dict(
-        adv=flat(batch.advantages), mask=batch.mask.reshape(-1).to(torch.uint8),
-        old_logp=flat(batch.old_logp),
-        pos_logits=None if pos_logits is None else _as_btv(pos_logits.detach()),
-        neg_logits=None if neg_logits is None else _as_btv(neg_logits.detach()),
-        pos_logp=flat(batch.pos_logp), neg_logp=flat(batch.neg_logp),
-    )
-    loss_tok, lp, a_hat, delta = _CEPOLoss.apply(_as_btv(logits), batch.targets.reshape(-1).contiguous(),
-                                                 params, bool(inplace), tensors)
-    loss_tok, lp, a_hat = loss_tok.reshape(B, T), lp.reshape(B, T), a_hat.reshape(B, T)
-    delta = None if delta is None else delta.detach().reshape(B, T)
+    p = params
+    loss_tok, lp, _, a_hat, _, delta = torch.ops.cepo_kernels.cepo_fwd(
+        _as_btv(logits), batch.targets.reshape(-1).contiguous(), flat(batch.advantages),
+        batch.mask.reshape(-1).to(torch.uint8), flat(batch.old_logp),
+        None if pos_logits is None else _as_btv(pos_logits.detach()),
+        None if neg_logits is None else _as_btv(neg_logits.detach()), flat(batch.pos_logp), flat(batch.neg_logp),
+        p.temperature, p.lam, p.eps_w, p.eps_low, p.eps_high, p.clip_dual, bool(inplace))
+    loss_tok, lp, a_hat = loss_tok.reshape(B, T), lp.detach().reshape(B, T), a_hat.detach().reshape(B, T)
+    has_teachers = pos_logits is not None or batch.pos_logp is not None
+    delta = delta.detach().reshape(B, T) if has_teachers else None
     return loss_output(loss_tok, lp, a_hat, delta, batch, params, num_tokens, metrics)
 
 
@@ -318,6 +406,7 @@ def cepo_advantages(advantages, pos_logp, neg_logp, mask, *, lam, eps_w=0.2):
     def flat(t):
         return t.reshape(-1).float().contiguous()
 
-    out = cepo_advantages_fwd(flat(batch.advantages), flat(batch.pos_logp), flat(batch.neg_logp),
-                              batch.mask.reshape(-1).to(torch.uint8), lam, eps_w)
+    out = torch.ops.cepo_kernels.cepo_advantages(flat(batch.advantages), flat(batch.pos_logp),
+                                                 flat(batch.neg_logp), batch.mask.reshape(-1).to(torch.uint8),
+                                                 lam, float(eps_w))
     return out.reshape(lead)
