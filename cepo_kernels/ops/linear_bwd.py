@@ -309,3 +309,23 @@ def linear_bwd(hidden, weight, bias, targets, lse, g_lp, ent=None, g_ent=None, *
     if need_b:
         grad_b = db32.to(bias.dtype)
     return grad_h, grad_w, grad_b
+
+
+@torch.library.custom_op(
+    "cepo_kernels::linear_bwd", mutates_args=(),
+    schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor lse, Tensor g_lp, "
+           "Tensor? ent, Tensor? g_ent, float temperature, bool need_h, bool need_w, bool need_b) "
+           "-> (Tensor, Tensor, Tensor)")
+def _linear_bwd_op(hidden, weight, bias, targets, lse, g_lp, ent, g_ent, temperature, need_h, need_w, need_b):
+    """linear_bwd as an operator: (grad_hidden, grad_weight, grad_bias), [0] for each one not needed."""
+    grads = linear_bwd(hidden, weight, bias, targets, lse, g_lp, ent, g_ent, temperature=temperature,
+                       needs=(need_h, need_w, need_b))
+    return tuple(hidden.new_empty(0) if g is None else g for g in grads)
+
+
+@_linear_bwd_op.register_fake
+def _(hidden, weight, bias, targets, lse, g_lp, ent, g_ent, temperature, need_h, need_w, need_b):
+    def grad(x, need):
+        return torch.empty_like(x) if need and x is not None else hidden.new_empty(0)
+
+    return grad(hidden, need_h), grad(weight, need_w), grad(bias, need_b)

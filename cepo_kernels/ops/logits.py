@@ -211,15 +211,16 @@ def _token_logprobs_backward(ctx, grad_lp, grad_lse, grad_ent):
 
 _token_logprobs_op.register_autograd(_token_logprobs_backward, setup_context=_token_logprobs_setup)
 
-_CEPO_SCHEMA = ("(Tensor logits, Tensor targets, Tensor adv, Tensor mask, Tensor? old_logp, Tensor? pos_logits, "
-                "Tensor? neg_logits, Tensor? pos_logp, Tensor? neg_logp, float temperature, float lam, "
-                "float eps_w, float eps_low, float eps_high, float? clip_dual, bool inplace) "
+_CEPO_SCHEMA = ("(Tensor logits, Tensor targets, Tensor adv, Tensor mask, Tensor? old_logp, "
+                "Tensor? pos_logits, Tensor? neg_logits, Tensor? pos_logp, Tensor? neg_logp, "
+                "float temperature, float lam, float eps_w, float eps_low, float eps_high, float? clip_dual, "
+                "bool inplace) "
                 "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
 @torch.library.custom_op("cepo_kernels::cepo_fwd", mutates_args=(), schema=_CEPO_SCHEMA)
-def _cepo_fwd_op(logits, targets, adv, mask, old_logp, pos_logits, neg_logits, pos_logp, neg_logp, temperature,
-                 lam, eps_w, eps_low, eps_high, clip_dual, inplace):
+def _cepo_fwd_op(logits, targets, adv, mask, old_logp, pos_logits, neg_logits, pos_logp, neg_logp,
+                 temperature, lam, eps_w, eps_low, eps_high, clip_dual, inplace):
     """(per-token loss, logp, lse, A_hat, coef, Delta) [B*T] fp32; Delta is [0] without teachers."""
     params = LossParams(lam=lam, eps_w=eps_w, eps_low=eps_low, eps_high=eps_high, clip_dual=clip_dual,
                         temperature=temperature)
@@ -304,8 +305,8 @@ def token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False, in
     check_kernel_dtype("logits", logits)
     check_temperature(temperature)
     x = _as_btv(logits)
-    lp, _, ent = torch.ops.cepo_kernels.token_logprobs(x, targets.reshape(-1).long().contiguous(),
-                                                       float(temperature), bool(return_entropy), bool(inplace))
+    lp, _, ent = torch.ops.cepo_kernels.token_logprobs(
+        x, targets.reshape(-1).long().contiguous(), float(temperature), bool(return_entropy), bool(inplace))
     if return_entropy:
         return lp.reshape(targets.shape), ent.reshape(targets.shape)
     return lp.reshape(targets.shape)
@@ -369,7 +370,8 @@ def cepo_loss(logits, targets, advantages, mask, *, old_logp=None, pos_logits=No
         _as_btv(logits), batch.targets.reshape(-1).contiguous(), flat(batch.advantages),
         batch.mask.reshape(-1).to(torch.uint8), flat(batch.old_logp),
         None if pos_logits is None else _as_btv(pos_logits.detach()),
-        None if neg_logits is None else _as_btv(neg_logits.detach()), flat(batch.pos_logp), flat(batch.neg_logp),
+        None if neg_logits is None else _as_btv(neg_logits.detach()), flat(batch.pos_logp),
+        flat(batch.neg_logp),
         p.temperature, p.lam, p.eps_w, p.eps_low, p.eps_high, p.clip_dual, bool(inplace))
     loss_tok, lp, a_hat = loss_tok.reshape(B, T), lp.detach().reshape(B, T), a_hat.detach().reshape(B, T)
     has_teachers = pos_logits is not None or batch.pos_logp is not None
