@@ -87,11 +87,7 @@ def linear_scores(sources, weight, bias, targets, rows=None, count=None, *, rows
         return out
     _common.require_backend(dev)
     cfg = _FWD_CONFIG[32 if weight.dtype == torch.float32 else 16]
-    n_vrb = S * triton.cdiv(P, cfg["BLOCK_M"])
-    n_tiles = triton.cdiv(V, cfg["BLOCK_V"])
-    want = _INTERPRET_SPLITS if interpreted() else triton.cdiv(_FWD_PROGRAMS, n_vrb)
-    tiles_per_split = triton.cdiv(n_tiles, min(n_tiles, max(1, want)))
-    n_split = triton.cdiv(n_tiles, tiles_per_split)
+    n_vrb, n_split, tiles_per_split = _splits(S, P, V, cfg, interpreted())
     stats = _common.alloc((S, 3, n_split, P), torch.float32, dev)
     tgt = _common.alloc((S, P), torch.float32, dev)
     h = list(sources) + [sources[0]] * (3 - S)
@@ -105,6 +101,15 @@ def linear_scores(sources, weight, bias, targets, rows=None, count=None, *, rows
         stats, tgt, targets, rows, count, out[0], out[1], out[2], P, V, n_split, targets.stride(0),
         *stats.stride()[:3], out.stride(1), ROWS_FROM=rows_from, BLOCK=_COMBINE_BLOCK)
     return out
+
+
+def _splits(S, P, V, cfg, interpreter):
+    """(row blocks, vocabulary splits, tiles per split) of the forward grid."""
+    n_vrb = S * triton.cdiv(P, cfg["BLOCK_M"])
+    n_tiles = triton.cdiv(V, cfg["BLOCK_V"])
+    want = _INTERPRET_SPLITS if interpreter else triton.cdiv(_FWD_PROGRAMS, n_vrb)
+    tiles_per_split = triton.cdiv(n_tiles, min(n_tiles, max(1, want)))
+    return n_vrb, triton.cdiv(n_tiles, tiles_per_split), tiles_per_split
 
 
 def token_fwd(logp, old, adv, pos, neg, mask, params):
@@ -137,7 +142,12 @@ def _linear_scores_op(hidden, teachers, weight, bias, targets, rows, count, rows
 
 @_linear_scores_op.register_fake
 def _(hidden, teachers, weight, bias, targets, rows, count, rows_from, temperature, entropy_grad):
-    return hidden.new_empty((3, 1 + len(teachers), hidden.shape[0]), dtype=torch.float32)
+    S, N, V = 1 + len(teachers), hidden.shape[0], weight.shape[0]
+    P = N if rows is None else rows.shape[0]
+    if all(isinstance(d, int) for d in (N, V, P)) and P:  # the split stats and target logits, on a GPU
+        _, n_split, _ = _splits(S, P, V, _FWD_CONFIG[32 if weight.dtype == torch.float32 else 16], False)
+        _common.report_workspace(4 * S * P * (3 * n_split + 1))
+    return hidden.new_empty((3, S, N), dtype=torch.float32)
 
 
 def _scores_setup(ctx, inputs, output):
