@@ -1,9 +1,10 @@
 """Peak memory of one CEPO update step of a Qwen3-4B-shaped model, traced with fake tensors on any CPU.
 
 The model is transformers' own Qwen3ForCausalLM built from Qwen3Config on the meta device, its parameters
-then swapped for fake tensors (FakeTensorMode): no weight is allocated, every op runs its fake (shape-only) implementation, and torch.distributed._tools.mem_tracker
-a dispatch mode (`Peak`) records every tensor storage as it is created and freed (MemTracker's
-storage accounting, without its per-module bookkeeping, which refuses a module called twice in a step). The step is the anchor of
+then swapped for fake tensors (FakeTensorMode): no weight is allocated, every op runs its fake (shape-only)
+implementation, and a dispatch mode (`Peak`) records every tensor storage as it is created and freed
+(MemTracker's storage accounting, without its per-module bookkeeping, which refuses a module called twice
+in a step). The step is the anchor of
 docs/peers.md: 4 sequences x (768 prompt + 2048 response) tokens, teacher contexts of 768 + 16 answer
 tokens, two teacher forwards without gradient, then the policy's forward and backward, gradient
 checkpointing, bf16, every parameter trainable, no optimizer state. Loss heads:
@@ -143,7 +144,8 @@ def build(mode, dtype, lora_rank=16):
         from peft import LoraConfig, get_peft_model
 
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets))
+        lora = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets)
+        model = get_peft_model(model, lora)
     return model
 
 
@@ -238,7 +240,8 @@ def trace(head, mode="full", dtype=torch.bfloat16, shape=ANCHOR, optimizer=False
         finally:
             _common.WORKSPACE_HOOKS.remove(tracker.workspace)
         peak = tracker.peak
-        print(f"  peak at {tracker.at}; largest operator workspace {tracker.ws_peak / GiB:.2f} GiB", flush=True)
+        print(f"  peak at {tracker.at}; largest operator workspace {tracker.ws_peak / GiB:.2f} GiB",
+              flush=True)
     return dict(peak=peak, weights=weights)
 
 
