@@ -16,6 +16,7 @@ import torch._dynamo.testing
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import cepo_kernels as ck
+from cepo_kernels.ops import _common
 from cepo_kernels.ops import linear as _linear  # noqa: F401  (registers the linear operators)
 
 OPS = torch.ops.cepo_kernels
@@ -190,7 +191,10 @@ def test_float_metrics_need_a_host_sync():
 N_REAL, H_REAL, V_REAL = 8192, 2560, 151936
 
 
-def test_fake_tensors_run_the_linear_path_at_real_shapes():
+def test_fake_tensors_run_the_linear_path_at_real_shapes(monkeypatch):
+    reported = []
+    monkeypatch.setattr(_common, "WORKSPACE_HOOKS", [reported.append])
+    monkeypatch.delenv("CEPO_LINEAR_CHUNK_BYTES", raising=False)
     with FakeTensorMode():
         h = torch.empty(N_REAL, H_REAL, dtype=torch.bfloat16, requires_grad=True)
         w = torch.empty(V_REAL, H_REAL, dtype=torch.bfloat16, requires_grad=True)
@@ -205,6 +209,11 @@ def test_fake_tensors_run_the_linear_path_at_real_shapes():
         assert h.grad.shape == h.shape and w.grad.shape == w.shape and h.grad.dtype == torch.bfloat16
         assert out.logp.shape == (N_REAL,) and pos.shape == neg.shape == lp.shape == ent.shape == (N_REAL,)
         assert set(out.metrics) >= {"clip_frac", "delta_mean"} and out.loss.shape == ()
+    # the backward's temporaries at the largest GPU budget (docs/memory.md): one 512 MiB G chunk (R = N rows,
+    # C = 32768 columns of bf16), the fp32 grad_hidden accumulator, the row list and the masked g_lp
+    assert reported[1] == (512 << 20) + 4 * N_REAL * H_REAL + 12 * N_REAL
+    # the forward's split stats: 3 sources x 64 row blocks, 1024 / 192 -> 6 splits (of 1187 tiles: 198 each)
+    assert reported[0] == 4 * 3 * N_REAL * (3 * 6 + 1)
 
 
 def test_fake_tensors_run_the_logits_path_at_real_shapes():
