@@ -348,8 +348,9 @@ def cepo_loss(logits, targets, advantages, mask, *, old_logp=None, pos_logits=No
             capturable with a bool mask and num_tokens given as a number or a tensor); False: {} (none
             computed).
     Returns:
-        CEPOOutput(loss: scalar ([B, T] / [N] for "none"), logp: fp32 detached, advantages: fp32 A_hat
-        detached, metrics: dict of floats, or of tensors with metrics="tensor").
+        CEPOOutput(loss: scalar ([B, T] / [N] for "none"), logp: fp32 detached (0 at masked positions,
+        whose logits are never read), advantages: fp32 A_hat detached, metrics: dict of floats, or of
+        tensors with metrics="tensor").
     """
     check_metrics_option(metrics)
     params, batch = check_logits_loss(
