@@ -187,8 +187,8 @@ _GLOBAL_LOADS = ("LDG", "LDGSTS")
 _MMA_SASS = re.compile(r"\b(HGMMA|WGMMA|HMMA|IMMA|QGMMA)\b")
 # sm_90 per SM: 65536 registers (allocated per warp in units of 256), 228 KB of shared memory (1 KB of it
 # reserved per CTA; at most 227 KB per CTA), 64 warps, 32 CTAs
-SM90 = dict(regs=65536, reg_unit=256, smem=228 * 1024, smem_cta_reserved=1024, smem_max=227 * 1024, warps=64,
-            ctas=32)
+SM90_LIMITS = dict(regs=65536, reg_unit=256, smem=228 * 1024, smem_cta_reserved=1024, smem_max=227 * 1024,
+                   warps=64, ctas=32)
 _WIDTH = {"U8": 8, "S8": 8, "U16": 16, "S16": 16, "64": 64, "128": 128}
 _PTX_MMA = re.compile(r"\b(wgmma\.mma_async|mma)(?:\.sync)?\.aligned\.(m\d+n\d+k\d+)")
 
@@ -230,7 +230,7 @@ def _parse_sass(sass):
     return instrs, labels
 
 
-def ctas_per_sm(regs, shared_bytes, num_warps, sm=SM90):
+def ctas_per_sm(regs, shared_bytes, num_warps, sm=SM90_LIMITS):
     """Resident CTAs per SM: the least of the register, shared-memory, warp and CTA limits (0: no fit)."""
     per_warp = -(-regs * 32 // sm["reg_unit"]) * sm["reg_unit"]
     by_regs = (sm["regs"] // per_warp) // num_warps if per_warp else sm["ctas"]
