@@ -234,8 +234,7 @@ def test_fake_tensors_run_the_logits_path_at_real_shapes():
 # ---- on a GPU: inductor, and no host synchronisation inside the operators ------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["token_logprobs", "cepo_loss", "grpo_loss", "linear_logprobs",
-                                  "linear_cepo_loss", "linear_grpo_loss", "linear_teacher_logprobs"])
+@pytest.mark.parametrize("name", ["cepo_loss", "linear_cepo_loss"])  # inductor compiles take seconds each
 def test_inductor_matches_eager_on_gpu(name):
     eager_out, eager_grads, out, grads = check_compiled(name, public_cases("cuda"), "inductor")
     for a, e in zip([*out, *grads], [*eager_out, *eager_grads], strict=True):
@@ -245,7 +244,7 @@ def test_inductor_matches_eager_on_gpu(name):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["token_logprobs", "cepo_loss", "linear_logprobs", "linear_cepo_loss",
+@pytest.mark.parametrize("name", ["token_logprobs", "cepo_loss", "linear_cepo_loss",
                                   "linear_teacher_logprobs"])
 def test_no_host_sync_in_the_operators_on_gpu(name):
     leaves, fn = public_cases("cuda")[name]
