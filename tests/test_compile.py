@@ -92,11 +92,14 @@ def test_linear_kernels_do_not_spill_and_use_wide_wgmma(linear_rows):
             assert shapes and all(int(m.split("n")[1].split("k")[0]) >= 128 for m in shapes), r
 
 
-def test_sass_access_widths_and_occupancy():
+def test_sass_access_widths_and_occupancy(monkeypatch):
     """The report's SASS parsing (no compile): cp.async loads are read at their width, and the CTAs per SM
     follow sm_90's register (per-warp units of 256) and shared-memory limits."""
     import importlib.util
 
+    # importing the report drops TRITON_INTERPRET and extends sys.path: both restored after the test
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
     spec = importlib.util.spec_from_file_location("compile_report", SCRIPT)
     cr = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cr)
