@@ -104,7 +104,8 @@ _CEPO_SCHEMA = ("(Tensor logits, Tensor targets, Tensor adv, Tensor mask, Tensor
 @torch.library.custom_op("cepo_kernels::cepo_fwd", mutates_args=(), schema=_CEPO_SCHEMA)
 def _cepo_fwd_op(logits, targets, adv, mask, old_logp, pos_logits, neg_logits, pos_logp, neg_logp,
                  temperature, lam, eps_w, eps_low, eps_high, clip_dual, inplace):
-    """(per-token loss, logp, lse, A_hat, coef, Delta) [B*T] fp32; Delta is [0] without teachers."""
+    """(per-token loss, logp, lse, A_hat, coef, Delta) [B*T] fp32; Delta is [0] without teachers; logp and lse
+    are 0 at masked rows (not read)."""
     params = LossParams(lam=lam, eps_w=eps_w, eps_low=eps_low, eps_high=eps_high, clip_dual=clip_dual,
                         temperature=temperature)
     lp, lse, a_hat, loss, coef, delta = _launchers().cepo_fwd(
@@ -123,17 +124,18 @@ def _(logits, targets, adv, mask, old_logp, pos_logits, neg_logits, pos_logp, ne
 
 def _cepo_setup(ctx, inputs, output):
     _, _, lse, _, coef, _ = output
-    ctx.save_for_backward(inputs[0], inputs[1], lse, coef)
+    ctx.save_for_backward(inputs[0], inputs[1], lse, coef, inputs[3])
     ctx.temperature, ctx.inplace = inputs[9], inputs[15]
     ctx.set_materialize_grads(False)
 
 
 def _cepo_backward(ctx, grad_loss, grad_lp, *_):
     """dL/dlogits from dL/dL_t (dL_t/dlp = coef) and, if used, dL/dlogp; the other outputs are constants."""
-    logits, targets, lse, coef = ctx.saved_tensors
+    logits, targets, lse, coef, mask = ctx.saved_tensors
     g = None if grad_loss is None else grad_loss.float() * coef
-    if grad_lp is not None:
-        g = grad_lp.float() if g is None else g + grad_lp.float()
+    if grad_lp is not None:  # logp is the constant 0 at masked rows
+        g_lp = torch.where(mask != 0, grad_lp.float(), 0.0)
+        g = g_lp if g is None else g + g_lp
     if g is None:
         return (None,) * 16
     d = _dlogits(logits, targets, lse, lse, g.contiguous(), None, ctx.temperature, ctx.inplace)
