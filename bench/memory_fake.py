@@ -4,10 +4,9 @@ The model is transformers' own Qwen3ForCausalLM built from Qwen3Config on the me
 then swapped for fake tensors (FakeTensorMode): no weight is allocated, every op runs its fake (shape-only)
 implementation, and a dispatch mode (`Peak`) records every tensor storage as it is created and freed
 (MemTracker's storage accounting, without its per-module bookkeeping, which refuses a module called twice
-in a step). The step is the anchor of
-docs/peers.md: 4 sequences x (768 prompt + 2048 response) tokens, teacher contexts of 768 + 16 answer
-tokens, two teacher forwards without gradient, then the policy's forward and backward, gradient
-checkpointing, bf16, every parameter trainable, no optimizer state. Loss heads:
+in a step). The step is the anchor of docs/peers.md: 4 sequences x (768 prompt + 2048 response) tokens,
+teacher contexts of 768 + 16 answer tokens, two teacher forwards without gradient, then the policy's
+forward and backward, gradient checkpointing, bf16, every parameter trainable, no optimizer state. Heads:
 
 - hf:     HF logits (model(...).logits over every position) + log_softmax in fp32 (cepo_ref.token_logprobs),
           all three passes; the CEPO/PPO loss on the [B, R] log-probs in torch (`ppo_loss`).
