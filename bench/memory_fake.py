@@ -15,16 +15,17 @@ forward and backward, gradient checkpointing, bf16, every parameter trainable, n
           logit tiles in shared memory/registers, so their global allocations are these outputs alone;
           the PPO on the [B, R] log-probs in torch.
 - linear: this package (linear_teacher_logprobs for each teacher, linear_cepo_loss for the policy); the
-          operators' fake implementations allocate the kernels' workspaces (the forward's split stats,
-          the backward's G chunk at the GPU budget and its fp32 accumulators) for the time they live.
+          operators' fake implementations report their launchers' temporaries (the forward's split stats,
+          the backward's G chunk at the GPU budget and its fp32 accumulators), counted on top of what is
+          live at that moment (`Peak.workspace`).
 
 Modes (--mode): full (the anchor: all parameters trainable, no optimizer state), lora (rank 16 on q, k, v,
 o, gate, up, down via peft, fp32 adapters, AdamW state traced by one optimizer step), full-adamw (bf16
 or --dtype float32 weights with torch AdamW, its state traced by one step).
 
-    python bench/memory_fake.py                       # the three heads at the anchor, about a minute
+    python bench/memory_fake.py                       # the three heads at the anchor, under a minute
     python bench/memory_fake.py --mode lora --head linear
-Results: docs/memory.md ("Traced with fake tensors").
+Results: docs/memory.md ("One CEPO step of a Qwen3-4B-shaped model, traced with fake tensors").
 """
 
 from __future__ import annotations
