@@ -2,7 +2,8 @@
 # One prepared GPU run, time-boxed to finish within ~8.5 minutes (a device call may run 10; triton >= 3.6).
 # Phases in order of value, each with its own cap; a phase that would start past the deadline is skipped:
 #   1. the large-shape correctness tests (-m gpu)
-#   2. the kernel benchmarks with the peers (bench/test_logits_loss.py, bench/test_linear_loss.py)
+#   2. the kernel benchmarks with the peers and their floors timed in the same run (bench/test_logits_loss.py,
+#      bench/test_linear_loss.py: Liger, cut-cross-entropy, TRL's chunked log-prob head; a logits copy, a matmul)
 #   3. the logits kernels' config sweep (the fastest config per card written to the launchers' table)
 #   4. the one-step benchmark of a Qwen3-4B-shaped model (bench/test_train_step.py, without the search)
 #   5. the longest response that fits (the doubling search of bench/test_train_step.py)

@@ -1,10 +1,14 @@
-"""Loss from hidden states + lm_head, fwd+bwd: cepo_kernels vs torch eager, cut-cross-entropy and Liger.
+"""Loss from hidden states + lm_head, fwd+bwd: cepo_kernels vs torch eager, cut-cross-entropy, Liger and TRL.
 
 Shapes of docs/peers.md (a Qwen3-4B head): B=4, T=2048, H=2560, V=151936, bf16, 1/8 of the tokens
 masked, fp32 advantages and old log-probs. "dense": every sequence has a non-zero advantage;
 "half-zero": half the sequences have A = 0 (an all-correct or all-wrong group), whose rows the fused kernels
 skip. Run on a GPU: `pytest bench/test_linear_loss.py --benchmark-columns=median,min,max`; each result's
-extra_info holds the peak memory beyond the live inputs (GiB) of one fwd+bwd.
+extra_info holds the peak memory beyond the live inputs (GiB) of one fwd+bwd. TRL's chunked log-prob
+head (`trl.kernels.ChunkedLogProbFunction`, what `add_fused_lm_head` runs: cuBLAS tiles of 32768 vocabulary
+columns folded by a Triton kernel, only the valid positions) is called once per pass, as cut-cross-entropy.
+The floor is timed in the same run: one bf16 matmul [N, H] x [H, V], which bench/summarise.py scales to the
+6 matmuls of CEPO and the 4 of GRPO with the logits never stored (docs/peers.md).
 """
 
 import importlib.util
@@ -22,6 +26,8 @@ B, T, H, V = 4, 2048, 2560, 151936
 LAM, EPS_W, EPS_LOW, EPS_HIGH, CLIP_DUAL = 0.5, 0.2, 0.2, 0.28, 3.0
 HAS_CCE = importlib.util.find_spec("cut_cross_entropy") is not None
 HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
+HAS_TRL = importlib.util.find_spec("trl") is not None
+TRL_CHUNK = 32768  # TRL 1.16's vocabulary chunk for its fused head
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +107,25 @@ def cce_loss(x, h, w, adv, teachers):
     return ppo(lp, a_hat, x["old_logp"], x["mask"])
 
 
+def trl_loss(x, h, w, adv, teachers):
+    from trl.kernels import ChunkedLogProbFunction
+
+    mask = x["mask"]
+
+    def logp(hh):  # TRL scores only the valid positions and scatters them back (zeros elsewhere)
+        out = ChunkedLogProbFunction.apply(hh[mask], w, None, x["targets"][mask], 1.0, TRL_CHUNK, None, 1.0,
+                                           ())
+        return hh.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(mask, out[0].float())
+
+    lp = logp(h)
+    if teachers:
+        with torch.no_grad():
+            a_hat = reweight(adv, logp(x["pos_hidden"]), logp(x["neg_hidden"]))
+    else:
+        a_hat = adv[:, None].expand(B, T)
+    return ppo(lp, a_hat, x["old_logp"], mask)
+
+
 _LIGER = {}
 
 
@@ -120,6 +145,7 @@ PROVIDERS = {
     "cepo": cepo_loss_fn,
     "cce": cce_loss,
     "liger": liger_loss,
+    "trl": trl_loss,
 }
 
 
@@ -131,6 +157,8 @@ def test_linear_loss(benchmark, inputs, provider, loss, case):
         pytest.skip("cut_cross_entropy is not installed")
     if provider == "liger" and not HAS_LIGER:
         pytest.skip("liger_kernel is not installed")
+    if provider == "trl" and (not HAS_TRL or importlib.util.find_spec("trl.kernels") is None):
+        pytest.skip("trl >= 1.16 (trl.kernels) is not installed")
     if provider == "liger" and loss == "cepo":
         pytest.skip("Liger cannot express CEPO (one advantage per sequence, no teachers)")
     fn = PROVIDERS[provider]
@@ -154,4 +182,21 @@ def test_linear_loss(benchmark, inputs, provider, loss, case):
     benchmark.extra_info["extra_GiB"] = round((torch.cuda.max_memory_allocated() - base) / 2**30, 3)
     benchmark.extra_info["shape"] = f"B{B}-T{T}-H{H}-V{V}-bf16"
     benchmark.extra_info["gpu"] = torch.cuda.get_device_name()
+    benchmark.extra_info.update(provider=provider, loss=loss, case=case)
+    benchmark.pedantic(step, rounds=10, warmup_rounds=2, iterations=1)
+
+
+def test_linear_floor_matmul(benchmark, inputs):
+    """The FLOP floor's unit: one bf16 matmul of the linear path's shape, [N, H] x [H, V]."""
+    h = inputs["hidden"].reshape(B * T, H)
+    w = inputs["weight"]
+    out = torch.empty(B * T, V, device="cuda", dtype=h.dtype)
+
+    def step():
+        torch.mm(h, w.T, out=out)
+        torch.cuda.synchronize()
+
+    step()
+    benchmark.extra_info.update(provider="floor-matmul", shape=f"B{B}-T{T}-H{H}-V{V}-bf16",
+                                gpu=torch.cuda.get_device_name())
     benchmark.pedantic(step, rounds=10, warmup_rounds=2, iterations=1)

@@ -4,6 +4,8 @@ B=4 sequences x T=2048 tokens, V=151936, bf16 policy logits [B, T, V] (Liger: [B
 1/8 of each sequence masked, fp32 per-sequence advantages and old log-probs; CEPO also reads two
 teacher logits tensors. Time: pytest-benchmark over a function that synchronises the GPU; memory:
 peak allocated beyond the live inputs during one fwd+bwd, in benchmark.extra_info["peak_extra_gib"].
+The floor is timed in the same run: a bf16 copy of the policy logits' bytes (read once, write once:
+2 passes), scaled by bench/summarise.py to the 4 passes of CEPO and the 3 of GRPO (docs/peers.md).
 Run: `pytest bench/test_logits_loss.py` (skipped on a machine without a GPU).
 """
 
@@ -107,6 +109,22 @@ def _step_fns(provider, d):
         torch.cuda.synchronize()
 
     return step, setup
+
+
+def test_logits_floor_copy(benchmark, inputs):
+    """The byte floor's unit: one device copy of [B, T, V] bf16 logits."""
+    src = inputs["full"][:, :-1].contiguous()
+    dst = torch.empty_like(src)
+
+    def step():
+        dst.copy_(src)
+        torch.cuda.synchronize()
+
+    step()
+    benchmark.group = f"logits loss fwd+bwd B={B} T={T} V={V} bf16"
+    benchmark.extra_info.update(provider="floor-copy", passes=2, device=torch.cuda.get_device_name(),
+                                torch=torch.__version__, triton=triton.__version__)
+    benchmark.pedantic(step, rounds=20, warmup_rounds=3, iterations=1)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

@@ -90,3 +90,26 @@ def test_linear_kernels_do_not_spill_and_use_wide_wgmma(linear_rows):
         if r["kernel"] == "_linear_fwd_kernel":
             shapes = [m for m in r["mma"] if m.startswith("wgmma")]
             assert shapes and all(int(m.split("n")[1].split("k")[0]) >= 128 for m in shapes), r
+
+
+def test_sass_access_widths_and_occupancy(monkeypatch):
+    """The report's SASS parsing (no compile): cp.async loads are read at their width, and the CTAs per SM
+    follow sm_90's register (per-warp units of 256) and shared-memory limits."""
+    import importlib.util
+
+    # importing the report drops TRITON_INTERPRET and extends sys.path: both restored after the test
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    spec = importlib.util.spec_from_file_location("compile_report", SCRIPT)
+    cr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cr)
+    for text, op, bits in (("LDGSTS.E.BYPASS.LTC128B.128 [R1+0x100], desc[UR4][R2.64]", "LDGSTS", 128),
+                           ("LDG.E.128 R4, desc[UR4][R2.64]", "LDG", 128),
+                           ("LDG.E R4, desc[UR4][R2.64]", "LDG", 32),
+                           ("STG.E.U16 desc[UR4][R2.64], R5", "STG", 16)):
+        m = cr._LDST.search(text)
+        assert (m.group(1), cr._access_bits(m.group(0))) == (op, bits), text
+    assert cr.ctas_per_sm(128, 96 * 1024, 8) == 2  # 16 warps' registers, two 97 KB CTAs
+    assert cr.ctas_per_sm(168, 96 * 1024, 8) == 1  # 168 x 32 -> 5376 per warp: 12 warps
+    assert cr.ctas_per_sm(40, 0, 8) == 6  # 1280 per warp -> 51 warps: 6 CTAs of 8
+    assert cr.ctas_per_sm(32, 228 * 1024, 4) == 0  # over the 227 KB a CTA may have

@@ -89,9 +89,13 @@ def compare_loss(case, dtype, teachers, **kw):
     ref64, grad64 = run_loss(cepo_ref, case, torch.float64, teachers, upstream, **kw)
     ref_t, grad_t = run_loss(cepo_ref, case, dtype, teachers, upstream, **kw)
     assert grad.dtype == dtype and out.logp.dtype == out.advantages.dtype == torch.float32
+    valid = case["mask"].reshape(out.logp.shape) & (case["targets"].reshape(out.logp.shape) >= 0)
+    assert bool((out.logp[~valid] == 0).all())  # a masked row's logits are not read: logp 0 there
     for name in ("loss", "logp", "advantages"):
         a, r64, rt = getattr(out, name), getattr(ref64, name), getattr(ref_t, name)
         assert a.shape == r64.shape, name
+        if name == "logp":
+            a, r64, rt = a[valid], r64[valid], rt[valid]
         assert_close(a, r64, rt, atol=scaled_atol(r64), name=name)
     assert_close(grad, grad64, grad_t, atol=scaled_atol(grad64, 1e-5), name="dlogits")
     for k, r64 in ref64.metrics.items():  # ratio_mean reaches exp(20): a relative atol
@@ -595,3 +599,43 @@ def test_token_logprobs_ignore_index(dname):
     assert_close(lp, lp64, lpt, atol=scaled_atol(lp64), name="logp")
     assert_close(ent, ent64, entt, atol=scaled_atol(ent64), name="entropy")
     assert_close(grad, grad64, gradt, atol=scaled_atol(grad64, 1e-5), name="dlogits")
+
+
+@pytest.mark.parametrize("teachers", ["none", "logits"])
+def test_masked_rows_are_not_read(teachers, device):
+    """A masked row's logits (and an unused row's teacher logits) are never read: NaN there changes nothing,
+    the loss and the gradient equal the clean run's bit for bit; logp is 0 at masked rows."""
+    g = torch.Generator().manual_seed(3)
+    B, T, V = 2, 6, 333
+    x = torch.randn(B, T, V, generator=g).to(device)
+    tg = torch.randint(0, V, (B, T), generator=g).to(device)
+    adv = torch.tensor([0.7, -1.2], device=device)
+    mask = (torch.rand(B, T, generator=g) > 0.4).to(device)
+    old = (torch.randn(B, T, generator=g) * 0.1 - 5.0).to(device)
+    kw = {}
+    if teachers == "logits":
+        kw = dict(pos_logits=torch.randn(B, T, V, generator=g).to(device),
+                  neg_logits=torch.randn(B, T, V, generator=g).to(device))
+    runs = []
+    for poisoned in (False, True):
+        xi = x.clone()
+        ti = {k: v.clone() for k, v in kw.items()}
+        if poisoned:
+            xi[~mask] = float("nan")
+            for v in ti.values():
+                v[~mask] = float("nan")
+        xi.requires_grad_()
+        out = cepo_kernels.cepo_loss(xi, tg, adv, mask, old_logp=old, metrics=False, **ti)
+        out.loss.backward()
+        runs.append((out, xi.grad))
+    (clean, g_clean), (bad, g_bad) = runs
+    assert bool(torch.isfinite(bad.loss)) and bool(torch.isfinite(g_bad).all())
+    torch.testing.assert_close(bad.loss, clean.loss, rtol=0, atol=0)
+    torch.testing.assert_close(g_bad, g_clean, rtol=0, atol=0)
+    torch.testing.assert_close(bad.advantages, clean.advantages, rtol=0, atol=0)
+    assert bool((bad.logp[~mask] == 0).all()) and bool((g_bad[~mask] == 0).all())
+    ref64, ref32 = (cepo_ref.cepo_loss(x.to(dt), tg, adv, mask, old_logp=old,
+                                       **{k: v.to(dt) for k, v in kw.items()})
+                    for dt in (torch.float64, torch.float32))
+    assert_close(bad.logp[mask], ref64.logp[mask], ref32.logp[mask], atol=1e-6, name="logp")
+    assert_close(bad.loss, ref64.loss, ref32.loss, atol=1e-6, name="loss")

@@ -31,6 +31,16 @@ def alloc(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+# Memory tracers (bench/memory_fake.py) append a callable(nbytes) here: the operators' fake implementations
+# report the bytes of the temporaries their kernels' launchers allocate and free inside the real one.
+WORKSPACE_HOOKS = []
+
+
+def report_workspace(nbytes):
+    for hook in WORKSPACE_HOOKS:
+        hook(int(nbytes))
+
+
 def interpreted() -> bool:
     """Whether the kernels run through Triton's CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

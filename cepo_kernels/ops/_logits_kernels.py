@@ -65,25 +65,32 @@ def _cepo_fwd_kernel(
         p_row = pos_logits + b * s_pb + t * s_pt
     if HAS_NEG_LOGITS:
         n_row = neg_logits + b * s_nb + t * s_nt
-    # the target logits first (scalar loads, whose latency the scan hides)
-    z_x = _target_logit(x_row, tgt, in_range, inv_temp)
+    # the target logits first (scalar loads, whose latency the scan hides); a masked row's logits are never
+    # read (its loss, A_hat and gradient are 0; logp and lse are stored as 0), teachers only where used
+    z_x = _target_logit(x_row, tgt, in_range & valid, inv_temp)
     z_p = 0.0
     z_n = 0.0
     if HAS_POS_LOGITS:
-        z_p = _target_logit(p_row, tgt, in_range, inv_temp)
+        z_p = _target_logit(p_row, tgt, in_range & used, inv_temp)
     if HAS_NEG_LOGITS:
-        z_n = _target_logit(n_row, tgt, in_range, inv_temp)
-    if HAS_POS_LOGITS or HAS_NEG_LOGITS:
-        # teachers of masked or A = 0 tokens are not read: A_hat = 0 whatever Delta is
-        if used:
-            m_x, s_x, _, m_p, s_p, m_n, s_n = _scan(x_row, p_row, n_row, V, c, HAS_POS_LOGITS, HAS_NEG_LOGITS,
-                                                    False, BLOCK_V)
+        z_n = _target_logit(n_row, tgt, in_range & used, inv_temp)
+    zero = tl.zeros([], tl.float32)
+    ninf = zero - float("inf")
+    m_x, s_x, m_p, s_p, m_n, s_n = ninf, zero, ninf, zero, ninf, zero
+    if valid:
+        if HAS_POS_LOGITS or HAS_NEG_LOGITS:
+            # teachers of A = 0 tokens are not read: A_hat = 0 whatever Delta is
+            if used:
+                m_x, s_x, _, m_p, s_p, m_n, s_n = _scan(x_row, p_row, n_row, V, c, HAS_POS_LOGITS,
+                                                        HAS_NEG_LOGITS, False, BLOCK_V)
+            else:
+                m_x, s_x, _, m_p, s_p, m_n, s_n = _scan(x_row, p_row, n_row, V, c, False, False, False,
+                                                        BLOCK_V)
         else:
             m_x, s_x, _, m_p, s_p, m_n, s_n = _scan(x_row, p_row, n_row, V, c, False, False, False, BLOCK_V)
-    else:
-        m_x, s_x, _, m_p, s_p, m_n, s_n = _scan(x_row, p_row, n_row, V, c, False, False, False, BLOCK_V)
     b_lse, _ = lse_entropy(m_x, s_x, s_x, inv_temp)
-    b_lp = _target_logp(z_x, tgt, in_range, b_lse)
+    b_lse = tl.where(valid, b_lse, 0.0)
+    b_lp = tl.where(valid, _target_logp(z_x, tgt, in_range, b_lse), 0.0)
     b_delta = 0.0
     if HAS_TEACHERS:
         if HAS_POS_LOGITS:

@@ -95,9 +95,10 @@ def _scan(x_row, p_row, n_row, V, c, READ_P: tl.constexpr, READ_N: tl.constexpr,
 
 
 @triton.jit
-def _target_logit(row, tgt, in_range, inv_temp):
-    """The target's scaled logit from one scalar load (an id outside [0, V) is never read)."""
-    return tl.load(row + tl.where(in_range, tgt, 0)).to(tl.float32) * inv_temp
+def _target_logit(row, tgt, read, inv_temp):
+    """The target's scaled logit from one scalar load; nothing is read where `read` is false (an id outside
+    [0, V), a masked row): 0 there."""
+    return tl.load(row + tl.where(read, tgt, 0), mask=read, other=0.0).to(tl.float32) * inv_temp
 
 
 @triton.jit

@@ -34,7 +34,7 @@ from cepo_kernels.ops._linear_kernels import (
     _linear_fwd_kernel,
     _linear_token_fwd_kernel,
 )
-from cepo_kernels.ops.linear_bwd import active_rows, dot_precision, linear_bwd, upcast_dot
+from cepo_kernels.ops.linear_bwd import active_rows, dot_precision, upcast_dot
 
 # per operand width: 16-bit dots run on the tensor cores (wgmma m64n128); fp32 IEEE dots run on the FMA
 # units, whose operand fragments need smaller tiles to stay spill-free (docs/compile/linear-sm90.md)
@@ -58,13 +58,19 @@ class Scored(NamedTuple):
 
 
 def linear_fwd(sources, weight, bias, targets, rows=None, count=None, *, rows_from=0, temperature=1.0):
+    """Scored(lse, logp, entropy), the [3, S, N] result of linear_scores unbound."""
+    return Scored(*linear_scores(sources, weight, bias, targets, rows, count, rows_from=rows_from,
+                                 temperature=temperature))
+
+
+def linear_scores(sources, weight, bias, targets, rows=None, count=None, *, rows_from=0, temperature=1.0):
     """Scores rows of 1-3 hidden-state sources against one weight in one launch; no autograd.
 
     sources: [N, H] tensors (last dim contiguous, the weight's dtype); weight [V, H] (last dim contiguous);
     bias [V] or None; targets [N] integer. rows: None (every row of every source), or int64 row ids [P]
     scored, for sources >= rows_from, at positions < count ([1] int32 on the device: no host sync); the
-    sources before rows_from score every row. Returns Scored(lse, logp, entropy) of the scaled logits z / T;
-    logp is 0 for a negative target and NaN for one >= V.
+    sources before rows_from score every row. Returns [3, S, N] fp32: (lse, logp, entropy) of the scaled
+    logits z / T; logp is 0 for a negative target and NaN for one >= V.
     """
     S = len(sources)
     N, H = sources[0].shape
@@ -78,14 +84,10 @@ def linear_fwd(sources, weight, bias, targets, rows=None, count=None, *, rows_fr
         if rows is not None:
             out[:, rows_from:].zero_()
     if P == 0 or N == 0:
-        return Scored(*out)
+        return out
     _common.require_backend(dev)
     cfg = _FWD_CONFIG[32 if weight.dtype == torch.float32 else 16]
-    n_vrb = S * triton.cdiv(P, cfg["BLOCK_M"])
-    n_tiles = triton.cdiv(V, cfg["BLOCK_V"])
-    want = _INTERPRET_SPLITS if interpreted() else triton.cdiv(_FWD_PROGRAMS, n_vrb)
-    tiles_per_split = triton.cdiv(n_tiles, min(n_tiles, max(1, want)))
-    n_split = triton.cdiv(n_tiles, tiles_per_split)
+    n_vrb, n_split, tiles_per_split = _splits(S, P, V, cfg, interpreted())
     stats = _common.alloc((S, 3, n_split, P), torch.float32, dev)
     tgt = _common.alloc((S, P), torch.float32, dev)
     h = list(sources) + [sources[0]] * (3 - S)
@@ -98,7 +100,16 @@ def linear_fwd(sources, weight, bias, targets, rows=None, count=None, *, rows_fr
     _linear_combine_kernel[(triton.cdiv(P, _COMBINE_BLOCK), S)](
         stats, tgt, targets, rows, count, out[0], out[1], out[2], P, V, n_split, targets.stride(0),
         *stats.stride()[:3], out.stride(1), ROWS_FROM=rows_from, BLOCK=_COMBINE_BLOCK)
-    return Scored(*out)
+    return out
+
+
+def _splits(S, P, V, cfg, interpreter):
+    """(row blocks, vocabulary splits, tiles per split) of the forward grid."""
+    n_vrb = S * triton.cdiv(P, cfg["BLOCK_M"])
+    n_tiles = triton.cdiv(V, cfg["BLOCK_V"])
+    want = _INTERPRET_SPLITS if interpreter else triton.cdiv(_FWD_PROGRAMS, n_vrb)
+    tiles_per_split = triton.cdiv(n_tiles, min(n_tiles, max(1, want)))
+    return n_vrb, triton.cdiv(n_tiles, tiles_per_split), tiles_per_split
 
 
 def token_fwd(logp, old, adv, pos, neg, mask, params):
@@ -115,61 +126,92 @@ def token_fwd(logp, old, adv, pos, neg, mask, params):
     return a_hat, loss, coef, delta
 
 
-class _LossSpec(NamedTuple):
-    """The loss-only inputs of _LinearFn, all flattened to [N] (teacher hidden states [N, H])."""
-
-    adv: torch.Tensor
-    mask: torch.Tensor
-    old: torch.Tensor | None
-    pos_hidden: torch.Tensor | None
-    neg_hidden: torch.Tensor | None
-    pos_logp: torch.Tensor | None
-    neg_logp: torch.Tensor | None
-    params: LossParams
-
-
-def _policy_and_teachers(hidden, weight, bias, targets, spec, T):
-    """Policy (lse, logp, entropy) on all rows, teacher log-probs on the rows that need them: one launch."""
-    teacher_h = [t for t in (spec.pos_hidden, spec.neg_hidden) if t is not None]
-    rows = count = None
-    if teacher_h:  # docs/method.md §4: rows with A = 0 (or masked) get A_hat = 0, teachers not scored
-        rows, count = active_rows(spec.mask & (spec.adv != 0))
-    sc = linear_fwd([hidden, *teacher_h], weight, bias, targets, rows, count, rows_from=1, temperature=T)
-    it = iter(sc.logp[1:])
-    pos = next(it) if spec.pos_hidden is not None else spec.pos_logp
-    neg = next(it) if spec.neg_hidden is not None else spec.neg_logp
-    return sc.lse[0], sc.logp[0], sc.entropy[0], pos, neg
+# ---- the custom operators torch.ops.cepo_kernels.linear_scores / token_loss (linear_bwd: in linear_bwd.py):
+# the launchers as real implementation, fake output shapes, the autograd formulas. docs/kernels.md, Operators.
+@torch.library.custom_op(
+    "cepo_kernels::linear_scores", mutates_args=(),
+    schema="(Tensor hidden, Tensor[] teachers, Tensor weight, Tensor? bias, Tensor targets, Tensor? rows, "
+           "Tensor? count, int rows_from, float temperature, bool entropy_grad) -> Tensor")
+def _linear_scores_op(hidden, teachers, weight, bias, targets, rows, count, rows_from, temperature,
+                      entropy_grad):
+    """[3, S, N] (lse, logp, entropy) of the sources [hidden, *teachers]; differentiable through source 0's
+    logp (and its entropy with entropy_grad) w.r.t. hidden, weight and bias."""
+    return linear_scores([hidden, *teachers], weight, bias, targets, rows, count, rows_from=rows_from,
+                         temperature=temperature)
 
 
-class _LinearFn(torch.autograd.Function):
-    """(hidden [N, H], weight, bias) -> (logp, entropy[, per-token loss, A_hat, Delta]) [N] fp32."""
+@_linear_scores_op.register_fake
+def _(hidden, teachers, weight, bias, targets, rows, count, rows_from, temperature, entropy_grad):
+    S, N, V = 1 + len(teachers), hidden.shape[0], weight.shape[0]
+    P = N if rows is None else rows.shape[0]
+    if all(isinstance(d, int) for d in (N, V, P)) and P:  # the split stats and target logits, on a GPU
+        _, n_split, _ = _splits(S, P, V, _FWD_CONFIG[32 if weight.dtype == torch.float32 else 16], False)
+        _common.report_workspace(4 * S * P * (3 * n_split + 1))
+    return hidden.new_empty((3, S, N), dtype=torch.float32)
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, spec):
-        ctx.set_materialize_grads(False)
-        if spec is None:
-            sc = linear_fwd([hidden], weight, bias, targets, temperature=temperature)
-            lse, logp, ent, coef, extra = sc.lse[0], sc.logp[0], sc.entropy[0], None, ()
-        else:
-            lse, logp, ent, pos, neg = _policy_and_teachers(hidden, weight, bias, targets, spec, temperature)
-            a_hat, loss, coef, delta = token_fwd(logp, spec.old, spec.adv, pos, neg, spec.mask, spec.params)
-            extra = (loss, a_hat, delta)
-            ctx.mark_non_differentiable(*extra[1:])
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent, coef)
-        ctx.temperature = temperature
-        return (logp, ent, *extra)
 
-    @staticmethod
-    def backward(ctx, g_logp, g_ent, g_loss=None, *_):
-        hidden, weight, bias, targets, lse, ent, coef = ctx.saved_tensors
-        g = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
-        if g_loss is not None:
-            g = g + g_loss.float() * coef
-        if g_ent is not None:
-            g_ent = g_ent.float().contiguous()
-        dh, dw, db = linear_bwd(hidden, weight, bias, targets, lse, g, None if g_ent is None else ent,
-                                g_ent, temperature=ctx.temperature, needs=ctx.needs_input_grad[:3])
-        return dh, dw, db, None, None, None
+def _scores_setup(ctx, inputs, output):
+    hidden, _, weight, bias, targets, _, _, _, temperature, entropy_grad = inputs
+    ctx.save_for_backward(hidden, weight, bias, targets, output[0, 0], output[2, 0])
+    ctx.temperature, ctx.entropy_grad, ctx.n_teachers = temperature, entropy_grad, len(inputs[1])
+    ctx.set_materialize_grads(False)
+
+
+def _scores_backward(ctx, grad):
+    hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    none_t = [None] * ctx.n_teachers  # the teachers are constants
+    if grad is None or not (needs[0] or needs[2] or needs[3]):
+        return (None, none_t) + (None,) * 8
+    g_ent = grad[2, 0].float().contiguous() if ctx.entropy_grad else None
+    dh, dw, db = torch.ops.cepo_kernels.linear_bwd(
+        hidden, weight, bias, targets, lse, grad[1, 0].float().contiguous(),
+        ent if ctx.entropy_grad else None, g_ent, ctx.temperature, needs[0], needs[2],
+        needs[3] and bias is not None)
+    return (dh if needs[0] else None, none_t, dw if needs[2] else None,
+            db if needs[3] and bias is not None else None) + (None,) * 6
+
+
+_linear_scores_op.register_autograd(_scores_backward, setup_context=_scores_setup)
+
+
+@torch.library.custom_op(
+    "cepo_kernels::token_loss", mutates_args=(),
+    schema="(Tensor logp, Tensor? old, Tensor adv, Tensor? pos, Tensor? neg, Tensor mask, float lam, "
+           "float eps_w, float eps_low, float eps_high, float? clip_dual) "
+           "-> (Tensor, Tensor, Tensor, Tensor)")
+def _token_loss_op(logp, old, adv, pos, neg, mask, lam, eps_w, eps_low, eps_high, clip_dual):
+    """(per-token loss, A_hat, coef = dL_t/dlogp, Delta) [N] fp32 from per-token log-probs."""
+    params = LossParams(lam=lam, eps_w=eps_w, eps_low=eps_low, eps_high=eps_high, clip_dual=clip_dual)
+    a_hat, loss, coef, delta = token_fwd(logp, old, adv, pos, neg, mask, params)
+    return loss, a_hat, coef, delta
+
+
+@_token_loss_op.register_fake
+def _(logp, *args):
+    return tuple(logp.new_empty(logp.shape, dtype=torch.float32) for _ in range(4))
+
+
+def _token_loss_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[2])
+    ctx.set_materialize_grads(False)
+
+
+def _token_loss_backward(ctx, grad_loss, *_):
+    """dL/dlogp = dL/dL_t * coef; A_hat, coef and Delta are constants, the teachers' log-probs get none."""
+    (coef,) = ctx.saved_tensors
+    return (None if grad_loss is None else grad_loss.float() * coef,) + (None,) * 10
+
+
+_token_loss_op.register_autograd(_token_loss_backward, setup_context=_token_loss_setup)
+
+
+def _scores(sources, weight, bias, targets, rows=None, count=None, *, rows_from=0, temperature=1.0,
+            entropy_grad=False):
+    """Scored(lse, logp, entropy) through the operator (what the public functions trace)."""
+    out = torch.ops.cepo_kernels.linear_scores(sources[0], list(sources[1:]), weight, bias, targets, rows,
+                                               count, rows_from, float(temperature), entropy_grad)
+    return Scored(*out)
 
 
 def _rows2d(x):
@@ -207,9 +249,9 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retu
     check_tensor("targets", targets, dtypes="int", shape=hidden.shape[:-1], device=hidden.device)
     check_temperature(temperature)
     lead = hidden.shape[:-1]
-    logp, ent = _LinearFn.apply(_rows2d(hidden), _lastdim(weight), bias, targets.reshape(-1),
-                                float(temperature), None)
-    logp, ent = logp.reshape(lead), ent.reshape(lead)
+    sc = _scores([_rows2d(hidden)], _lastdim(weight), bias, targets.reshape(-1), temperature=temperature,
+                 entropy_grad=bool(return_entropy))
+    logp, ent = sc.logp[0].reshape(lead), sc.entropy[0].reshape(lead)
     return (logp, ent) if return_entropy else logp
 
 
@@ -254,12 +296,23 @@ def linear_cepo_loss(hidden, weight, targets, advantages, mask, *, old_logp=None
     def flat(x):
         return None if x is None else x.reshape(-1).contiguous()
 
-    spec = _LossSpec(flat(b.advantages), flat(b.mask), flat(b.old_logp), pos_h, neg_h, flat(b.pos_logp),
-                     flat(b.neg_logp), p)
-    lp, _, loss_tok, a_hat, delta = _LinearFn.apply(_rows2d(hidden), _lastdim(weight), bias,
-                                                    flat(b.targets), float(temperature), spec)
+    tgt, adv, msk = flat(b.targets), flat(b.advantages), flat(b.mask)
+    teacher_h = [t for t in (pos_h, neg_h) if t is not None]
+    rows = count = None
+    if teacher_h:  # docs/method.md §4: rows with A = 0 (or masked) get A_hat = 0, teachers not scored
+        rows, count = active_rows(msk & (adv != 0))
+    sc = _scores([_rows2d(hidden), *teacher_h], _lastdim(weight), bias, tgt, rows, count, rows_from=1,
+                 temperature=temperature)
+    it = iter(sc.logp[1:].detach())
+    pos = next(it) if pos_h is not None else flat(b.pos_logp)
+    neg = next(it) if neg_h is not None else flat(b.neg_logp)
+    lp = sc.logp[0]
+    loss_tok, a_hat, _, delta = torch.ops.cepo_kernels.token_loss(lp, flat(b.old_logp), adv, pos, neg, msk,
+                                                                  p.lam, p.eps_w, p.eps_low, p.eps_high,
+                                                                  p.clip_dual)
     B, T = b.B, b.T
-    lp, loss_tok, a_hat, delta = (x.reshape(B, T) for x in (lp.detach(), loss_tok, a_hat, delta))
+    lp, a_hat, delta = (x.detach().reshape(B, T) for x in (lp, a_hat, delta))
+    loss_tok = loss_tok.reshape(B, T)
     has_teachers = pos_h is not None or neg_h is not None or b.pos_logp is not None
     return loss_output(loss_tok, lp, a_hat, delta if has_teachers else None, b, p, num_tokens, metrics)
 
@@ -322,7 +375,7 @@ def linear_teacher_logprobs(pos_hidden, neg_hidden, weight, targets, *, bias=Non
                 raise ValueError(f"rows: expected indices in [0, {N}), got values outside")
             count = torch.full((1,), rows.numel(), dtype=torch.int32, device=rows.device)
     srcs = [_rows2d(t.detach().to(weight.dtype)) for _, t in given]
-    out = linear_fwd(srcs, _lastdim(weight.detach()), None if bias is None else bias.detach(),
-                     targets.reshape(-1), rows, count, temperature=temperature).logp
+    out = _scores(srcs, _lastdim(weight.detach()), None if bias is None else bias.detach(),
+                  targets.reshape(-1), rows, count, temperature=temperature).logp
     it = iter(out.reshape(len(srcs), *lead))
     return tuple(next(it) if t is not None else None for t in (pos_hidden, neg_hidden))

@@ -224,10 +224,10 @@ def _width(dtype):
     return 32 if dtype == torch.float32 else 16
 
 
-def _chunks(N, V, e, device, width=16):
+def _chunks(N, V, e, device, width=16, budget=None):
     """(R rows, C columns) of the G chunk: R C e <= budget, C >= _MIN_CHUNK (or V); R = N if that fits."""
     bm, bv = _G_CONFIG[width]["BLOCK_M"], _G_CONFIG[width]["BLOCK_V"]
-    budget = chunk_budget(device)
+    budget = chunk_budget(device) if budget is None else budget
     v_cols = triton.cdiv(V, bv) * bv
     min_cols = min(v_cols, _MIN_CHUNK)
     R = N if N * min_cols * e <= budget else max(bm, budget // (min_cols * e) // bm * bm)
@@ -309,3 +309,35 @@ def linear_bwd(hidden, weight, bias, targets, lse, g_lp, ent=None, g_ent=None, *
     if need_b:
         grad_b = db32.to(bias.dtype)
     return grad_h, grad_w, grad_b
+
+
+@torch.library.custom_op(
+    "cepo_kernels::linear_bwd", mutates_args=(),
+    schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor lse, Tensor g_lp, "
+           "Tensor? ent, Tensor? g_ent, float temperature, bool need_h, bool need_w, bool need_b) "
+           "-> (Tensor, Tensor, Tensor)")
+def _linear_bwd_op(hidden, weight, bias, targets, lse, g_lp, ent, g_ent, temperature, need_h, need_w, need_b):
+    """linear_bwd as an operator: (grad_hidden, grad_weight, grad_bias), [0] for each one not needed."""
+    grads = linear_bwd(hidden, weight, bias, targets, lse, g_lp, ent, g_ent, temperature=temperature,
+                       needs=(need_h, need_w, need_b))
+    return tuple(hidden.new_empty(0) if g is None else g for g in grads)
+
+
+@_linear_bwd_op.register_fake
+def _(hidden, weight, bias, targets, lse, g_lp, ent, g_ent, temperature, need_h, need_w, need_b):
+    N, H, V = hidden.shape[0], hidden.shape[1], weight.shape[0]
+    if all(isinstance(d, int) for d in (N, H, V)) and N and (need_h or need_w or need_b):
+        # the launcher's temporaries on a GPU with enough free memory (the largest budget)
+        env = os.environ.get("CEPO_LINEAR_CHUNK_BYTES")
+        e = hidden.element_size()
+        R, C = _chunks(N, V, e, None, _width(hidden.dtype), int(env) if env else _MAX_BUDGET)
+        nbytes = R * C * e + 12 * N  # G, the row list and the masked g_lp
+        nbytes += 4 * N * H if need_h else 0  # fp32 grad_hidden accumulator
+        nbytes += 4 * C * H if need_w and R != N else 0  # fp32 grad_weight accumulator
+        nbytes += 4 * (triton.cdiv(R, _G_CONFIG[_width(hidden.dtype)]["BLOCK_M"]) * C + V) if need_b else 0
+        _common.report_workspace(nbytes)
+
+    def grad(x, need):
+        return torch.empty_like(x) if need and x is not None else hidden.new_empty(0)
+
+    return grad(hidden, need_h), grad(weight, need_w), grad(bias, need_b)

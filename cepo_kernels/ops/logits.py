@@ -1,5 +1,6 @@
 """Fused Triton kernels on logits: token log-probs (+ entropy) and the single-pass CEPO/GRPO loss.
-Here: the launchers, the autograd functions and the public functions; the kernels: ops/_logits_kernels.py.
+Here: the launchers and the public functions; the operators wrapping the launchers (torch.ops.cepo_kernels.*,
+with their fake implementations and autograd): ops/_logits_ops.py; the kernels: ops/_logits_kernels.py.
 
 Forward: one program per token row streams the vocabulary in BLOCK_V tiles, reading the policy logits
 and, when given, both teachers' logits of the same token in the same loop (online logsumexp, fp32),
@@ -28,7 +29,7 @@ from cepo_kernels._params import (
     check_temperature,
     check_tensor,
 )
-from cepo_kernels.ops import _common, configs
+from cepo_kernels.ops import _common, _logits_ops, configs  # noqa: F401  (_logits_ops: torch.ops.cepo_kernels.*)
 from cepo_kernels.ops._common import check_metrics_option, loss_output
 from cepo_kernels.ops._logits_kernels import (
     _cepo_advantages_fwd_kernel,
@@ -132,56 +133,6 @@ def cepo_advantages_fwd(adv, pos_logp, neg_logp, mask, lam, eps_w):
     return out
 
 
-def _bump_if_inplace(ctx, logits):
-    """After an in-place backward the logits' storage holds dlogits: bump their version counter so that
-    any later reader of the saved logits (a second backward with retain_graph, another op that saved
-    them) raises autograd's "modified by an inplace operation" error instead of reading gradients."""
-    if ctx.inplace:
-        torch.autograd.graph.increment_version(logits)
-
-
-class _TokenLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets, temperature, inplace, with_entropy):
-        lp, lse, ent = logprobs_fwd(logits, targets, temperature, with_entropy)
-        ctx.save_for_backward(logits, targets, lse, lse if ent is None else ent)
-        ctx.temperature, ctx.inplace = temperature, inplace
-        ctx.set_materialize_grads(False)
-        return (lp, ent) if with_entropy else lp
-
-    @staticmethod
-    def backward(ctx, grad_lp, grad_ent=None):
-        logits, targets, lse, ent = ctx.saved_tensors
-        if grad_lp is None and grad_ent is None:
-            return None, None, None, None, None
-        if grad_lp is None:
-            grad_lp = torch.zeros_like(lse)
-        dlogits = logprobs_bwd(logits, targets, lse, ent, grad_lp.reshape(-1),
-                               None if grad_ent is None else grad_ent.reshape(-1), ctx.temperature,
-                               ctx.inplace)
-        _bump_if_inplace(ctx, logits)
-        return dlogits, None, None, None, None
-
-
-class _CEPOLoss(torch.autograd.Function):
-    """Per-token losses [B*T]; the reduction happens in torch, so backward receives dL/dL_t."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, params, inplace, tensors):
-        lp, lse, a_hat, loss, coef, delta = cepo_fwd(logits, targets, params=params, **tensors)
-        ctx.save_for_backward(logits, targets, lse, coef)
-        ctx.temperature, ctx.inplace = params.temperature, inplace
-        ctx.mark_non_differentiable(*(t for t in (lp, a_hat, delta) if t is not None))
-        return loss, lp, a_hat, delta
-
-    @staticmethod
-    def backward(ctx, grad_loss, *_):
-        logits, targets, lse, coef = ctx.saved_tensors
-        dlogits = cepo_bwd(logits, targets, lse, coef, grad_loss, ctx.temperature, ctx.inplace)
-        _bump_if_inplace(ctx, logits)
-        return dlogits, None, None, None, None
-
-
 def _as_btv(x):
     """A [B, T, V] view of [..., V] with a unit last stride (copies only when no such view exists)."""
     if x.stride(-1) != 1 and x.shape[-1] > 1:
@@ -215,11 +166,11 @@ def token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False, in
     check_kernel_dtype("logits", logits)
     check_temperature(temperature)
     x = _as_btv(logits)
-    out = _TokenLogprobs.apply(x, targets.reshape(-1).long().contiguous(), float(temperature), bool(inplace),
-                               bool(return_entropy))
+    lp, _, ent = torch.ops.cepo_kernels.token_logprobs(
+        x, targets.reshape(-1).long().contiguous(), float(temperature), bool(return_entropy), bool(inplace))
     if return_entropy:
-        return out[0].reshape(targets.shape), out[1].reshape(targets.shape)
-    return out.reshape(targets.shape)
+        return lp.reshape(targets.shape), ent.reshape(targets.shape)
+    return lp.reshape(targets.shape)
 
 
 def cepo_loss(logits, targets, advantages, mask, *, old_logp=None, pos_logits=None, neg_logits=None,
@@ -258,8 +209,9 @@ def cepo_loss(logits, targets, advantages, mask, *, old_logp=None, pos_logits=No
             capturable with a bool mask and num_tokens given as a number or a tensor); False: {} (none
             computed).
     Returns:
-        CEPOOutput(loss: scalar ([B, T] / [N] for "none"), logp: fp32 detached, advantages: fp32 A_hat
-        detached, metrics: dict of floats, or of tensors with metrics="tensor").
+        CEPOOutput(loss: scalar ([B, T] / [N] for "none"), logp: fp32 detached (0 at masked positions,
+        whose logits are never read), advantages: fp32 A_hat detached, metrics: dict of floats, or of
+        tensors with metrics="tensor").
     """
     check_metrics_option(metrics)
     params, batch = check_logits_loss(
@@ -275,17 +227,17 @@ def cepo_loss(logits, targets, advantages, mask, *, old_logp=None, pos_logits=No
     def flat(t):
         return None if t is None else t.detach().reshape(-1).float().contiguous()
 
-    tensors = dict(
-        adv=flat(batch.advantages), mask=batch.mask.reshape(-1).to(torch.uint8),
-        old_logp=flat(batch.old_logp),
-        pos_logits=None if pos_logits is None else _as_btv(pos_logits.detach()),
-        neg_logits=None if neg_logits is None else _as_btv(neg_logits.detach()),
-        pos_logp=flat(batch.pos_logp), neg_logp=flat(batch.neg_logp),
-    )
-    loss_tok, lp, a_hat, delta = _CEPOLoss.apply(_as_btv(logits), batch.targets.reshape(-1).contiguous(),
-                                                 params, bool(inplace), tensors)
-    loss_tok, lp, a_hat = loss_tok.reshape(B, T), lp.reshape(B, T), a_hat.reshape(B, T)
-    delta = None if delta is None else delta.detach().reshape(B, T)
+    p = params
+    loss_tok, lp, _, a_hat, _, delta = torch.ops.cepo_kernels.cepo_fwd(
+        _as_btv(logits), batch.targets.reshape(-1).contiguous(), flat(batch.advantages),
+        batch.mask.reshape(-1).to(torch.uint8), flat(batch.old_logp),
+        None if pos_logits is None else _as_btv(pos_logits.detach()),
+        None if neg_logits is None else _as_btv(neg_logits.detach()), flat(batch.pos_logp),
+        flat(batch.neg_logp),
+        p.temperature, p.lam, p.eps_w, p.eps_low, p.eps_high, p.clip_dual, bool(inplace))
+    loss_tok, lp, a_hat = loss_tok.reshape(B, T), lp.detach().reshape(B, T), a_hat.detach().reshape(B, T)
+    has_teachers = pos_logits is not None or batch.pos_logp is not None
+    delta = delta.detach().reshape(B, T) if has_teachers else None
     return loss_output(loss_tok, lp, a_hat, delta, batch, params, num_tokens, metrics)
 
 
@@ -318,6 +270,7 @@ def cepo_advantages(advantages, pos_logp, neg_logp, mask, *, lam, eps_w=0.2):
     def flat(t):
         return t.reshape(-1).float().contiguous()
 
-    out = cepo_advantages_fwd(flat(batch.advantages), flat(batch.pos_logp), flat(batch.neg_logp),
-                              batch.mask.reshape(-1).to(torch.uint8), lam, eps_w)
+    out = torch.ops.cepo_kernels.cepo_advantages(flat(batch.advantages), flat(batch.pos_logp),
+                                                 flat(batch.neg_logp), batch.mask.reshape(-1).to(torch.uint8),
+                                                 lam, float(eps_w))
     return out.reshape(lead)
