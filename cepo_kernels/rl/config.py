@@ -17,13 +17,15 @@ import typing
 from dataclasses import dataclass, fields
 
 from cepo_kernels._params import REDUCTIONS, LossParams
+from cepo_kernels.rl.task import DIGITS_MAX_TOKENS, TASKS
 
 ALGOS = ("cepo", "rlsd", "grpo")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ADV_SCALES = ("group", "batch", "none")
 # training needs a scalar loss: every reduction but "none"
 TRAIN_REDUCTIONS = tuple(r for r in REDUCTIONS if r != "none")
-CHOICES = {"algo": ALGOS, "dtype": DTYPES, "adv_scale": ADV_SCALES, "reduction": TRAIN_REDUCTIONS}
+CHOICES = {"algo": ALGOS, "dtype": DTYPES, "adv_scale": ADV_SCALES, "reduction": TRAIN_REDUCTIONS,
+           "task": TASKS}
 
 
 @dataclass
@@ -47,6 +49,10 @@ class TrainConfig:
 
     # data: a JSONL file with one problem per line; None -> the embedded arithmetic task
     data: str | None = None
+    # the embedded task when data is None: arith (a+b, a-b of one digit; the answer is one token) or digits
+    # (operands up to 99, a digit-by-digit worked solution before the boxed answer; 256 held-out problems,
+    # whatever eval_size; needs max_new_tokens >= 24)
+    task: str = "arith"
     # held-out JSONL for the greedy evaluation; None -> the last eval_size problems of the data
     eval_data: str | None = None
     prompt_key: str = "prompt"
@@ -232,6 +238,11 @@ def check_config(cfg: TrainConfig):
         raise ValueError(f"format_bonus: expected a value in [0, 1], got {cfg.format_bonus}")
     if not 0.0 <= cfg.min_lr_ratio <= 1.0:
         raise ValueError(f"min_lr_ratio: expected a value in [0, 1], got {cfg.min_lr_ratio}")
+    if cfg.task == "digits" and cfg.data is None and cfg.max_new_tokens < DIGITS_MAX_TOKENS:
+        raise ValueError(
+            f"max_new_tokens: the digits task's worked solutions take up to {DIGITS_MAX_TOKENS} tokens; "
+            f"expected >= {DIGITS_MAX_TOKENS} with task='digits', got {cfg.max_new_tokens}"
+        )
     if "{answer}" not in cfg.teacher_template:
         raise ValueError(
             f"teacher_template: expected a string containing '{{answer}}', got {cfg.teacher_template!r}"

@@ -35,7 +35,7 @@ from cepo_kernels.rl.reward import load_reward_fn
 from cepo_kernels.rl.rollout import NonFiniteModelError, generate
 from cepo_kernels.rl.rundir import RunDir, clean_partial_checkpoints, resolve_out_dir
 from cepo_kernels.rl.sft import supervised_warmup
-from cepo_kernels.rl.task import load_problems
+from cepo_kernels.rl.task import first_wrong_credit, first_wrong_tokens, load_problems
 from cepo_kernels.rl.update import ppo_update
 from cepo_kernels.runfiles import MetricsError, read_metrics, write_jsonl
 from cepo_kernels.step import (
@@ -55,6 +55,7 @@ from cepo_kernels.step import (
     teacher_contexts,
     teacher_logprobs,
     teacher_rows,
+    token_advantages,
 )
 from cepo_kernels.step.rewards import answers_match, extract_boxed, with_format_bonus
 
@@ -291,10 +292,16 @@ class Trainer:
                                       negative="teacher" if cfg.algo == "cepo" else "old")
             pos_logp, neg_logp, teacher_tokens = scored
         t2 = time.perf_counter()
+        # the credit diagnostic (rl/task.first_wrong_credit): the first wrong step of each wrong response
+        first_wrong = [first_wrong_tokens(self.tok, problems[i // G], responses[i], texts[i])
+                       if rewards[i] < 0.5 else None for i in range(len(responses))]
+        a_hat = (token_advantages(adv, pos_logp, neg_logp, mask, lam=lam, eps_w=cfg.eps_w)
+                 if lam > 0 and any(first_wrong) else None)
+        credit = first_wrong_credit(first_wrong, adv, a_hat, mask)
         # the credit maps (cepo-viz), before the update changes the weights
         self.credit.record(step=s + 1, questions=[self.question(p) for p in problems], references=refs,
                            negatives=negatives, responses=responses, texts=texts, rewards=rewards, adv=adv,
-                           pos_logp=pos_logp, neg_logp=neg_logp, mask=mask, lam=lam)
+                           pos_logp=pos_logp, neg_logp=neg_logp, mask=mask, lam=lam, first_wrong=first_wrong)
 
         upd, update_tokens = self.update(row_prompts, responses, mask, adv, old.logp, pos_logp, neg_logp, lam)
         lr_used = self.optimizer.param_groups[0]["lr"]  # this step's rate, read before the schedule moves
@@ -320,6 +327,7 @@ class Trainer:
             "policy_tokens": old.tokens + update_tokens,
             "policy_tokens_naive": old.tokens_plain * (1 + cfg.ppo_epochs),
             "r_minus_fallbacks": sum(n.how == "fallback" for n in negatives) if negatives else 0,
+            **credit,
             **upd,
             "tokens_per_s": n_tok / max(t3 - t0, 1e-9),
             "peak_mem_mb": peak_memory_mb(self.device),
