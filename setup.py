@@ -2,6 +2,10 @@ from setuptools import find_packages, setup
 
 TRAIN = ["transformers>=4.45", "peft>=0.12", "tqdm", "matplotlib", "pyyaml"]
 TRL = ["trl>=1.16,<1.17", "datasets", "accelerate"]
+# graders (cepo_kernels/step/graders.py): the authors' mathruler (it imports pylatexenc without declaring
+# it), Hugging Face's math-verify
+OFFICIAL = ["mathruler>=0.1", "pylatexenc>=2.10"]
+MATH_VERIFY = ["math-verify>=0.9"]
 
 setup(
     name="cepo_kernels",
@@ -20,8 +24,10 @@ setup(
     extras_require={
         "train": TRAIN,
         "trl": TRL,
-        # the whole test suite: the training-loop and TRL tests need those extras too
-        "test": ["pytest>=7", "pytest-benchmark>=4", *TRAIN, *TRL],
+        "official": OFFICIAL,
+        "math-verify": MATH_VERIFY,
+        # the whole test suite: the training-loop, TRL and grader tests need those extras too
+        "test": ["pytest>=7", "pytest-benchmark>=4", *TRAIN, *TRL, *OFFICIAL, *MATH_VERIFY],
     },
     entry_points={
         "console_scripts": [

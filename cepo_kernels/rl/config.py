@@ -24,8 +24,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 ADV_SCALES = ("group", "batch", "none")
 # training needs a scalar loss: every reduction but "none"
 TRAIN_REDUCTIONS = tuple(r for r in REDUCTIONS if r != "none")
+REWARDS = ("boxed", "official", "math-verify")  # cepo_kernels.step.graders.GRADERS
 CHOICES = {"algo": ALGOS, "dtype": DTYPES, "adv_scale": ADV_SCALES, "reduction": TRAIN_REDUCTIONS,
-           "task": TASKS}
+           "task": TASKS, "reward": REWARDS}
 
 
 @dataclass
@@ -66,6 +67,9 @@ class TrainConfig:
     reward_fn: str | None = None
     # the authors' format bonus: reward = (1 - b) x accuracy + b x (an answer in \boxed{}); 0.1 in their runs
     format_bonus: float = 0.0
+    # the grader when reward_fn is None: boxed (built in), official (the authors' mathruler grade_answer,
+    # 0.9 x accuracy + 0.1 x format; extra [official]) or math-verify (Hugging Face; extra [math-verify])
+    reward: str = "boxed"
 
     # rollouts
     prompts_per_step: int = 16
@@ -250,6 +254,12 @@ def check_config(cfg: TrainConfig):
     clip_dual = cfg.clip_dual if cfg.clip_dual > 0 else None  # the loss's own checks, before the run starts
     LossParams(lam=cfg.lam0, eps_w=cfg.eps_w, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
                temperature=cfg.temperature, clip_dual=clip_dual, reduction=cfg.reduction)
+    if cfg.reward != "boxed" and cfg.reward_fn is not None:
+        raise ValueError(f"reward: {cfg.reward!r} and reward_fn {cfg.reward_fn!r} both choose the grader; "
+                         "give one of them")
+    if cfg.reward == "official" and cfg.format_bonus > 0:
+        raise ValueError(f"format_bonus: reward='official' includes the authors' 0.1 format score already; "
+                         f"expected 0, got {cfg.format_bonus}")
     if cfg.reward_fn is not None and not all(cfg.reward_fn.rpartition(":")[::2]):
         raise ValueError(
             f"reward_fn: expected 'module:function' or 'path/to/file.py:function', got {cfg.reward_fn!r}"

@@ -57,6 +57,7 @@ from cepo_kernels.step import (
     teacher_rows,
     token_advantages,
 )
+from cepo_kernels.step.graders import grader
 from cepo_kernels.step.rewards import answers_match, extract_boxed, with_format_bonus
 
 log = logging.getLogger("cepo_kernels.rl")
@@ -91,6 +92,11 @@ class Trainer:
         self.extract = extract_fn or extract_boxed
         if reward_fn is None and cfg.reward_fn is not None:
             reward_fn = load_reward_fn(cfg.reward_fn)
+        if reward_fn is None and cfg.reward != "boxed":
+            try:
+                reward_fn = grader(cfg.reward)  # step/graders.py: mathruler or math-verify
+            except ImportError as e:
+                raise ValueError(str(e)) from None
         self.reward_fn = reward_fn or (
             lambda text, ref: 1.0 if answers_match(self.extract(text), ref) else 0.0
         )
