@@ -26,7 +26,7 @@ ADV_SCALES = ("group", "batch", "none")
 TRAIN_REDUCTIONS = tuple(r for r in REDUCTIONS if r != "none")
 REWARDS = ("boxed", "official", "math-verify")  # cepo_kernels.step.graders.GRADERS
 CHOICES = {"algo": ALGOS, "dtype": DTYPES, "adv_scale": ADV_SCALES, "reduction": TRAIN_REDUCTIONS,
-           "task": TASKS, "reward": REWARDS}
+           "task": TASKS, "reward": REWARDS, "r_minus": ("ours", "official")}
 
 
 @dataclass
@@ -76,6 +76,9 @@ class TrainConfig:
     group_size: int = 8
     max_new_tokens: int = 8
     max_prompt_tokens: int = 1024
+    # drop the problems whose templated prompt is longer than max_prompt_tokens (verl's filter of overlong
+    # prompts, as the authors run); off: such a prompt is cut to its last max_prompt_tokens tokens
+    filter_long_prompts: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
 
@@ -93,6 +96,16 @@ class TrainConfig:
     # text inserted between the templated prompt and the response in the teacher contexts; "{answer}" is
     # replaced by r+ or r-. With "{question}" in it, it replaces the user message instead (re-templated).
     teacher_template: str = " {answer}"
+    # r- of a group: ours (the lowest-reward rejected rollout with an extractable answer, else its first 50
+    # characters) or official (the authors': the first lowest-reward one; "None" when its last box is not
+    # closed); see cepo_kernels/step/negatives.py
+    r_minus: str = "ours"
+    # the authors' chain-of-thought teacher: r+ and r- are the first cot_prefix_len tokens of the group's best
+    # correct and of its r- rollout (the reference answer when no rollout is correct) instead of answers
+    cot_teacher: bool = False
+    cot_prefix_len: int = 512
+    # take the last cot_prefix_len tokens instead (their CEPO_IS_PREFIX=0, as in their geometry scripts)
+    cot_suffix: bool = False
 
     # optimisation: one optimizer update per mini-batch, gradient accumulation over micro-batches
     steps: int = 40
@@ -208,6 +221,7 @@ def check_config(cfg: TrainConfig):
         "lr",
         "keep_last",
         "eval_size",
+        "cot_prefix_len",
     )
     _positive(
         cfg,

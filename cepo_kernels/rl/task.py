@@ -10,6 +10,7 @@ one step on and most of its tokens are filler).
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from dataclasses import dataclass
@@ -296,6 +297,20 @@ def load_jsonl(
     if not problems:
         raise ValueError(f"{arg}: {path}: no problems found (the file is empty)")
     return problems
+
+
+def drop_long_prompts(train: list[Problem], held: list[Problem], n_tokens, limit: int):
+    """(train, held) without the problems whose prompt has more than `limit` tokens (n_tokens(problem));
+    logs how many were dropped; ValueError when every training prompt (or every held-out one) is."""
+    kept = [p for p in train if n_tokens(p) <= limit], [p for p in held if n_tokens(p) <= limit]
+    for arg, before, after in (("data", train, kept[0]), ("eval_data", held, kept[1])):
+        if before and not after:
+            raise ValueError(f"max_prompt_tokens: every {arg} prompt is longer than {limit} tokens, so "
+                             f"filter_long_prompts drops them all; raise max_prompt_tokens")
+    logging.getLogger("cepo_kernels.rl").info(
+        "filter_long_prompts: dropped %d of %d training and %d of %d held-out problems over %d tokens",
+        len(train) - len(kept[0]), len(train), len(held) - len(kept[1]), len(held), limit)
+    return kept
 
 
 def load_problems(cfg) -> tuple[list[Problem], list[Problem]]:

@@ -35,7 +35,7 @@ from cepo_kernels.rl.reward import load_reward_fn
 from cepo_kernels.rl.rollout import NonFiniteModelError, generate
 from cepo_kernels.rl.rundir import RunDir, clean_partial_checkpoints, resolve_out_dir
 from cepo_kernels.rl.sft import supervised_warmup
-from cepo_kernels.rl.task import first_wrong_credit, first_wrong_tokens, load_problems
+from cepo_kernels.rl.task import drop_long_prompts, first_wrong_credit, first_wrong_tokens, load_problems
 from cepo_kernels.rl.update import ppo_update
 from cepo_kernels.runfiles import MetricsError, read_metrics, write_jsonl
 from cepo_kernels.step import (
@@ -57,6 +57,7 @@ from cepo_kernels.step import (
     teacher_rows,
     token_advantages,
 )
+from cepo_kernels.step.contexts import cot_answers
 from cepo_kernels.step.graders import grader
 from cepo_kernels.step.rewards import answers_match, extract_boxed, with_format_bonus
 
@@ -111,6 +112,11 @@ class Trainer:
         self.share_prefix = cfg.share_prefix
         if cfg.max_grad_norm == 0:
             log.info("max_grad_norm=0: gradient clipping is off (the gradient norm is still logged)")
+        if cfg.filter_long_prompts:  # verl's filter of overlong prompts (the authors' runs)
+            def n_tokens(p):
+                return len(encode(self.tok, render_prompt(self.tok, self.question(p), cfg.system_prompt)))
+            self.train_set, self.eval_set = drop_long_prompts(self.train_set, self.eval_set, n_tokens,
+                                                              cfg.max_prompt_tokens)
         if cfg.model is None and cfg.sft_steps and self.resume_from is None:
             supervised_warmup(self.model, self.tok, self.train_set, cfg, self.device)
         self.optimizer = torch.optim.AdamW(
@@ -283,10 +289,14 @@ class Trainer:
         teacher_tokens = 0
         if cfg.algo != "grpo":
             questions = [self.question(p) for p in problems]
-            negatives = choose_negatives(texts, rewards, refs, G, self.extract)
+            negatives = choose_negatives(texts, rewards, refs, G, self.extract, mode=cfg.r_minus)
             rows = teacher_rows(adv)
-            ctx = teacher_contexts(self.tok, rows, prompt_ids=row_prompts, pos_answers=per_row(refs),
-                                   neg_answers=per_row([n.answer for n in negatives]),
+            pos_answers, neg_answers = per_row(refs), per_row([n.answer for n in negatives])
+            if cfg.cot_teacher:  # the authors' chain-of-thought teacher: rollout tokens as r+ / r-
+                pos_answers, neg_answers = cot_answers(responses, rewards, negatives, refs, G,
+                                                       cfg.cot_prefix_len, suffix=cfg.cot_suffix)
+            ctx = teacher_contexts(self.tok, rows, prompt_ids=row_prompts, pos_answers=pos_answers,
+                                   neg_answers=neg_answers,
                                    questions=per_row(questions), template=cfg.teacher_template,
                                    system_prompt=cfg.system_prompt)
             # what the plain path ran: every teacher context in full, whatever lambda
