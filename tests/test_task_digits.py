@@ -9,6 +9,7 @@ from cepo_kernels.rl.config import TrainConfig
 from cepo_kernels.rl.task import (
     DIGITS_EVAL,
     DIGITS_MAX_TOKENS,
+    SPECIALS,
     Problem,
     build_tokenizer,
     digit_steps,
@@ -135,3 +136,39 @@ def test_first_wrong_credit_shares():
     none = first_wrong_credit([None] * 3, adv, a_hat, mask)
     assert none == {"credit_first_wrong_share": None, "credit_first_wrong_baseline": None,
                     "credit_first_wrong_rows": 0}
+
+
+def test_trainer_records_the_first_wrong_step(tmp_path):
+    from cepo_kernels.analysis.credit import credit_files, load_credit
+    from cepo_kernels.analysis.viz import render_credit_html
+    from cepo_kernels.rl.trainer import Trainer
+
+    cfg = TrainConfig(task="digits", max_new_tokens=DIGITS_MAX_TOKENS, steps=1, prompts_per_step=2,
+                      group_size=4, micro_batch_size=8, mini_batch_prompts=1, sft_steps=10, sft_batch_size=16,
+                      eval_every=0, progress=False, save_every=0, credit_every=1,
+                      out_dir=str(tmp_path / "run"))
+    tr = Trainer(cfg)
+    try:
+        assert len(tr.eval_set) == DIGITS_EVAL
+        rec = tr.step()
+    finally:
+        tr.close()
+    for key in ("credit_first_wrong_share", "credit_first_wrong_baseline", "credit_first_wrong_rows"):
+        assert key in rec
+    credit = load_credit(credit_files(tmp_path / "run")[0])
+    problems = {p.prompt: p for p in tr.batch_problems(0)}
+    wrong = 0
+    for g in credit["groups"]:
+        for r in g["responses"]:
+            if r["reward"] >= 0.5:
+                assert r["first_wrong"] is None
+                continue
+            span = first_wrong_span(problems[g["question"]], r["text"])
+            if r["first_wrong"] is not None:
+                wrong += 1
+                shown = [t if t not in SPECIALS else "" for t in r["tokens"]]  # as in the decoded text
+                before = len("".join(shown[:r["first_wrong"]]))
+                assert before <= span[0] < before + len(shown[r["first_wrong"]])
+    assert wrong > 0
+    render_credit_html([tmp_path / "run"], tmp_path / "credit.html")
+    assert "first-wrong" in (tmp_path / "credit.html").read_text()
