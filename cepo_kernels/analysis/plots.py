@@ -34,7 +34,7 @@ PANELS = (
     ("first wrong step: credit share, uniform dashed",
      ("credit_first_wrong_share", "credit_first_wrong_baseline")),
 )
-GRID = (2, 5)  # rows, columns of the panels
+GRID = (4, 3)  # rows, columns of the panels (the last two cells stay empty)
 SEED_KEYS = ("seed", "out_dir", "resume", "progress")
 
 
@@ -123,9 +123,11 @@ def plot_curves(run_dirs, out_png: str | Path, title: str | None = None, dpi: in
     if not runs:
         raise RunDataError("no run directories given")
     groups = group_runs(runs)
-    fig, axes = plt.subplots(*GRID, figsize=(4.6 * GRID[1], 4.4 * GRID[0] + 0.6))
+    fig, axes = plt.subplots(*GRID, figsize=(15, 11))
+    for ax in axes.flat[len(PANELS):]:
+        ax.set_visible(False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (name, keys) in zip(axes.flat, PANELS, strict=True):
+    for ax, (name, keys) in zip(axes.flat[:len(PANELS)], PANELS, strict=True):
         ax.set_title(name, fontsize=11)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -155,8 +157,8 @@ def plot_curves(run_dirs, out_png: str | Path, title: str | None = None, dpi: in
                    bbox_to_anchor=(0.5, 0.0))
     if title:
         fig.suptitle(title, fontsize=13)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95 if title else 1))
-    panels = [ax.get_title() for ax in axes.flat]
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97 if title else 1))
+    panels = [ax.get_title() for ax in axes.flat[:len(PANELS)]]
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=dpi)
