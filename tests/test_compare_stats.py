@@ -81,3 +81,20 @@ def test_summarize_pairs_by_seed():
     assert "| cepo-grpo | final held-out accuracy | +0.115 [" in table
     assert "| 4 / 0 / 0 | 0.125 | 0.125 |" in table
     assert "Wall time per cepo run (process, s): mean 10.0" in table
+
+
+def test_credit_diagnostic_against_uniform():
+    def run(share, base):
+        return {"eval_accuracy_end": 0.5, "reward_end": 0.5, "eval_accuracy_start": 0.5,
+                "credit_first_wrong_share": share, "credit_first_wrong_baseline": base}
+
+    results = {"cepo": {s: run(0.6 + 0.01 * s, 0.4) for s in range(3)},
+               "grpo": {s: run(None, 0.4) for s in range(3)}}
+    out = compare.summarize(results, ["cepo", "grpo"], [0, 1, 2])
+    gap = out["credit_vs_uniform"]["cepo"]
+    assert gap["mean"] == pytest.approx(0.21) and (gap["wins"], gap["losses"]) == (3, 0)
+    assert "grpo" not in out["credit_vs_uniform"]  # no teachers: A_hat = A
+    assert out["per_algo"]["grpo"]["credit_first_wrong_baseline"]["mean"] == pytest.approx(0.4)
+    table = compare.table_markdown(out, results, ["cepo", "grpo"], [0, 1, 2], 5)
+    assert "| cepo | 0.610 ± 0.010 | 0.400 ± 0.000 | +0.210 [" in table
+    assert "| grpo | - | 0.400 ± 0.000 | - | - | - | - | 0 |" in table

@@ -125,6 +125,13 @@ def summarize(results: dict, algos: list[str], seeds: list[int]) -> dict:
                 continue
             out["paired"].setdefault(f"cepo-{base}", {})[metric] = {
                 "per_seed": {str(s): v for s, v in diffs.items()}, **paired_stats(list(diffs.values()))}
+    # the credit diagnostic against its uniform baseline, per seed (the teachers' runs only)
+    for algo in algos:
+        gaps = {s: results[algo][s][CREDIT_KEYS[0]] - results[algo][s][CREDIT_KEYS[1]] for s in seeds
+                if s in results[algo] and results[algo][s].get(CREDIT_KEYS[0]) is not None}
+        if gaps:
+            out.setdefault("credit_vs_uniform", {})[algo] = {
+                "per_seed": {str(s): v for s, v in gaps.items()}, **paired_stats(list(gaps.values()))}
     return out
 
 
@@ -172,11 +179,16 @@ def table_markdown(summary: dict, results: dict, algos: list[str], seeds: list[i
                   "response tokens); per run the mean over the steps where the teachers moved A (GRPO: "
                   "A_hat = A, uniform by construction; its baseline over all steps), then mean ± std over "
                   "seeds.", "",
-                  "| algo | share on the first wrong step | uniform baseline | runs |", "|---|---|---|---|"]
+                  "| algo | share on the first wrong step | uniform baseline | share minus baseline [95% CI] "
+                  "| W / T / L | sign p | Wilcoxon p | runs |", "|---|---|---|---|---|---|---|---|"]
         for algo, st in credit:
             sh, bl = st.get("credit_first_wrong_share"), st.get("credit_first_wrong_baseline")
             fmt = lambda x: f"{x['mean']:.3f} ± {x['std']:.3f}" if x else "-"  # noqa: E731
-            lines.append(f"| {algo} | {fmt(sh)} | {fmt(bl)} | {sh['n'] if sh else 0} |")
+            gap = summary.get("credit_vs_uniform", {}).get(algo)
+            stats = (f"{gap['mean']:+.3f} [{gap['ci95'][0]:+.3f}, {gap['ci95'][1]:+.3f}] | {gap['wins']} / "
+                     f"{gap['ties']} / {gap['losses']} | {gap['sign_test_p']:.3f} | {gap['wilcoxon_p']:.3f}"
+                     if gap else "- | - | - | -")
+            lines.append(f"| {algo} | {fmt(sh)} | {fmt(bl)} | {stats} | {sh['n'] if sh else 0} |")
     if machine:
         walls = machine.get("run_wall_s", {})
         lines += ["", f"Machine: {machine.get('cpu_model') or machine.get('processor')}, "
