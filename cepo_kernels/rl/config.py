@@ -259,8 +259,8 @@ def check_config(cfg: TrainConfig):
     if cfg.task == "digits" and cfg.data is None and cfg.max_new_tokens < DIGITS_MAX_TOKENS:
         raise ValueError(
             f"max_new_tokens: the digits task's worked solutions take up to {DIGITS_MAX_TOKENS} tokens; "
-            f"expected >= {DIGITS_MAX_TOKENS} with task='digits', got {cfg.max_new_tokens} (the README's digits "
-            f"runs: --max-new-tokens 24 --sft-steps 400 --lr 3e-5)"
+            f"expected >= {DIGITS_MAX_TOKENS} with task='digits', got {cfg.max_new_tokens} (the README's "
+            f"digits runs: --max-new-tokens 24 --sft-steps 400 --lr 3e-5)"
         )
     if "{answer}" not in cfg.teacher_template:
         raise ValueError(
