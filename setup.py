@@ -4,6 +4,10 @@ TRAIN = ["transformers>=4.45", "peft>=0.12", "tqdm", "matplotlib", "pyyaml"]
 TRL = ["trl>=1.16,<1.17", "datasets", "accelerate"]
 # verl 0.9.x; its GPU stack (vLLM / SGLang, flash-attn, Megatron) is the user's own install
 VERL = ["verl>=0.9,<0.10"]
+# graders (cepo_kernels/step/graders.py): the authors' mathruler (it imports pylatexenc without declaring
+# it), Hugging Face's math-verify
+OFFICIAL = ["mathruler>=0.1", "pylatexenc>=2.10"]
+MATH_VERIFY = ["math-verify>=0.9"]
 
 setup(
     name="cepo_kernels",
@@ -23,8 +27,10 @@ setup(
         "train": TRAIN,
         "trl": TRL,
         "verl": VERL,
-        # the whole test suite: the training-loop and TRL tests need those extras too
-        "test": ["pytest>=7", "pytest-benchmark>=4", *TRAIN, *TRL],
+        "official": OFFICIAL,
+        "math-verify": MATH_VERIFY,
+        # the whole test suite: the training-loop, TRL and grader tests need those extras too
+        "test": ["pytest>=7", "pytest-benchmark>=4", *TRAIN, *TRL, *OFFICIAL, *MATH_VERIFY],
     },
     entry_points={
         "console_scripts": [

@@ -12,7 +12,10 @@ Then it writes:
 - OUT/table.md and OUT/results.json: per algorithm, the final held-out accuracy (greedy, the last
   evaluation) and the final reward (mean batch reward of the last `--last` steps): mean, sample standard
   deviation, min and max over seeds; and the paired comparison per seed of CEPO against each baseline
-  (difference per seed, its mean, and wins / ties / losses);
+  (difference per seed, its mean with a 95% percentile-bootstrap interval, wins / ties / losses, and the
+  exact sign and Wilcoxon signed-rank tests: cepo_kernels.analysis.stats); per algorithm, the credit
+  diagnostic of tasks that know their first wrong step (metrics.jsonl's credit_first_wrong_share against
+  its uniform baseline, averaged over the steps that have one); the machine, versions and wall times;
 - OUT/curves.png: the training curves of all runs (cepo_kernels.analysis.plots), mean and spread per
   algorithm;
 - OUT/machine.json: date, machine, versions, the command line and the wall time of every run.
@@ -31,9 +34,11 @@ import sys
 import time
 from pathlib import Path
 
+from cepo_kernels.analysis.stats import paired_stats
 from cepo_kernels.runfiles import atomic_write, read_metrics, write_json, writing
 
 ALGOS = ("cepo", "grpo", "rlsd")
+CREDIT_KEYS = ("credit_first_wrong_share", "credit_first_wrong_baseline")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +81,13 @@ def final_numbers(rdir: Path, last: int) -> dict:
     evals = [r["eval_accuracy"] for r in rows if r.get("eval_accuracy") is not None]
     summary = json.loads((rdir / "summary.json").read_text())
     tail = rows[-last:]
+    # the credit diagnostic (rl/task.first_wrong_credit) over the steps where the teachers moved A; without
+    # any (GRPO), the baseline over the steps that have one
+    credit = [r for r in rows if r.get(CREDIT_KEYS[0]) is not None] or [
+        r for r in rows if r.get(CREDIT_KEYS[1]) is not None]
     return {
+        **{k: statistics.fmean(r[k] for r in credit) if credit and credit[0].get(k) is not None else None
+           for k in CREDIT_KEYS},
         "eval_accuracy_start": summary.get("eval_accuracy_start"),
         "eval_accuracy_end": evals[-1] if evals else None,
         "reward_end": sum(r["reward_mean"] for r in tail) / len(tail) if tail else None,
@@ -98,32 +109,34 @@ def _stats(values: list[float]) -> dict:
 def summarize(results: dict, algos: list[str], seeds: list[int]) -> dict:
     """Per-algorithm statistics and CEPO's paired differences per seed (seeds with both runs done)."""
     out = {"per_algo": {}, "paired": {}}
-    for metric in ("eval_accuracy_end", "reward_end"):
+    for metric in ("eval_accuracy_end", "reward_end", *CREDIT_KEYS):
         for algo in algos:
             vals = [results[algo][s][metric] for s in seeds if s in results[algo]]
             vals = [v for v in vals if v is not None]
             if vals:
                 out["per_algo"].setdefault(algo, {})[metric] = _stats(vals)
-        if "cepo" not in algos:
+        if "cepo" not in algos or metric.startswith("credit"):
             continue
         for base in (a for a in algos if a != "cepo"):
             common = [s for s in seeds if s in results["cepo"] and s in results[base]]
-            diffs = {s: results["cepo"][s][metric] - results[base][s][metric] for s in common}
+            diffs = {s: results["cepo"][s][metric] - results[base][s][metric] for s in common
+                     if results["cepo"][s][metric] is not None and results[base][s][metric] is not None}
             if not diffs:
                 continue
-            d = list(diffs.values())
             out["paired"].setdefault(f"cepo-{base}", {})[metric] = {
-                "per_seed": {str(s): v for s, v in diffs.items()},
-                "mean": statistics.fmean(d),
-                "std": statistics.stdev(d) if len(d) > 1 else 0.0,
-                "wins": sum(v > 1e-12 for v in d),
-                "ties": sum(abs(v) <= 1e-12 for v in d),
-                "losses": sum(v < -1e-12 for v in d),
-            }
+                "per_seed": {str(s): v for s, v in diffs.items()}, **paired_stats(list(diffs.values()))}
+    # the credit diagnostic against its uniform baseline, per seed (the teachers' runs only)
+    for algo in algos:
+        gaps = {s: results[algo][s][CREDIT_KEYS[0]] - results[algo][s][CREDIT_KEYS[1]] for s in seeds
+                if s in results[algo] and results[algo][s].get(CREDIT_KEYS[0]) is not None}
+        if gaps:
+            out.setdefault("credit_vs_uniform", {})[algo] = {
+                "per_seed": {str(s): v for s, v in gaps.items()}, **paired_stats(list(gaps.values()))}
     return out
 
 
-def table_markdown(summary: dict, results: dict, algos: list[str], seeds: list[int], last: int) -> str:
+def table_markdown(summary: dict, results: dict, algos: list[str], seeds: list[int], last: int,
+                   machine: dict | None = None) -> str:
     names = {"eval_accuracy_end": "final held-out accuracy",
              "reward_end": f"final reward (last {last} steps)"}
     lines = ["| algo | seeds | " + " | ".join(f"{n}: mean ± std [min, max]" for n in names.values()) + " |",
@@ -148,14 +161,48 @@ def table_markdown(summary: dict, results: dict, algos: list[str], seeds: list[i
             )
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     if summary["paired"]:
-        lines += ["", "Paired by seed (CEPO minus the baseline; wins / ties / losses of CEPO):", "",
-                  "| comparison | metric | mean difference ± std | per seed | W / T / L |",
-                  "|---|---|---|---|---|"]
+        method = next(iter(next(iter(summary["paired"].values())).values()))["ci_method"]
+        lines += ["", f"Paired by seed (CEPO minus the baseline; 95% interval: {method}; exact two-sided "
+                  "sign test and Wilcoxon signed-rank test, ties dropped):", "",
+                  "| comparison | metric | mean difference [95% CI] | W / T / L | sign p | Wilcoxon p | "
+                  "per seed |", "|---|---|---|---|---|---|---|"]
         for name, per in summary["paired"].items():
             for m, d in per.items():
                 seeds_txt = ", ".join(f"{k}: {v:+.3f}" for k, v in d["per_seed"].items())
-                lines.append(f"| {name} | {names[m]} | {d['mean']:+.3f} ± {d['std']:.3f} | {seeds_txt} | "
-                             f"{d['wins']} / {d['ties']} / {d['losses']} |")
+                lines.append(f"| {name} | {names[m]} | {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, "
+                             f"{d['ci95'][1]:+.3f}] | {d['wins']} / {d['ties']} / {d['losses']} | "
+                             f"{d['sign_test_p']:.3f} | {d['wilcoxon_p']:.3f} | {seeds_txt} |")
+    credit = [(a, summary["per_algo"].get(a, {})) for a in algos]
+    if any("credit_first_wrong_baseline" in st for _, st in credit):
+        lines += ["", "Credit diagnostic (wrong responses with A != 0): the share of |A_hat - A| on the "
+                  "first wrong step's tokens, and the share a uniform credit gives (that step's tokens / "
+                  "response tokens); per run the mean over the steps where the teachers moved A (GRPO: "
+                  "A_hat = A, uniform by construction; its baseline over all steps), then mean ± std over "
+                  "seeds.", "",
+                  "| algo | share on the first wrong step | uniform baseline | share minus baseline [95% CI] "
+                  "| W / T / L | sign p | Wilcoxon p | runs |", "|---|---|---|---|---|---|---|---|"]
+        for algo, st in credit:
+            sh, bl = st.get("credit_first_wrong_share"), st.get("credit_first_wrong_baseline")
+            fmt = lambda x: f"{x['mean']:.3f} ± {x['std']:.3f}" if x else "-"  # noqa: E731
+            gap = summary.get("credit_vs_uniform", {}).get(algo)
+            stats = (f"{gap['mean']:+.3f} [{gap['ci95'][0]:+.3f}, {gap['ci95'][1]:+.3f}] | {gap['wins']} / "
+                     f"{gap['ties']} / {gap['losses']} | {gap['sign_test_p']:.3f} | {gap['wilcoxon_p']:.3f}"
+                     if gap else "- | - | - | -")
+            lines.append(f"| {algo} | {fmt(sh)} | {fmt(bl)} | {stats} | {sh['n'] if sh else 0} |")
+    if machine:
+        walls = machine.get("run_wall_s", {})
+        lines += ["", f"Machine: {machine.get('cpu_model') or machine.get('processor')}, "
+                  f"{machine.get('cpu_count')} CPUs, GPU {machine.get('cuda') or 'none'}"
+                  f"{' (Triton interpreter)' if machine.get('triton_interpret') else ''}; Python "
+                  f"{machine.get('python')}, torch {machine.get('torch')}, triton {machine.get('triton')}, "
+                  f"transformers {machine.get('transformers')}; "
+                  f"OMP_NUM_THREADS={machine.get('OMP_NUM_THREADS')}; "
+                  f"started {machine.get('started_utc')} UTC, reported {machine.get('date_utc')} UTC."]
+        for algo in algos:
+            w = [v for k, v in walls.items() if k.startswith(f"{algo}-seed")]
+            if w:
+                lines.append(f"Wall time per {algo} run (process, s): mean {statistics.fmean(w):.1f}, "
+                             f"min {min(w):.1f}, max {max(w):.1f}, total {sum(w):.0f} over {len(w)} runs.")
     return "\n".join(lines) + "\n"
 
 
@@ -251,9 +298,9 @@ def compare(base: dict, out: Path, algos: list[str], seeds: list[int], last: int
     results = {a: {s: final_numbers(run_dir(out, a, s), last) for s in seeds} for a in algos}
     summary = summarize(results, algos, seeds)
     write_json(out / "results.json",
-               {"base_config": base, "algos": algos, "seeds": seeds, "last": last,
+               {"base_config": base, "algos": algos, "seeds": seeds, "last": last, "machine": machine,
                 "runs": {a: {str(s): v for s, v in r.items()} for a, r in results.items()}, **summary})
-    table = table_markdown(summary, results, algos, seeds, last)
+    table = table_markdown(summary, results, algos, seeds, last, machine)
     atomic_write(out / "table.md", table.encode("utf-8"))
     from cepo_kernels.analysis.plots import plot_curves
 

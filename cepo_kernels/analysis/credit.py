@@ -10,6 +10,10 @@ a string and three numbers each), so they are kept by default. `cepo-viz` (cepo_
 them.
 
 GRPO runs no teacher (Delta = 0, w = 1, A_hat = A); RLSD's Delta is log P_T+ - log P_old.
+
+On a task that knows its problems' solution steps (the embedded tasks), a wrong response also records
+`first_wrong` and `first_wrong_end`: the token indices [first, end) of its first wrong step (null when
+unknown); cepo-viz marks the first.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ def credit_record(
     group_size: int,
     n_groups: int,
     negatives=None,
+    first_wrong=None,
 ) -> dict:
     """The JSON-able record of the first n_groups groups of a step (see the module docstring)."""
     n = min(n_groups, len(questions)) * group_size
@@ -94,6 +99,9 @@ def credit_record(
                 "w": _r4(w[i, :k]),
                 "a_hat": _r4(a_hat[i, :k]),
             })  # fmt: skip
+            if first_wrong is not None:
+                span = first_wrong[i] if rewards[i] < 0.5 else None
+                resp[-1]["first_wrong"], resp[-1]["first_wrong_end"] = span if span else (None, None)
         groups.append({
             "question": questions[g],
             "r_plus": references[g],
@@ -126,14 +134,14 @@ class CreditRecorder:
         return self.samples > 0 and should_save(step, self.every)
 
     def record(self, *, step, questions, references, negatives, responses, texts, rewards, adv, pos_logp,
-               neg_logp, mask, lam) -> Path | None:
+               neg_logp, mask, lam, first_wrong=None) -> Path | None:
         if not self.due(step):
             return None
         rec = credit_record(
             step=step, algo=self.algo, lam=lam, eps_w=self.eps_w, tokenizer=self.tokenizer,
             questions=questions, references=references, responses=responses, texts=texts, rewards=rewards,
             adv=adv, pos_logp=pos_logp, neg_logp=neg_logp, mask=mask, group_size=self.group_size,
-            n_groups=self.samples, negatives=negatives,
+            n_groups=self.samples, negatives=negatives, first_wrong=first_wrong,
         )  # fmt: skip
         return write_credit(self.out_dir, rec)
 

@@ -1,10 +1,13 @@
 """Training curves of one or several run directories as one PNG (matplotlib, headless Agg backend).
 
-Nine panels from each run's metrics.jsonl: batch reward, held-out accuracy (greedy; step 0 is the
+Ten panels from each run's metrics.jsonl: batch reward, held-out accuracy (greedy; step 0 is the
 evaluation before training, from summary.json), lambda, mean Delta on the responses with A > 0 (solid)
-and A < 0 (dashed), the wrong-direction fraction, the PPO clip fraction, the policy entropy, and the
+and A < 0 (dashed), the wrong-direction fraction, the PPO clip fraction, the policy entropy, the
 teacher cost (sequences given teacher passes per step, and the seconds per step of the no-grad scoring
-sweep, `time_teachers`: the old log-probs of every run, plus the teachers' for CEPO and RLSD).
+sweep, `time_teachers`: the old log-probs of every run, plus the teachers' for CEPO and RLSD), and the
+credit diagnostic of tasks that know a wrong response's first wrong step: the share of |A_hat - A| on
+that step's tokens (solid; none for GRPO, whose A_hat = A) against the share of a uniform credit
+(dashed).
 Runs whose config.json files are equal except for seed, out_dir, resume and progress are seeds of one
 configuration: they are drawn as their mean with a band of +- one standard deviation (over the steps
 all of them have). Otherwise each run is its own line.
@@ -32,7 +35,10 @@ PANELS = (
     ("entropy", ("entropy",)),
     ("teacher rows per step", ("teacher_rows",)),
     ("scoring time per step (s): old + teacher log-probs", ("time_teachers",)),
+    ("first wrong step: credit share, uniform dashed",
+     ("credit_first_wrong_share", "credit_first_wrong_baseline")),
 )
+GRID = (4, 3)  # rows, columns of the panels (the last two cells stay empty)
 SEED_KEYS = ("seed", "out_dir", "resume", "progress")
 
 
@@ -134,9 +140,11 @@ def plot_curves(run_dirs, out_png: str | Path, title: str | None = None, dpi: in
     if not runs:
         raise RunDataError("no run directories given")
     groups = group_runs(runs)
-    fig, axes = plt.subplots(3, 3, figsize=(15, 11))
+    fig, axes = plt.subplots(*GRID, figsize=(15, 11))
+    for ax in axes.flat[len(PANELS):]:
+        ax.set_visible(False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (name, keys) in zip(axes.flat, PANELS, strict=True):
+    for ax, (name, keys) in zip(axes.flat[:len(PANELS)], PANELS, strict=True):
         ax.set_title(name, fontsize=11)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -167,7 +175,7 @@ def plot_curves(run_dirs, out_png: str | Path, title: str | None = None, dpi: in
     if title:
         fig.suptitle(title, fontsize=13)
     fig.tight_layout(rect=(0, 0.04, 1, 0.97 if title else 1))
-    panels = [ax.get_title() for ax in axes.flat]
+    panels = [ax.get_title() for ax in axes.flat[:len(PANELS)]]
     out_png = Path(out_png)
     buf = io.BytesIO()
     fig.savefig(buf, dpi=dpi, format="png")

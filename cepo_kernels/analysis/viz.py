@@ -84,6 +84,7 @@ td.num { text-align: right; font-family: monospace; white-space: nowrap; }
 .tok { display: inline-block; font-family: monospace; font-size: 16px; line-height: 22px; padding: 1px 2px;
        margin: 1px 0; border-radius: 2px; white-space: pre; cursor: default; min-width: 8px; }
 .tok.special { font-size: 11px; color: #444; }
+.tok.first-wrong { outline: 2px solid #000; outline-offset: -1px; }
 .correct { color: #1a7f37; font-weight: bold; }
 .wrong { color: #b42318; }
 """
@@ -156,12 +157,14 @@ function renderStep(box, run, step) {
       const td = el('td');
       r.tokens.forEach((tok, t) => {
         const [txt, special] = shown(tok);
-        const s = el('span', 'tok' + (special ? ' special' : ''), txt);
+        const fw = r.first_wrong !== undefined && r.first_wrong !== null && t === r.first_wrong;
+        const s = el('span', 'tok' + (special ? ' special' : '') + (fw ? ' first-wrong' : ''), txt);
         const v = r[MODE][t];
         s.style.background = color(v, center, range);
         s.style.color = textColor(v, center, range);
         s.title = 'token ' + JSON.stringify(tok) + '\nDelta = ' + fmt(r.delta[t]) + '\nw = ' +
-          r.w[t].toFixed(3) + '\nA_hat = ' + fmt(r.a_hat[t]) + '\nA = ' + fmt(r.adv);
+          r.w[t].toFixed(3) + '\nA_hat = ' + fmt(r.a_hat[t]) + '\nA = ' + fmt(r.adv) +
+          (fw ? '\nfirst wrong token (the first wrong step starts here)' : '');
         td.appendChild(s);
       });
       tr.appendChild(td);
@@ -242,6 +245,7 @@ def render_credit_html(run_dirs, out_html: str | Path, step: int | None = None,
 <div class="meta">Each token of a sampled response is coloured by the selected quantity (hover a token for
 its Delta, w and A_hat). Delta &gt; 0: the teacher that saw the reference answer (r+) finds the token more
 likely than the one that saw the rejected answer (r-). Responses are grouped by prompt, best reward first.
+A black outline marks a wrong response's first wrong token (tasks that know their solution's steps).
 </div>
 <div class="bar">
   <span>colour by:

@@ -17,6 +17,7 @@ import typing
 from dataclasses import dataclass, fields
 
 from cepo_kernels._params import REDUCTIONS, LossParams
+from cepo_kernels.rl.task import DIGITS_MAX_TOKENS, TASKS
 from cepo_kernels.step.contexts import check_template
 
 ALGOS = ("cepo", "rlsd", "grpo")
@@ -24,7 +25,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 ADV_SCALES = ("group", "batch", "none")
 # training needs a scalar loss: every reduction but "none"
 TRAIN_REDUCTIONS = tuple(r for r in REDUCTIONS if r != "none")
-CHOICES = {"algo": ALGOS, "dtype": DTYPES, "adv_scale": ADV_SCALES, "reduction": TRAIN_REDUCTIONS}
+REWARDS = ("boxed", "official", "math-verify")  # cepo_kernels.step.graders.GRADERS
+CHOICES = {"algo": ALGOS, "dtype": DTYPES, "adv_scale": ADV_SCALES, "reduction": TRAIN_REDUCTIONS,
+           "task": TASKS, "reward": REWARDS, "r_minus": ("ours", "official")}
 
 
 @dataclass
@@ -48,6 +51,10 @@ class TrainConfig:
 
     # data: a JSONL file with one problem per line; None -> the embedded arithmetic task
     data: str | None = None
+    # the embedded task when data is None: arith (a+b, a-b of one digit; the answer is one token) or digits
+    # (operands up to 99, a digit-by-digit worked solution before the boxed answer; 256 held-out problems,
+    # whatever eval_size; needs max_new_tokens >= 24; the README's runs add --sft-steps 400 --lr 3e-5)
+    task: str = "arith"
     # held-out JSONL for the greedy evaluation; None -> the last eval_size problems of the data
     eval_data: str | None = None
     prompt_key: str = "prompt"
@@ -61,12 +68,18 @@ class TrainConfig:
     reward_fn: str | None = None
     # the authors' format bonus: reward = (1 - b) x accuracy + b x (an answer in \boxed{}); 0.1 in their runs
     format_bonus: float = 0.0
+    # the grader when reward_fn is None: boxed (built in), official (the authors' mathruler grade_answer,
+    # 0.9 x accuracy + 0.1 x format; extra [official]) or math-verify (Hugging Face; extra [math-verify])
+    reward: str = "boxed"
 
     # rollouts
     prompts_per_step: int = 16
     group_size: int = 8
     max_new_tokens: int = 8
     max_prompt_tokens: int = 1024
+    # drop the problems whose templated prompt is longer than max_prompt_tokens (verl's filter of overlong
+    # prompts, as the authors run); off: such a prompt is cut to its last max_prompt_tokens tokens
+    filter_long_prompts: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
 
@@ -85,6 +98,16 @@ class TrainConfig:
     # replaced by r+ or r-. With "{question}" in it, it replaces the user message instead (re-templated).
     # Any other {name} is refused (braces right after a letter or backslash, as in \boxed{x}, are text).
     teacher_template: str = " {answer}"
+    # r- of a group: ours (the lowest-reward rejected rollout with an extractable answer, else its first 50
+    # characters) or official (the authors': the first lowest-reward one; "None" when its last box is not
+    # closed); see cepo_kernels/step/negatives.py
+    r_minus: str = "ours"
+    # the authors' chain-of-thought teacher: r+ and r- are the first cot_prefix_len tokens of the group's best
+    # correct and of its r- rollout (the reference answer when no rollout is correct) instead of answers
+    cot_teacher: bool = False
+    cot_prefix_len: int = 512
+    # take the last cot_prefix_len tokens instead (their CEPO_IS_PREFIX=0, as in their geometry scripts)
+    cot_suffix: bool = False
 
     # optimisation: one optimizer update per mini-batch, gradient accumulation over micro-batches
     steps: int = 40
@@ -202,6 +225,7 @@ def check_config(cfg: TrainConfig):
         "lr",
         "keep_last",
         "eval_size",
+        "cot_prefix_len",
     )
     _positive(
         cfg,
@@ -236,10 +260,22 @@ def check_config(cfg: TrainConfig):
         raise ValueError(f"format_bonus: expected a value in [0, 1], got {cfg.format_bonus}")
     if not 0.0 <= cfg.min_lr_ratio <= 1.0:
         raise ValueError(f"min_lr_ratio: expected a value in [0, 1], got {cfg.min_lr_ratio}")
+    if cfg.task == "digits" and cfg.data is None and cfg.max_new_tokens < DIGITS_MAX_TOKENS:
+        raise ValueError(
+            f"max_new_tokens: the digits task's worked solutions take up to {DIGITS_MAX_TOKENS} tokens; "
+            f"expected >= {DIGITS_MAX_TOKENS} with task='digits', got {cfg.max_new_tokens} (the README's "
+            f"digits runs: --max-new-tokens 24 --sft-steps 400 --lr 3e-5)"
+        )
     check_template(cfg.teacher_template)
     clip_dual = cfg.clip_dual if cfg.clip_dual > 0 else None  # the loss's own checks, before the run starts
     LossParams(lam=cfg.lam0, eps_w=cfg.eps_w, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
                temperature=cfg.temperature, clip_dual=clip_dual, reduction=cfg.reduction)
+    if cfg.reward != "boxed" and cfg.reward_fn is not None:
+        raise ValueError(f"reward: {cfg.reward!r} and reward_fn {cfg.reward_fn!r} both choose the grader; "
+                         "give one of them")
+    if cfg.reward == "official" and cfg.format_bonus > 0:
+        raise ValueError(f"format_bonus: reward='official' includes the authors' 0.1 format score already; "
+                         f"expected 0, got {cfg.format_bonus}")
     if cfg.reward_fn is not None and not all(cfg.reward_fn.rpartition(":")[::2]):
         raise ValueError(
             f"reward_fn: expected 'module:function' or 'path/to/file.py:function', got {cfg.reward_fn!r}"

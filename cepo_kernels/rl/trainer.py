@@ -35,7 +35,7 @@ from cepo_kernels.rl.reward import load_reward_fn
 from cepo_kernels.rl.rollout import NonFiniteModelError, generate
 from cepo_kernels.rl.rundir import RunDir, clean_partial_checkpoints, resolve_out_dir
 from cepo_kernels.rl.sft import supervised_warmup
-from cepo_kernels.rl.task import load_problems
+from cepo_kernels.rl.task import drop_long_prompts, first_wrong_credit, first_wrong_tokens, load_problems
 from cepo_kernels.rl.update import ppo_update
 from cepo_kernels.runfiles import MetricsError, read_metrics, write_jsonl
 from cepo_kernels.step import (
@@ -55,7 +55,10 @@ from cepo_kernels.step import (
     teacher_contexts,
     teacher_logprobs,
     teacher_rows,
+    token_advantages,
 )
+from cepo_kernels.step.contexts import cot_answers
+from cepo_kernels.step.graders import grader
 from cepo_kernels.step.rewards import answers_match, extract_boxed, with_format_bonus
 
 log = logging.getLogger("cepo_kernels.rl")
@@ -90,6 +93,11 @@ class Trainer:
         self.extract = extract_fn or extract_boxed
         if reward_fn is None and cfg.reward_fn is not None:
             reward_fn = load_reward_fn(cfg.reward_fn)
+        if reward_fn is None and cfg.reward != "boxed":
+            try:
+                reward_fn = grader(cfg.reward)  # step/graders.py: mathruler or math-verify
+            except ImportError as e:
+                raise ValueError(str(e)) from None
         self.reward_fn = reward_fn or (
             lambda text, ref: 1.0 if answers_match(self.extract(text), ref) else 0.0
         )
@@ -114,6 +122,11 @@ class Trainer:
         self.share_prefix = cfg.share_prefix
         if cfg.max_grad_norm == 0:
             log.info("max_grad_norm=0: gradient clipping is off (the gradient norm is still logged)")
+        if cfg.filter_long_prompts:  # verl's filter of overlong prompts (the authors' runs)
+            def n_tokens(p):
+                return len(encode(self.tok, render_prompt(self.tok, self.question(p), cfg.system_prompt)))
+            self.train_set, self.eval_set = drop_long_prompts(self.train_set, self.eval_set, n_tokens,
+                                                              cfg.max_prompt_tokens)
         if cfg.model is None and cfg.sft_steps and self.resume_from is None:
             supervised_warmup(self.model, self.tok, self.train_set, cfg, self.device)
         self.optimizer = torch.optim.AdamW(
@@ -291,10 +304,14 @@ class Trainer:
         teacher_tokens = 0
         if cfg.algo != "grpo":
             questions = [self.question(p) for p in problems]
-            negatives = choose_negatives(texts, rewards, refs, G, self.extract)
+            negatives = choose_negatives(texts, rewards, refs, G, self.extract, mode=cfg.r_minus)
             rows = teacher_rows(adv)
-            ctx = teacher_contexts(self.tok, rows, prompt_ids=row_prompts, pos_answers=per_row(refs),
-                                   neg_answers=per_row([n.answer for n in negatives]),
+            pos_answers, neg_answers = per_row(refs), per_row([n.answer for n in negatives])
+            if cfg.cot_teacher:  # the authors' chain-of-thought teacher: rollout tokens as r+ / r-
+                pos_answers, neg_answers = cot_answers(responses, rewards, negatives, refs, G,
+                                                       cfg.cot_prefix_len, suffix=cfg.cot_suffix)
+            ctx = teacher_contexts(self.tok, rows, prompt_ids=row_prompts, pos_answers=pos_answers,
+                                   neg_answers=neg_answers,
                                    questions=per_row(questions), template=cfg.teacher_template,
                                    system_prompt=cfg.system_prompt)
             # what the plain path ran: every teacher context in full, whatever lambda
@@ -306,10 +323,16 @@ class Trainer:
                                       negative="teacher" if cfg.algo == "cepo" else "old")
             pos_logp, neg_logp, teacher_tokens = scored
         t2 = time.perf_counter()
+        # the credit diagnostic (rl/task.first_wrong_credit): the first wrong step of each wrong response
+        first_wrong = [first_wrong_tokens(self.tok, problems[i // G], responses[i], texts[i])
+                       if rewards[i] < 0.5 else None for i in range(len(responses))]
+        a_hat = (token_advantages(adv, pos_logp, neg_logp, mask, lam=lam, eps_w=cfg.eps_w)
+                 if lam > 0 and any(first_wrong) else None)
+        credit = first_wrong_credit(first_wrong, adv, a_hat, mask)
         # the credit maps (cepo-viz), before the update changes the weights
         self.credit.record(step=s + 1, questions=[self.question(p) for p in problems], references=refs,
                            negatives=negatives, responses=responses, texts=texts, rewards=rewards, adv=adv,
-                           pos_logp=pos_logp, neg_logp=neg_logp, mask=mask, lam=lam)
+                           pos_logp=pos_logp, neg_logp=neg_logp, mask=mask, lam=lam, first_wrong=first_wrong)
 
         upd, update_tokens = self.update(row_prompts, responses, mask, adv, old.logp, pos_logp, neg_logp, lam)
         lr_used = self.optimizer.param_groups[0]["lr"]  # this step's rate, read before the schedule moves
@@ -335,6 +358,7 @@ class Trainer:
             "policy_tokens": old.tokens + update_tokens,
             "policy_tokens_naive": old.tokens_plain * (1 + cfg.ppo_epochs),
             "r_minus_fallbacks": sum(n.how == "fallback" for n in negatives) if negatives else 0,
+            **credit,
             **upd,
             "tokens_per_s": n_tok / max(t3 - t0, 1e-9),
             "peak_mem_mb": peak_memory_mb(self.device),

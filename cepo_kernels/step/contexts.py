@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 __all__ = ["encode", "render_prompt", "check_template", "teacher_prefix", "teacher_rows", "TeacherContexts",
-           "teacher_contexts", "Packed", "pack", "response_targets", "to_device"]
+           "teacher_contexts", "cot_answers", "Packed", "pack", "response_targets", "to_device"]
 
 
 def render_prompt(tokenizer, question: str, system_prompt: str | None = None) -> str:
@@ -56,8 +56,11 @@ def teacher_prefix(tokenizer, question: str, prompt_ids: list[int], answer: str,
 
     Default (the authors' insertion): the templated prompt's ids followed by the ids of the template with
     {answer} filled in (" " + answer, no special tokens). A template containing {question} instead
-    replaces the user message and goes through the chat template again.
+    replaces the user message and goes through the chat template again. An answer given as a list of
+    token ids (the chain-of-thought teacher, cot_answers) follows the prompt's ids as it is, no template.
     """
+    if isinstance(answer, (list, tuple)):  # token ids of a rollout (cot_answers): right after the prompt
+        return list(prompt_ids) + list(answer)
     if "{question}" in template:
         message = template.replace("{question}", question).replace("{answer}", answer)
         return encode(tokenizer, render_prompt(tokenizer, message, system_prompt))
@@ -89,7 +92,7 @@ def teacher_contexts(tokenizer, rows: list[int], *, prompt_ids, pos_answers, neg
 
     def prefix(r, answer):
         question = "" if questions is None else questions[r]
-        key = (question, tuple(prompt_ids[r]), answer)
+        key = (question, tuple(prompt_ids[r]), tuple(answer) if isinstance(answer, list) else answer)
         if key not in memo:
             memo[key] = teacher_prefix(tokenizer, question, prompt_ids[r], answer, template, system_prompt)
         return memo[key]
@@ -97,6 +100,32 @@ def teacher_contexts(tokenizer, rows: list[int], *, prompt_ids, pos_answers, neg
     rows = list(rows)
     return TeacherContexts(rows, [prefix(r, pos_answers[r]) for r in rows],
                            [prefix(r, neg_answers[r]) for r in rows])
+
+
+def cot_answers(responses: list[list[int]], rewards: list[float], negatives, references: list[str],
+                group_size: int, k: int, suffix: bool = False) -> tuple[list, list]:
+    """r+ and r- per row for the chain-of-thought teacher (the authors' cepo_use_cot_teacher): r+ = the
+    first k tokens (suffix: the last k) of the group's best correct rollout (reward >= 0.5; the first on
+    ties), or the reference answer (text) when the group has none; r- = the same k tokens of the rollout
+    that gave the group's r- (negatives[g].index), or r+ when the group has no rejected rollout.
+    `negatives` as from choose_negatives, one per group; responses and rewards one per row."""
+    if k < 1:
+        raise ValueError(f"cot_prefix_len: expected a positive number of tokens, got {k}")
+
+    def part(i):
+        ids = list(responses[i])
+        return ids[-k:] if suffix else ids[:k]
+
+    pos, neg = [], []
+    for g, negative in enumerate(negatives):
+        rows = range(g * group_size, (g + 1) * group_size)
+        correct = [i for i in rows if rewards[i] >= 0.5]
+        best = max(correct, key=lambda i: rewards[i]) if correct else None  # max keeps the first on ties
+        r_pos = part(best) if best is not None else references[g]
+        r_neg = r_pos if negative.index is None else part(g * group_size + negative.index)
+        pos += [r_pos] * group_size
+        neg += [r_neg] * group_size
+    return pos, neg
 
 
 class Packed(NamedTuple):
