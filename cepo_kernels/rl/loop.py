@@ -6,10 +6,14 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
+
 from cepo_kernels.rl.errors import NaNLossError
 from cepo_kernels.rl.model import export_model
+from cepo_kernels.rl.rollout import generate
 from cepo_kernels.rl.signals import graceful_stop
 from cepo_kernels.runfiles import append_jsonl, read_metrics, write_json, writing
+from cepo_kernels.step.rewards import safe_rewards
 
 log = logging.getLogger("cepo_kernels.rl")
 
@@ -86,3 +90,24 @@ def run_summary(self) -> dict:
         "policy_tokens_naive": sum(r.get("policy_tokens_naive", 0) for r in rows),
         "prompts_truncated": sum(r.get("prompts_truncated", 0) for r in rows),
     }
+
+
+def evaluate(self, problems=None) -> float | None:
+    """Greedy accuracy on held-out problems: the fraction answered correctly, as the built-in grader
+    says, or with a user reward function, reward >= 0.5 (the rule of `accuracy` and of r-'s rejection)."""
+    problems = self.eval_set if problems is None else problems
+    if not problems:
+        return None
+    resp = generate(
+        self.model,
+        [self.prompt_ids(p) for p in problems],
+        pad_id=self.tok.pad_token_id,
+        eos_id=self.eos_ids,
+        max_new_tokens=self.cfg.max_new_tokens,
+        greedy=True,
+        chunk=self.cfg.micro_batch_size,
+        device=self.device,
+    )
+    texts = self.tok.batch_decode(resp, skip_special_tokens=True)
+    scores, _ = safe_rewards(self.grade, texts, [p.answer for p in problems])
+    return float(np.mean([r >= 0.5 for r in scores]))

@@ -3,8 +3,11 @@ LoRA, gradient checkpointing, export."""
 
 from __future__ import annotations
 
+import random
+import resource
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cepo_kernels.rl.task import build_tiny_model, build_tokenizer
@@ -97,3 +100,16 @@ def export_model(model, tokenizer, out: Path):
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated (CUDA), else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-import resource
 import time
 import warnings
 from pathlib import Path
@@ -24,11 +23,13 @@ from cepo_kernels.analysis.credit import CreditRecorder
 from cepo_kernels.rl import checkpoint as ckpt
 from cepo_kernels.rl.config import TrainConfig, lr_factor
 from cepo_kernels.rl.errors import NaNLossError, RewardFunctionError
-from cepo_kernels.rl.loop import run_steps, run_summary
+from cepo_kernels.rl.loop import evaluate, run_steps, run_summary
 from cepo_kernels.rl.model import (
     load_model_and_tokenizer,
+    peak_memory_mb,
     resolve_device,
     resolve_dtype,
+    seed_everything,
     trainable_parameters,
 )
 from cepo_kernels.rl.reward import load_reward_fn
@@ -62,19 +63,6 @@ from cepo_kernels.step.graders import grader
 from cepo_kernels.step.rewards import answers_match, extract_boxed, with_format_bonus
 
 log = logging.getLogger("cepo_kernels.rl")
-
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated (CUDA), else the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class Trainer:
@@ -199,24 +187,8 @@ class Trainer:
         return out
 
     def evaluate(self, problems=None) -> float:
-        """Greedy accuracy on held-out problems: the fraction answered correctly, as the built-in grader
-        says, or with a user reward function, reward >= 0.5 (the rule of `accuracy` and of r-'s rejection)."""
-        problems = self.eval_set if problems is None else problems
-        if not problems:
-            return None
-        resp = generate(
-            self.model,
-            [self.prompt_ids(p) for p in problems],
-            pad_id=self.tok.pad_token_id,
-            eos_id=self.eos_ids,
-            max_new_tokens=self.cfg.max_new_tokens,
-            greedy=True,
-            chunk=self.cfg.micro_batch_size,
-            device=self.device,
-        )
-        texts = self.tok.batch_decode(resp, skip_special_tokens=True)
-        scores, _ = safe_rewards(self.grade, texts, [p.answer for p in problems])
-        return float(np.mean([r >= 0.5 for r in scores]))
+        """Greedy held-out accuracy (rl/loop.evaluate)."""
+        return evaluate(self, problems)
 
     def forward(self, contexts: list[list[int]], responses: list[list[int]]) -> tuple[torch.Tensor, int, int]:
         """(hidden [n, R, H] predicting each response after its context; tokens run; tokens of the plain
