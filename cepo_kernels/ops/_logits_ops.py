@@ -1,4 +1,4 @@
-"""The logits kernels' launchers (ops/logits.py) as PyTorch custom operators, torch.ops.cepo_kernels.*:
+"""The logits kernels' launchers (ops/_logits_launch.py) as PyTorch custom operators, torch.ops.cepo_kernels:
 token_logprobs, cepo_fwd, logprobs_bwd, logprobs_bwd_ (in place), cepo_advantages.
 
 Each has the launcher as its real implementation (the config lookup, the backend check and Triton's launch run
@@ -9,13 +9,12 @@ tensors, torch.compile) and, for the differentiable ones, registered autograd. d
 import torch
 
 from cepo_kernels._params import LossParams
+from cepo_kernels.ops import _logits_launch
 
 
 def _launchers():
-    """ops/logits.py, which imports this module (the launchers are read at call time: no import cycle)."""
-    from cepo_kernels.ops import logits
-
-    return logits
+    """The launchers (read at call time, so that a test or bench/ may replace one)."""
+    return _logits_launch
 
 
 _LP_SCHEMA = "(Tensor logits, Tensor targets, float temperature, bool with_entropy, bool inplace)"
