@@ -18,31 +18,14 @@ The per-batch work (`cepo_reweight`) is a function of a verl `DataProto` and a l
 
 from __future__ import annotations
 
-import os
+from cepo_kernels.integrations._versions import require_version
 
 VERL_MIN, VERL_BELOW = "0.9", "0.10"
 
 
 def check_verl_version():
     """ImportError with the supported range when verl is missing or outside it (checked at import)."""
-    try:
-        import verl
-    except ImportError as e:
-        raise ImportError(
-            f"cepo_kernels.integrations.verl needs verl (>= {VERL_MIN}, < {VERL_BELOW}): "
-            f"pip install 'cepo_kernels[verl]' ({e})"
-        ) from e
-    from packaging.version import Version
-
-    v = Version(verl.__version__)
-    if not Version(VERL_MIN) <= Version(v.base_version) < Version(VERL_BELOW) and os.environ.get(
-        "CEPO_VERL_ALLOW_ANY_VERSION"
-    ) != "1":
-        raise ImportError(
-            f"cepo_kernels.integrations.verl supports verl >= {VERL_MIN}, < {VERL_BELOW}; found verl "
-            f"{verl.__version__}. Install a supported version (pip install 'verl>={VERL_MIN},<{VERL_BELOW}') "
-            "or set CEPO_VERL_ALLOW_ANY_VERSION=1 to try it anyway."
-        )
+    require_version("verl", VERL_MIN, VERL_BELOW, extra="verl", allow_env="CEPO_VERL_ALLOW_ANY_VERSION")
 
 
 check_verl_version()
