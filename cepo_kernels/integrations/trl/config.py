@@ -28,7 +28,8 @@ class CEPOConfig(GRPOConfig):
         hidden states and the lm_head weight, logits never materialised, instead of TRL's chunked LM head.
         TRL's loss (every loss_type, KL, entropy terms) is applied to them unchanged. For text-only causal LMs
         whose logits are lm_head(last hidden state) (no soft-capping or scaling), with a plain nn.Linear head
-        (no adapter on it, not sharded by FSDP / ZeRO-3). A reference model (beta > 0) keeps TRL's head.
+        (no adapter on it; FSDP2 shards are gathered, ZeRO-3 runs it through the head module). A reference
+        model (beta > 0) keeps TRL's head.
     """
 
     lam0: float = field(default=0.5, metadata={"help": "CEPO: initial lambda, in [0, 1]."})

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from cepo_kernels import linear_logprobs, linear_teacher_logprobs
 
-__all__ = ["KernelHead", "full_weight"]
+__all__ = ["KernelHead", "full_weight", "head_apply", "zero3_partitioned"]
 
 
 def full_weight(param: torch.Tensor) -> torch.Tensor:
@@ -21,11 +23,40 @@ def full_weight(param: torch.Tensor) -> torch.Tensor:
     return param
 
 
+def zero3_partitioned(head: torch.nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions the head's parameters (deepspeed.zero leaves a `ds_id` on them)."""
+    return getattr(head.weight, "ds_id", None) is not None
+
+
+def head_apply(head: torch.nn.Module, fn, hidden: torch.Tensor, *, fp32: bool = False):
+    """fn(weight, bias, hidden) with the head's parameters whole.
+
+    FSDP2: the shards are all-gathered (`full_weight`). DeepSpeed ZeRO-3: fn runs as the head module's
+    forward, so that DeepSpeed's own module hooks gather the partitioned parameters for the forward and
+    again for the backward (where the kernels' gradient is computed and reduce-scattered by ZeRO-3's
+    gradient hooks); every rank must make the same calls (each gathers collectively).
+    """
+
+    def run(weight, bias, h):
+        if fp32:
+            weight, bias = weight.float(), None if bias is None else bias.float()
+        return fn(weight, bias, h)
+
+    if zero3_partitioned(head):
+        plain = head.forward
+        head.forward = lambda h: run(head.weight, head.bias, h)
+        try:
+            return head(hidden)
+        finally:
+            head.forward = plain
+    return run(full_weight(head.weight), None if head.bias is None else full_weight(head.bias), hidden)
+
+
 class KernelHead:
     """Mixin of CEPOTrainer (a GRPOTrainer): the kernel head in place of TRL's chunked LM head."""
 
-    def _cepo_head(self):
-        """The lm_head's weight and bias, checked to be what the kernels can use in place of TRL's head."""
+    def _cepo_head(self) -> torch.nn.Linear:
+        """The lm_head module, checked to be what the kernels can use in place of TRL's head."""
         model = self.accelerator.unwrap_model(self.model)
         if hasattr(model, "get_base_model"):  # PEFT
             model = model.get_base_model()
@@ -41,17 +72,20 @@ class KernelHead:
         if not isinstance(head, torch.nn.Linear):
             raise ValueError(f"cepo_kernel_logprobs: expected the lm_head to be a torch.nn.Linear, got "
                              f"{type(head).__name__} (an adapter on it?); set cepo_kernel_logprobs=False")
-        if getattr(head.weight, "ds_id", None) is not None:
-            raise ValueError("cepo_kernel_logprobs: a DeepSpeed ZeRO-3-partitioned lm_head is not supported "
-                             "(its gather is not implemented: DeepSpeed is not in this package's tests); "
-                             "use FSDP2, ZeRO-1/2, or set cepo_kernel_logprobs=False")
-        weight, bias = full_weight(head.weight), None if head.bias is None else full_weight(head.bias)
-        if weight.dim() != 2:
+        shape = getattr(head.weight, "ds_shape", None) or head.weight.shape
+        if len(shape) != 2:
             raise ValueError(f"cepo_kernel_logprobs: expected a 2-D lm_head weight, got shape "
-                             f"{tuple(weight.shape)}; set cepo_kernel_logprobs=False")
-        if self.args.cast_lm_head_to_fp32:
-            weight, bias = weight.float(), None if bias is None else bias.float()
-        return weight, bias
+                             f"{tuple(shape)}; set cepo_kernel_logprobs=False")
+        return head
+
+    def _cepo_apply(self, fn, hidden):
+        """fn(weight, bias, hidden) on the lm_head (`head_apply`: FSDP2 gathered, ZeRO-3 via the module)."""
+        return head_apply(self._cepo_head(), fn, hidden, fp32=self.args.cast_lm_head_to_fp32)
+
+    def _cepo_policy_logprobs(self, targets, weight, bias, hidden):
+        """The policy's (logp, entropy) of `targets` from hidden states on the head (under `_cepo_apply`)."""
+        return linear_logprobs(hidden.to(weight.dtype), weight, targets, bias=bias,
+                               temperature=self.temperature, return_entropy=True)
 
     def _cepo_hidden(self, model, input_ids, attention_mask, logits_to_keep, **kwargs):
         """Last hidden states [B, logits_to_keep, H] that predict the last logits_to_keep tokens."""
@@ -74,10 +108,9 @@ class KernelHead:
         for s in range(0, input_ids.size(0), batch_size):
             ids, attn = input_ids[s : s + batch_size], attention_mask[s : s + batch_size]
             hidden = self._cepo_hidden(model, ids, attn, logits_to_keep)
-            weight, bias = self._cepo_head()  # after the forward: FSDP2 may hold the root unsharded then
-            hidden = hidden.to(weight.dtype)
-            lp, ent = linear_logprobs(hidden, weight, ids[:, -logits_to_keep:], bias=bias,
-                                      temperature=self.temperature, return_entropy=True)
+            targets = ids[:, -logits_to_keep:]
+            # after the forward: FSDP2 may hold the root unsharded then
+            lp, ent = self._cepo_apply(partial(self._cepo_policy_logprobs, targets), hidden)
             valid = attn[:, -logits_to_keep:].bool()  # as TRL's head: 0 at padding
             logps.append(lp.masked_fill(~valid, 0.0))
             entropies.append(ent.masked_fill(~valid, 0.0))
@@ -86,9 +119,14 @@ class KernelHead:
     def _cepo_kernel_teachers(self, hidden, target, mask, n):
         """Both teachers' log-probs [n, R] from the lists of chunks hidden [*, R, H], target, mask (rows :n
         after r+, rows n: after r-); (None, None) for n = 0, the head gathered all the same."""
-        weight, bias = self._cepo_head()
-        if not n:
+        if not n:  # still gather the head, as the ranks with rows do (the gather is collective)
+            self._cepo_apply(lambda w, b, h: None, torch.zeros(0, device=self.accelerator.device))
             return None, None
-        hidden, target, mask = torch.cat(hidden).to(weight.dtype), torch.cat(target), torch.cat(mask)
-        return linear_teacher_logprobs(hidden[:n], hidden[n:], weight, target[:n], bias=bias,
-                                       temperature=self.temperature, rows=mask[:n])
+        hidden, target, mask = torch.cat(hidden), torch.cat(target), torch.cat(mask)
+
+        def teachers(w, b, h):
+            h = h.to(w.dtype)
+            return linear_teacher_logprobs(h[:n], h[n:], w, target[:n], bias=b, temperature=self.temperature,
+                                           rows=mask[:n])
+
+        return self._cepo_apply(teachers, hidden)
