@@ -164,7 +164,8 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
                 chunk = self.args.teacher_batch_size or 2 * self.args.per_device_train_batch_size
                 n_chunks = -(-2 * int(counts.max()) // chunk)
                 offset = self.accelerator.process_index * B
-                prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"].bool()
+                # one device-to-host copy each, then per-row lists
+                prompt_ids, prompt_mask = output["prompt_ids"].cpu(), output["prompt_mask"].bool().cpu()
                 ctx = teacher_contexts(
                     self._tokenizer, rows,
                     prompt_ids={i: prompt_ids[i][prompt_mask[i]].tolist() for i in rows},
@@ -194,7 +195,8 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
         lengths = completion_mask.sum(1)  # right-padded; rows TRL masked whole (truncated) are not in rows
         rows = ctx.rows
         prefixes = ctx.pos_prefixes + ctx.neg_prefixes
-        responses = [completion_ids[i, : int(lengths[i])].tolist() for i in rows] * 2
+        host_ids, host_lengths = completion_ids.cpu(), lengths.tolist()  # one copy each, not one per row
+        responses = [host_ids[i, : host_lengths[i]].tolist() for i in rows] * 2
         chunk = self.args.teacher_batch_size or 2 * self.args.per_device_train_batch_size
         kernels = self.args.cepo_kernel_logprobs
         out, targets, masks = [], [], []

@@ -190,7 +190,8 @@ def cepo_reweight(data, tokenizer, scorer: Callable, settings: CEPOSettings, ste
     mask = b["response_mask"].bool()
     adv = sequence_advantage(b["advantages"], mask).float()
     lengths = _response_lengths(data).tolist()
-    responses = [b["responses"][i, : int(n)].tolist() for i, n in enumerate(lengths)]
+    host_responses = b["responses"].cpu()  # one device-to-host copy, then per-row lists
+    responses = [host_responses[i, : int(n)].tolist() for i, n in enumerate(lengths)]
     P = b["prompts"].shape[1]
     references = [_reference(nt, i, settings.answer_key) for i in range(len(data))]
     uids = list(nt["uid"])
@@ -204,9 +205,9 @@ def cepo_reweight(data, tokenizer, scorer: Callable, settings: CEPOSettings, ste
     pos = torch.zeros(B, R, dtype=torch.float32, device=mask.device)
     neg = b["old_log_probs"].float().clone() if algo == "rlsd" else torch.zeros_like(pos)
     if rows:
-        prompt_valid = b["attention_mask"][:, :P].bool()
+        prompt_valid, prompts = b["attention_mask"][:, :P].bool().cpu(), b["prompts"].cpu()
         ctx = teacher_contexts(
-            tokenizer, rows, prompt_ids={i: b["prompts"][i][prompt_valid[i]].tolist() for i in rows},
+            tokenizer, rows, prompt_ids={i: prompts[i][prompt_valid[i]].tolist() for i in rows},
             pos_answers={i: references[i] for i in rows},
             neg_answers={i: negatives[uids[i]].answer for i in rows}, template=settings.teacher_template)
         prefixes = ctx.pos_prefixes + (ctx.neg_prefixes if algo == "cepo" else [])
@@ -221,7 +222,8 @@ def cepo_reweight(data, tokenizer, scorer: Callable, settings: CEPOSettings, ste
         b["returns"] = b["advantages"].clone()  # as verl's outcome estimators: returns = advantages
     if rows:
         delta = (pos - neg).masked_fill(~mask, 0.0)
-        delta[[i for i in range(B) if i not in set(rows)]] = 0.0
+        scored = set(rows)
+        delta[[i for i in range(B) if i not in scored]] = 0.0
         metrics.update({f"cepo/{k}": v for k, v in evidence_stats(delta, adv, mask).items()})
     return metrics
 
