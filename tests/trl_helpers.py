@@ -170,12 +170,18 @@ def main(out_dir: str, per_device: int, steps: int = 2):
     if os.environ.get("CEPO_TEST_FSDP2") == "1" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         force_fsdp2_on_cpu()
     ga = int(os.environ.get("CEPO_TEST_GA", "1"))
+    zero3 = os.environ.get("CEPO_TEST_ZERO3") == "1" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # CEPO_TEST_ZERO3=1: DeepSpeed ZeRO-3 through accelerate (gloo on CPU), every parameter partitioned
+    ds = ({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
+           "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
+           "zero_allow_untested_optimizer": True} if zero3 else None)
 
     # plain SGD: the update is linear in the gradient, so two runs' updates compare like their gradients
     # ddp_timeout: a collective waiting on a dead rank fails within a minute instead of TRL's 30
     args = tiny_config(CEPOConfig, os.path.join(out_dir, "trainer"), per_device_train_batch_size=per_device,
                        max_steps=steps, lam0=0.5, t_warm=10, optim="sgd", lr_scheduler_type="constant",
-                       max_grad_norm=0.0, ddp_timeout=60, gradient_accumulation_steps=ga,
+                       max_grad_norm=0.0, ddp_timeout=60, gradient_accumulation_steps=ga, deepspeed=ds,
+                       **({"ddp_backend": "gloo"} if zero3 else {}),
                        cepo_kernel_logprobs=os.environ.get("CEPO_TEST_KERNELS") == "1")
     model = tiny_model(0)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -192,11 +198,19 @@ def main(out_dir: str, per_device: int, steps: int = 2):
     rank = trainer.accelerator.process_index
     final = list(trainer.accelerator.unwrap_model(trainer.model).named_parameters())
     dtensors = all(isinstance(p, DTensor) for _, p in final)
-    whole = {n: p.detach().full_tensor() if isinstance(p, DTensor) else p.detach() for n, p in final}
+    partitioned = all(getattr(p, "ds_id", None) is not None for _, p in final)
+    if partitioned:  # ZeRO-3: the parameters whole, gathered from every rank's partition
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in final], modifier_rank=None):
+            whole = {n: p.detach().clone() for n, p in final}
+    else:
+        whole = {n: p.detach().full_tensor() if isinstance(p, DTensor) else p.detach() for n, p in final}
     updates = {n: (p - initial[n]).double().flatten().tolist() for n, p in whole.items()}
     result = {
         "world_size": trainer.accelerator.num_processes,
         "dtensors": dtensors,
+        "zero3_partitioned": partitioned,
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "history": trainer.history,
         "a_hat": [s["a_hat"].tolist() for s in trainer.scored],
