@@ -91,22 +91,20 @@ def test_two_processes_match_one(tmp_path):
         close(r1["updates"][n], u)
 
 
-@pytest.mark.parametrize("kernels", ["0", "1"])
-def test_cepo_trainer_under_fsdp2_matches_one_process(tmp_path, kernels):
-    """CEPOTrainer under FSDP2 for real (2 processes, gloo, every parameter a DTensor: see
-    trl_helpers.force_fsdp2_on_cpu), gradient accumulation 2, the kernel head off and on, against 1 process
-    with the same global batch: the same r-, losses and SGD updates (tolerance as the DDP test above)."""
+def sharded_run_matches_one_process(tmp_path, env, sharded_key):
+    """2 processes with `env` (a sharding mode of trl_helpers.main) against 1 process with the same global
+    batch: `sharded_key` true on both ranks only, the same r-, losses and SGD updates (tolerance as the DDP
+    test above: 64 eps of the largest magnitude)."""
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
-    env = {"CEPO_TEST_FSDP2": "1", "CEPO_TEST_KERNELS": kernels, "CEPO_TEST_GA": "2"}
     proc = _torchrun(two, env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     proc = _torchrun(one, env, timeout=600, script_args=(str(one), "8"), nproc=1)
     assert proc.returncode == 0, proc.stderr[-4000:]
     single = json.loads((one / "rank0.json").read_text())
     r0, r1 = (json.loads((two / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert r0["dtensors"] and r1["dtensors"] and not single["dtensors"]
+    assert r0[sharded_key] and r1[sharded_key] and not single[sharded_key]
     keys = ("step", "lam", "neg_answers", "neg_how", "neg_index", "teacher_rows")
     choices = [[{k: h[k] for k in keys} for h in run["history"]] for run in (r0, r1, single)]
     assert choices[0] == choices[1] == choices[2]
@@ -120,6 +118,15 @@ def test_cepo_trainer_under_fsdp2_matches_one_process(tmp_path, kernels):
     assert any(max(map(abs, u)) > 0 for u in single["updates"].values())
     for n, u in single["updates"].items():
         close(r0["updates"][n], u)
+
+
+@pytest.mark.parametrize("kernels", ["0", "1"])
+def test_cepo_trainer_under_fsdp2_matches_one_process(tmp_path, kernels):
+    """CEPOTrainer under FSDP2 for real (2 processes, gloo, every parameter a DTensor: see
+    trl_helpers.force_fsdp2_on_cpu), gradient accumulation 2, the kernel head off and on, against 1 process
+    with the same global batch: the same r-, losses and SGD updates."""
+    env = {"CEPO_TEST_FSDP2": "1", "CEPO_TEST_KERNELS": kernels, "CEPO_TEST_GA": "2"}
+    sharded_run_matches_one_process(tmp_path, env, "dtensors")
 
 
 def test_fsdp2_kernel_head_matches_one_process(tmp_path):

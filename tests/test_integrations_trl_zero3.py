@@ -59,31 +59,9 @@ def test_zero3_kernel_head_update_equals_unsharded(tmp_path):
 def test_cepo_trainer_under_zero3_matches_one_process(tmp_path):
     """CEPOTrainer under DeepSpeed ZeRO-3 through accelerate for real (2 processes, gloo, every parameter
     partitioned), the kernel head on, gradient accumulation 2, against 1 process without DeepSpeed with the
-    same global batch: the same r-, losses and SGD updates. Tolerance as the FSDP2 test
-    (tests/test_integrations_trl_distributed.py): 64 eps of the largest magnitude."""
-    from test_integrations_trl_distributed import _torchrun
+    same global batch: the same r-, losses and SGD updates (tests/test_integrations_trl_distributed.py's
+    comparison and tolerance)."""
+    from test_integrations_trl_distributed import sharded_run_matches_one_process
 
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir()
-    two.mkdir()
     env = {"CEPO_TEST_ZERO3": "1", "CEPO_TEST_KERNELS": "1", "CEPO_TEST_GA": "2"}
-    proc = _torchrun(two, env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    proc = _torchrun(one, env, timeout=600, script_args=(str(one), "8"), nproc=1)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    single = json.loads((one / "rank0.json").read_text())
-    r0, r1 = (json.loads((two / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert r0["zero3_partitioned"] and r1["zero3_partitioned"] and not single["zero3_partitioned"]
-    keys = ("step", "lam", "neg_answers", "neg_how", "neg_index", "teacher_rows")
-    choices = [[{k: h[k] for k in keys} for h in run["history"]] for run in (r0, r1, single)]
-    assert choices[0] == choices[1] == choices[2]
-    tol = 64 * torch.finfo(torch.float32).eps
-
-    def close(a, b):
-        a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
-        torch.testing.assert_close(a, b, rtol=0, atol=tol * float(b.abs().max().clamp_min(1e-30)))
-
-    close(r0["losses"], single["losses"])
-    assert any(max(map(abs, u)) > 0 for u in single["updates"].values())
-    for n, u in single["updates"].items():
-        close(r0["updates"][n], u)
+    sharded_run_matches_one_process(tmp_path, env, "zero3_partitioned")
