@@ -154,8 +154,8 @@ def env(path, expected):
         rec["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     rec["peers"] = peers(expected)
     append(path, rec)
-    print(f"card: {rec['card']}; torch {rec['torch']}; triton {rec['triton']}; transformers {rec['transformers']}; "
-          f"TRITON_DEFAULT_FP_FUSION={rec['fp_fusion']}; {rec['time']}")
+    print(f"card: {rec['card']}; torch {rec['torch']}; triton {rec['triton']}; "
+          f"transformers {rec['transformers']}; TRITON_DEFAULT_FP_FUSION={rec['fp_fusion']}; {rec['time']}")
     for dist, p in rec["peers"].items():
         state = "ok" if p["ok"] else "MISSING (its benchmarks will skip, its ratios will be missing)"
         print(f"peer {dist} {p['version'] or '-'}: {state}: {p['detail']}")

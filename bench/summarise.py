@@ -55,8 +55,10 @@ class Results:
             return
         try:
             text = path.read_text(encoding="utf-8")
-            docs = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
-                else [json.loads(text)]
+            if path.suffix == ".jsonl":
+                docs = [json.loads(line) for line in text.splitlines() if line.strip()]
+            else:
+                docs = [json.loads(text)]
         except (OSError, ValueError) as e:
             self.notes.append(f"{path}: no results ({e})")
             return
@@ -69,11 +71,12 @@ class Results:
         self.stub |= bool(doc.get("stub"))
         if "benchmarks" in doc:  # pytest-benchmark's JSON
             info = doc.get("machine_info", {})
-            self.env.append({"card": info.get("gpu", "?"), "torch": info.get("torch"), "triton": info.get("triton"),
-                             "time": doc.get("datetime")})
+            self.env.append({"card": info.get("gpu", "?"), "torch": info.get("torch"),
+                             "triton": info.get("triton"), "time": doc.get("datetime")})
             for b in doc["benchmarks"]:
-                self.add_test({"kind": "test", "nodeid": b.get("fullname", b.get("name")), "name": b.get("name", ""),
-                               "params": b.get("params") or {}, "outcome": "passed", **b})
+                name = b.get("name", "")
+                self.add_test({"kind": "test", "nodeid": b.get("fullname", name), "outcome": "passed",
+                               "name": name, "params": b.get("params") or {}, **b})
         elif "kernel" in doc and "spill_bytes" in doc:
             self.compile.append(doc)
         elif doc.get("kind") == "sweep" or ("results" in doc and "card" in doc):
@@ -134,22 +137,23 @@ def _fit(extra):
 
 def print_header(res):
     if res.stub:
-        print("**STUB RESULTS from a rehearsal (bench/run_device.sh --rehearse): made-up numbers that exercise "
-              "this summary, not measurements.**\n")
+        print("**STUB RESULTS from a rehearsal (bench/run_device.sh --rehearse): made-up numbers that "
+              "exercise this summary, not measurements.**\n")
     env = next((e for e in reversed(res.env) if e.get("card")), {})
     print(f"# Device run, {env.get('time', '?')}\n")
-    versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "cuda", "transformers", "peft", "python")
-                         if env.get(k))
+    keys = ("torch", "triton", "cuda", "transformers", "peft", "python")
+    versions = ", ".join(f"{k} {env[k]}" for k in keys if env.get(k))
     print(f"card: {env.get('card', '?')}; {versions or 'versions not recorded'}; "
           f"TRITON_DEFAULT_FP_FUSION={env.get('fp_fusion', '?')}")
     for dist, p in (env.get("peers") or {}).items():
-        print(f"- peer {dist} {p.get('version') or '-'}: {'ok' if p.get('ok') else 'MISSING: ' + p.get('detail', '')}")
+        state = "ok" if p.get("ok") else "MISSING: " + p.get("detail", "")
+        print(f"- peer {dist} {p.get('version') or '-'}: {state}")
     for note in res.notes:
         print(f"- {note}")
     if res.phases:
         print("\n| phase | cap s | ran s | status |\n|---|---:|---:|---|")
         for p in res.phases:
-            print(f"| {p.get('phase')} | {p.get('cap', '')} | {p.get('seconds', '')} | {p.get('status', '')} |")
+            print("| " + " | ".join(str(p.get(k, "")) for k in ("phase", "cap", "seconds", "status")) + " |")
     print()
 
 
@@ -161,7 +165,8 @@ def print_benchmarks(res):
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         s, extra = r["stats"], r.get("extra_info", {})
-        cells = [_num(extra.get("peak_extra_gib", extra.get("extra_GiB"))), _num(extra.get("peak_gib")), _fit(extra)]
+        cells = [_num(extra.get("peak_extra_gib", extra.get("extra_GiB"))), _num(extra.get("peak_gib")),
+                 _fit(extra)]
         print(f"| {r['name']} | {_num(s.get('median', 0) * 1e3)} | {_num(s.get('min', 0) * 1e3)} | "
               + " | ".join(cells) + " |")
     table = ratios(rows)
@@ -221,7 +226,7 @@ def print_targets(res):
     missing = []
     for target in TARGETS:
         for label, measured, bound, ok, why in target(res):
-            status = "missing" if measured is None else ("met" if ok else "**NOT met**") if ok is not None else "-"
+            status = "missing" if measured is None else "met" if ok else "**NOT met**"
             if measured is None:
                 missing.append(f"{label}: {why}")
             print(f"| {label} | {measured if measured is not None else '-'} | {bound} | {status} |")
@@ -230,7 +235,8 @@ def print_targets(res):
 
 
 def print_correctness(res):
-    rows = [r for r in res.tests.values() if r.get("phase") == "gpu-tests" or r["nodeid"].startswith("tests/")]
+    rows = [r for r in res.tests.values()
+            if r.get("phase") == "gpu-tests" or r["nodeid"].startswith("tests/")]
     print("## Correctness at large shapes (pytest -m gpu)\n")
     if not rows:
         print(f"- {NOT_RUN}\n")

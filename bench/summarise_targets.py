@@ -13,7 +13,8 @@ LOGITS, LOGITS_FLOOR = "test_logits_loss_fwd_bwd", "test_logits_floor_copy"
 LINEAR, LINEAR_FLOOR = "test_linear_loss", "test_linear_floor_matmul"
 STEP = "test_step"
 STEP_AT = dict(mode="full", shape="4x1")  # the anchor of docs/peers.md: every parameter trainable, 4 x 2048
-COMPILE_HOW = "not in these results: `python bench/compile_report.py > report.jsonl` on any machine, then pass it"
+COMPILE_HOW = ("not in these results: `python bench/compile_report.py > report.jsonl` on any machine, "
+               "then pass that file too")
 
 
 def dlogits_gib(group):
@@ -64,8 +65,9 @@ def cepo_logits_memory(res):
 
 def grpo_logits_vs_liger(res):
     return [row for p in ("grpo", "grpo-inplace") for row in _ratio(
-        res, f"`grpo_loss` ({p}) on logits / Liger's `triton_grpo_loss`", (LOGITS, "median", dict(provider=p)),
-        (LOGITS, "median", dict(provider="liger-grpo")), "<= 1.0 x", lambda r: r <= 1.0)]
+        res, f"`grpo_loss` ({p}) on logits / Liger's `triton_grpo_loss`",
+        (LOGITS, "median", dict(provider=p)), (LOGITS, "median", dict(provider="liger-grpo")), "<= 1.0 x",
+        lambda r: r <= 1.0)]
 
 
 def linear_vs_cce(res):
@@ -100,10 +102,12 @@ def step_half_zero(res):
 
 def compile_level(res):
     recs, rows = res.compile, []
-    labels = ("compile: no spills at any launcher config", "compile: 128-bit global loads in the logits kernels",
+    labels = ("compile: no spills at any launcher config",
+              "compile: 128-bit global loads in the logits kernels",
               "compile: wgmma N >= 128 in the linear forward")
     if not recs:
-        return [(label, None, bound, None, COMPILE_HOW) for label, bound in zip(labels, ("0 B", ">= 128", ">= 128"))]
+        return [(label, None, bound, None, COMPILE_HOW)
+                for label, bound in zip(labels, ("0 B", ">= 128", ">= 128"), strict=True)]
     spill = max(r.get("spill_bytes", 0) for r in recs)
     rows.append((labels[0], f"{spill} B ({len(recs)} kernels)", "0 B", spill == 0, None))
     bits = [r.get("loop_load_bits") for r in recs if "linear" not in r["kernel"] and r.get("loop_load_bits")]
@@ -117,8 +121,8 @@ def compile_level(res):
 
 
 def divergence(res):
-    return [("divergence loss vs TRL's chunked divergence (time, memory)", None, "<= 0.8 x time, <= 1 x memory",
-             None, "no device benchmark in bench/ records it yet")]
+    return [("divergence loss vs TRL's chunked divergence (time, memory)", None,
+             "<= 0.8 x time, <= 1 x memory", None, "no device benchmark in bench/ records it yet")]
 
 
 TARGETS = [cepo_logits_floor, cepo_logits_vs_eager, cepo_logits_memory, grpo_logits_vs_liger, linear_vs_cce,
