@@ -15,7 +15,7 @@ CEPO_RESULTS_PHASE is the phase name written with each line.
 As a script:
 
     python bench/device_results.py env OUT.jsonl [PEER==VERSION ...]   the card, the versions and the peers,
-        each peer imported as the benchmarks import it (a missing or mismatched one says so)
+        each peer imported as the benchmarks import it (exit status 3 if one is missing or mismatched)
     python bench/device_results.py stub OUT.jsonl PHASE    the rehearsal: appends bench/rehearsal.jsonl's
         records of PHASE, marked "stub" (made-up numbers that exercise the summary, never measurements)
 """
@@ -159,6 +159,7 @@ def env(path, expected):
     for dist, p in rec["peers"].items():
         state = "ok" if p["ok"] else "MISSING (its benchmarks will skip, its ratios will be missing)"
         print(f"peer {dist} {p['version'] or '-'}: {state}: {p['detail']}")
+    return all(p["ok"] for p in rec["peers"].values())
 
 
 def stub(path, phase):
@@ -174,7 +175,7 @@ def stub(path, phase):
 
 def main(argv):
     if len(argv) >= 2 and argv[0] == "env":
-        env(argv[1], argv[2:])
+        sys.exit(0 if env(argv[1], argv[2:]) else 3)
     elif len(argv) == 3 and argv[0] == "stub":
         if stub(argv[1], argv[2]) == 0:
             sys.exit(f"device_results: no stub records for phase {argv[2]!r} in {STUBS}")

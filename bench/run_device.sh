@@ -216,6 +216,9 @@ if [[ $mode == rehearse ]] && ((quick)); then
 else
   # shellcheck disable=SC2086
   timeout 120 "$PY" bench/device_results.py env "$results" $PEERS 2>&1 | tee -a "$log"
+  probe=${PIPESTATUS[0]}
+  # a rehearsal with the wheels at hand must import every peer from them
+  if [[ $mode == rehearse && $probe != 0 ]] && ((${#missing[@]} == 0)); then failures=$((failures + 1)); fi
 fi
 for name in "${selected[@]}"; do
   phase "$name"
