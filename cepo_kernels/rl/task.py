@@ -173,25 +173,28 @@ def first_wrong_tokens(tokenizer, problem: Problem, ids: list[int], text: str) -
     return (hit[0], hit[-1] + 1) if hit else None
 
 
-def build_tokenizer():
-    """A character-level tokenizer (plus one `\\boxed{` token) with a minimal chat template, built in code."""
+def build_tokenizer(specials=SPECIALS, chat_template=CHAT_TEMPLATE, *, pad="<pad>", unk="<unk>", eos="<|end|>",
+                    chars=CHARS, max_length: int = 256):
+    """A character-level tokenizer (plus one `\\boxed{` token) with a minimal chat template, built in code.
+    specials (with pad, unk and eos among them), the chat template and the characters can be swapped (the
+    vision-language task's tokenizer, rl/vision_model.py, has Qwen-VL's special tokens)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS + [BOX_TOKEN])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    vocab = {tok: i for i, tok in enumerate(list(specials) + list(chars) + [BOX_TOKEN])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     tok.add_tokens([AddedToken(BOX_TOKEN, normalized=False)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        eos_token="<|end|>",
-        chat_template=CHAT_TEMPLATE,
+        pad_token=pad,
+        unk_token=unk,
+        eos_token=eos,
+        chat_template=chat_template,
         padding_side="left",
-        model_max_length=256,
+        model_max_length=max_length,
     )
 
 
