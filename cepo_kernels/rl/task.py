@@ -173,8 +173,8 @@ def first_wrong_tokens(tokenizer, problem: Problem, ids: list[int], text: str) -
     return (hit[0], hit[-1] + 1) if hit else None
 
 
-def build_tokenizer(specials=SPECIALS, chat_template=CHAT_TEMPLATE, *, pad="<pad>", unk="<unk>", eos="<|end|>",
-                    chars=CHARS, max_length: int = 256):
+def build_tokenizer(specials=SPECIALS, chat_template=CHAT_TEMPLATE, *, pad="<pad>", unk="<unk>",
+                    eos="<|end|>", chars=CHARS, max_length: int = 256):
     """A character-level tokenizer (plus one `\\boxed{` token) with a minimal chat template, built in code.
     specials (with pad, unk and eos among them), the chat template and the characters can be swapped (the
     vision-language task's tokenizer, rl/vision_model.py, has Qwen-VL's special tokens)."""

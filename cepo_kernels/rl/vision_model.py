@@ -76,14 +76,15 @@ def build_tiny_vl_model(tokenizer, kind: str = "qwen3_vl", seed: int = 0):
     if kind == "qwen2_5_vl":
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
         vision.update(window_size=56, fullatt_block_indexes=[1])
-        config, cls = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids), \
-            Qwen2_5_VLForConditionalGeneration
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+        cls = Qwen2_5_VLForConditionalGeneration
     else:
         text["head_dim"] = 16
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
                                    "mrope_interleaved": True}
         vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0])
-        config, cls = Qwen3VLConfig(text_config=text, vision_config=vision, **ids), Qwen3VLForConditionalGeneration
+        config = Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
+        cls = Qwen3VLForConditionalGeneration
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = cls(config)

@@ -1,0 +1,201 @@
+"""Teacher and policy inputs of a vision-language policy (Qwen2.5-VL, Qwen3-VL): the prompt keeps its image.
+
+A vision-language prompt is token ids with one run of `<|image_pad|>` tokens per image (the processor
+expands each placeholder into one token per merged patch), plus the images' `pixel_values` and
+`image_grid_thw`. A teacher reads [prompt | answer (r+ or r-) | response]; the knob `teacher_sees_image`
+says what it sees of the image:
+
+- True (default, image-aware): the prompt's image-token run stays, the student's `pixel_values` /
+  `image_grid_thw` are passed unchanged, and `mm_token_type_ids` (1 over the image run, 0 over the rest of the
+  prompt, the answer and the response) lets the model compute its 3-D M-RoPE positions itself: image tokens
+  on the (t, h, w) grid, text after the image continuing from the prompt's last position + 1 on every axis
+  (the authors' RLSD teacher's rule). The model gets input_ids and pixel_values, so Qwen3-VL's DeepStack
+  features reach the decoder (inputs_embeds alone would lose them).
+- False (the authors' CEPO teachers, image-blind): every `<|image_pad|>` / `<|video_pad|>` id is overwritten
+  by the pad id (attention mask unchanged), no pixel_values, and the position ids are a plain count over
+  the attended tokens, copied into the three M-RoPE axes.
+
+The policy's own inputs are the same with an empty answer and the image always seen.
+
+Use with the scoring phase: `scoring.policy_logprobs` and `scoring.teacher_logprobs` take a
+`forward(contexts, responses)`; `vision_forward(model, ...)` is that forward for `VisionContext` contexts
+(built per row by `vision_contexts`), and the log-probs come from the language model's lm_head
+(`forward.lm_head`) through the fused kernels, as for a text policy.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from cepo_kernels.step.contexts import TeacherContexts, encode, pack
+from cepo_kernels.step.forward import base_model
+
+__all__ = ["VisionPrompt", "split_prompts", "VisionContext", "vision_contexts", "VisionBatch", "vision_pack",
+           "multimodal_model", "vision_hidden", "vision_forward"]
+
+
+class VisionPrompt(NamedTuple):
+    """One row's prompt: its tokens without padding (the image-token runs expanded) and its images."""
+
+    input_ids: tuple[int, ...]
+    mm_token_type_ids: tuple[int, ...]  # per token: 0 text, 1 image
+    pixel_values: torch.Tensor | None  # [this row's patches, D] or None (no image)
+    image_grid_thw: torch.Tensor | None  # [this row's images, 3] or None
+
+
+def _runs(types: list[int], kind: int) -> int:
+    return sum(1 for i, t in enumerate(types) if t == kind and (i == 0 or types[i - 1] != kind))
+
+
+def split_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, mm_token_type_ids: torch.Tensor,
+                  pixel_values: torch.Tensor | None = None,
+                  image_grid_thw: torch.Tensor | None = None) -> list[VisionPrompt]:
+    """A processor's left-padded prompt batch split into rows, each with its own images.
+
+    input_ids, attention_mask, mm_token_type_ids [B, L]; pixel_values [patches, D] (the images' patches in
+    order, image i taking prod(image_grid_thw[i]) rows); image_grid_thw [images, 3]. Each row starts at its
+    first attended token (left padding found from the first valid token); image i goes to the row holding
+    the i-th run of image tokens.
+    """
+    if input_ids.shape != attention_mask.shape or input_ids.shape != mm_token_type_ids.shape:
+        raise ValueError("input_ids, attention_mask and mm_token_type_ids: expected the same [B, L] shape, "
+                         f"got {tuple(input_ids.shape)}, {tuple(attention_mask.shape)}, "
+                         f"{tuple(mm_token_type_ids.shape)}")
+    if (pixel_values is None) != (image_grid_thw is None):
+        raise ValueError("pixel_values and image_grid_thw: expected both or neither")
+    ids, attn, types = input_ids.tolist(), attention_mask.tolist(), mm_token_type_ids.tolist()
+    grids = [] if image_grid_thw is None else image_grid_thw.tolist()
+    sizes = [t * h * w for t, h, w in grids]
+    if pixel_values is not None and sum(sizes) != pixel_values.shape[0]:
+        raise ValueError(f"pixel_values: expected {sum(sizes)} patch rows (image_grid_thw {grids}), "
+                         f"got {pixel_values.shape[0]}")
+    starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    prompts, image = [], 0
+    for b, (row, mask, ty) in enumerate(zip(ids, attn, types, strict=True)):
+        first = mask.index(1) if 1 in mask else len(mask)
+        if first == len(mask) or 0 in mask[first:]:
+            raise ValueError(f"attention_mask: row {b}: expected a left-padded prompt (zeros, then ones), "
+                             f"got {mask}")
+        ty = ty[first:]
+        if 2 in ty:
+            raise ValueError(f"mm_token_type_ids: row {b} holds video tokens (2); only images are supported")
+        n = _runs(ty, 1)
+        if image + n > len(grids):
+            raise ValueError(f"image_grid_thw: row {b} has {n} image-token run(s) but only "
+                             f"{len(grids) - image} image(s) are left of {len(grids)}")
+        pv = None if n == 0 else pixel_values[starts[image] : starts[image + n]]
+        grid = None if n == 0 else image_grid_thw[image : image + n]
+        prompts.append(VisionPrompt(tuple(row[first:]), tuple(ty), pv, grid))
+        image += n
+    if image != len(grids):
+        raise ValueError(f"image_grid_thw: {len(grids)} images for {image} image-token runs in input_ids")
+    return prompts
+
+
+class VisionContext(NamedTuple):
+    """What precedes a response: a row's prompt (with its image) and the answer tokens a teacher inserts
+    (empty for the policy itself)."""
+
+    prompt: VisionPrompt
+    answer: tuple[int, ...] = ()
+
+
+def vision_contexts(tokenizer, rows: list[int], *, prompts, pos_answers, neg_answers,
+                    template: str = " {answer}") -> TeacherContexts:
+    """`contexts.teacher_contexts` for a vision-language policy: prefixes are `VisionContext`s (prompt of the
+    row + the template with {answer} filled in, as token ids; an answer given as token ids follows the
+    prompt as it is). prompts, pos_answers, neg_answers are indexed by row. A template holding {question}
+    (re-rendering the user message) is not supported: the message holds the image."""
+    if "{question}" in template:
+        raise ValueError(f"teacher_template: {{question}} is not supported for a vision-language policy, got "
+                         f"{template!r}")
+    memo: dict = {}
+
+    def prefix(r, answer):  # rows holding the same prompt object and answer share one context
+        tokens = isinstance(answer, (list, tuple))
+        key = (id(prompts[r]), tuple(answer) if tokens else answer)
+        if key not in memo:
+            ids = answer if tokens else encode(tokenizer, template.replace("{answer}", answer))
+            memo[key] = VisionContext(prompts[r], tuple(ids))
+        return memo[key]
+
+    rows = list(rows)
+    return TeacherContexts(rows, [prefix(r, pos_answers[r]) for r in rows],
+                           [prefix(r, neg_answers[r]) for r in rows])
+
+
+class VisionBatch(NamedTuple):
+    """Model inputs laid out as [left-padded prompt + answer | right-padded response] (contexts.pack)."""
+
+    inputs: dict  # keyword inputs of the multimodal model
+    start: int  # the column of the first response token
+    targets: torch.Tensor  # [b, R] int64
+    mask: torch.Tensor  # [b, R] bool
+    tokens: int  # attended tokens (prompt + answer + response, summed over rows)
+
+
+def vision_pack(contexts: list[VisionContext], responses: list[list[int]], *, pad_id: int,
+                image_token_ids: tuple[int, ...], teacher_sees_image: bool = True,
+                device="cpu") -> VisionBatch:
+    """The inputs of one forward over [prompt | answer | response] per row (module docstring for the two
+    modes). image_token_ids: the placeholder ids overwritten when teacher_sees_image is False (Qwen-VL:
+    <|image_pad|> and <|video_pad|>)."""
+    if len(contexts) != len(responses):
+        raise ValueError(f"contexts and responses: expected the same number of rows, got {len(contexts)} and "
+                         f"{len(responses)}")
+    prefixes = [list(c.prompt.input_ids) + list(c.answer) for c in contexts]
+    packed = pack(prefixes, responses, pad_id, device)
+    ids, attn, L = packed.input_ids, packed.attention_mask, packed.start
+    tokens = int(sum(len(p) + min(len(r), packed.targets.shape[1]) for p, r in zip(prefixes, responses,
+                                                                                    strict=True)))
+    with_images = [c.prompt for c in contexts if c.prompt.pixel_values is not None]
+    if not teacher_sees_image:
+        blind = ids.clone()
+        for t in image_token_ids:
+            blind[blind == t] = pad_id
+        pos = packed.position_ids[None].expand(3, -1, -1)  # [3, b, L + R]: a plain count on every axis
+        inputs = {"input_ids": blind, "attention_mask": attn, "position_ids": pos}
+    elif not with_images:  # text only: the plain count (the model would not skip the left padding itself)
+        inputs = {"input_ids": ids, "attention_mask": attn, "position_ids": packed.position_ids}
+    else:
+        mm = torch.zeros_like(ids)
+        for i, (c, p) in enumerate(zip(contexts, prefixes, strict=True)):
+            n = len(c.prompt.mm_token_type_ids)
+            mm[i, L - len(p) : L - len(p) + n] = torch.tensor(c.prompt.mm_token_type_ids, device=ids.device)
+        inputs = {"input_ids": ids, "attention_mask": attn, "mm_token_type_ids": mm,
+                  "pixel_values": torch.cat([p.pixel_values for p in with_images]).to(device),
+                  "image_grid_thw": torch.cat([p.image_grid_thw for p in with_images]).to(device)}
+    return VisionBatch(inputs, L, packed.targets, packed.mask, tokens)
+
+
+def multimodal_model(model):
+    """The multimodal decoder (vision tower + language model, no lm_head) of a Qwen-VL model, under a peft
+    wrapper too: `Qwen2_5_VLModel` / `Qwen3VLModel`."""
+    inner = getattr(base_model(model), "model", None)
+    if inner is None or not hasattr(inner, "get_image_features"):
+        raise TypeError("model: expected a vision-language model with a `.model` that has "
+                        f"get_image_features (Qwen2.5-VL, Qwen3-VL), got {type(base_model(model)).__name__}")
+    return inner
+
+
+def vision_hidden(model, batch: VisionBatch) -> torch.Tensor:
+    """Last hidden states [b, R, H] at the positions that predict the response tokens (column start - 1 + t
+    predicts token t); the lm_head is not run. Gradients flow when enabled (the policy's update)."""
+    out = multimodal_model(model)(**batch.inputs, use_cache=False)
+    R = batch.targets.shape[1]
+    return out.last_hidden_state[:, batch.start - 1 : batch.start - 1 + R]
+
+
+def vision_forward(model, *, pad_id: int, image_token_ids: tuple[int, ...], device, sees_image: bool = True):
+    """The `forward(contexts, responses) -> (hidden [n, R, H], tokens run, tokens of the plain path)` of
+    `scoring.policy_logprobs` / `scoring.teacher_logprobs` for `VisionContext` contexts. The policy's forward
+    always sees the image (sees_image=True); the teachers' takes sees_image=teacher_sees_image."""
+
+    def forward(contexts, responses):
+        batch = vision_pack(contexts, responses, pad_id=pad_id, image_token_ids=image_token_ids,
+                            teacher_sees_image=sees_image, device=device)
+        return vision_hidden(model, batch), batch.tokens, batch.tokens
+
+    return forward
