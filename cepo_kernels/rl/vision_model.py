@@ -18,8 +18,9 @@ import torch
 
 from cepo_kernels.rl.task import CHARS, build_tokenizer
 
-__all__ = ["VL_KINDS", "VL_SPECIALS", "VL_CHAT_TEMPLATE", "build_vl_tokenizer", "build_image_processor",
-           "build_tiny_vl_model", "save_tiny_vl", "VisionProcessor", "load_processor", "load_vision_model"]
+__all__ = ["VL_KINDS", "PATCH", "MERGE", "VL_SPECIALS", "VL_CHAT_TEMPLATE", "build_vl_tokenizer",
+           "build_image_processor", "build_tiny_vl_model", "save_tiny_vl", "VisionProcessor",
+           "load_processor", "load_vision_model"]
 
 VL_KINDS = ("qwen2_5_vl", "qwen3_vl")
 IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
