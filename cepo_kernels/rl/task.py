@@ -253,16 +253,14 @@ def first_wrong_credit(spans, adv: torch.Tensor, a_hat: torch.Tensor | None, mas
             "credit_first_wrong_baseline": mean(base), "credit_first_wrong_rows": len(rows)}
 
 
-def load_jsonl(
-    path: str | Path, prompt_key: str = "prompt", answer_key: str = "answer", arg: str = "data"
-) -> list[Problem]:
-    """Problems from a JSONL file; errors name the file, the line and what was expected."""
+def jsonl_rows(path: str | Path, arg: str = "data"):
+    """(line number, JSON object) of each non-blank line of a JSONL file; errors name the file, the line and
+    what was expected."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{arg}: {str(path)!r} is a directory, expected a JSONL file")
     if not path.is_file():
         raise FileNotFoundError(f"{arg}: file {str(path)!r} does not exist")
-    problems = []
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             try:
@@ -281,22 +279,30 @@ def load_jsonl(
                 ) from None
             if not isinstance(row, dict):
                 raise ValueError(f"{arg}: {path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            for key, flag in ((prompt_key, "--prompt-key"), (answer_key, "--answer-key")):
-                if key not in row:
-                    raise ValueError(
-                        f"{arg}: {path}:{lineno}: missing key {key!r} (keys present: "
-                        f"{sorted(row)}; choose another with {flag})"
-                    )
-            prompt, answer = row[prompt_key], row[answer_key]
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(
-                    f"{arg}: {path}:{lineno}: {prompt_key!r} must be a non-empty string, got {prompt!r}"
-                )
-            if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-                raise ValueError(
-                    f"{arg}: {path}:{lineno}: {answer_key!r} must be a string or a number, got {answer!r}"
-                )
-            problems.append(Problem(prompt, str(answer)))
+            yield lineno, row
+
+
+def row_problem(row: dict, where: str, prompt_key: str, answer_key: str) -> tuple[str, str]:
+    """(prompt, answer) of a JSONL row; `where` ("data: file:line") starts each error."""
+    for key, flag in ((prompt_key, "--prompt-key"), (answer_key, "--answer-key")):
+        if key not in row:
+            raise ValueError(
+                f"{where}: missing key {key!r} (keys present: {sorted(row)}; choose another with {flag})"
+            )
+    prompt, answer = row[prompt_key], row[answer_key]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"{where}: {prompt_key!r} must be a non-empty string, got {prompt!r}")
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise ValueError(f"{where}: {answer_key!r} must be a string or a number, got {answer!r}")
+    return prompt, str(answer)
+
+
+def load_jsonl(
+    path: str | Path, prompt_key: str = "prompt", answer_key: str = "answer", arg: str = "data"
+) -> list[Problem]:
+    """Problems from a JSONL file; errors name the file, the line and what was expected."""
+    problems = [Problem(*row_problem(row, f"{arg}: {path}:{lineno}", prompt_key, answer_key))
+                for lineno, row in jsonl_rows(path, arg)]
     if not problems:
         raise ValueError(f"{arg}: {path}: no problems found (the file is empty)")
     return problems
