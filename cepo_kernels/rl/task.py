@@ -217,9 +217,15 @@ def build_tiny_model(tokenizer, seed: int = 0):
         bos_token_id=None,
         attention_dropout=0.0,
     )
+    return seeded_model(Qwen2ForCausalLM, config, tokenizer, seed)
+
+
+def seeded_model(cls, config, tokenizer, seed: int):
+    """cls(config) with random weights drawn under `seed` (the global RNG left as it was), generating with the
+    tokenizer's pad and eos ids."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
+        model = cls(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from cepo_kernels.rl.task import CHARS, build_tokenizer
+from cepo_kernels.rl.task import CHARS, build_tokenizer, seeded_model
 
 __all__ = ["VL_KINDS", "PATCH", "MERGE", "VL_SPECIALS", "VL_CHAT_TEMPLATE", "build_vl_tokenizer",
            "build_image_processor", "build_tiny_vl_model", "save_tiny_vl", "VisionProcessor",
@@ -86,12 +84,7 @@ def build_tiny_vl_model(tokenizer, kind: str = "qwen3_vl", seed: int = 0):
         vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0])
         config = Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
         cls = Qwen3VLForConditionalGeneration
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = cls(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
+    return seeded_model(cls, config, tokenizer, seed)
 
 
 def save_tiny_vl(path, kind: str = "qwen3_vl", seed: int = 0) -> Path:
