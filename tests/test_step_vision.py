@@ -26,6 +26,7 @@ from cepo_kernels.step import lm_head, policy_logprobs, teacher_logprobs
 from cepo_kernels.step.contexts import encode
 from cepo_kernels.step.vision import (
     VisionContext,
+    encode_images,
     split_prompts,
     vision_contexts,
     vision_forward,
@@ -98,18 +99,18 @@ def setup(vl, seed=0):
     return model, tok, prompts, responses
 
 
-def scorers(model, tok, sees_image):
-    common = dict(pad_id=tok.pad_token_id, device="cpu",
+def scorers(model, tok, sees_image, features=None):
+    common = dict(pad_id=tok.pad_token_id, device="cpu", features=features,
                   image_token_ids=(tok.convert_tokens_to_ids("<|image_pad|>"),
                                    tok.convert_tokens_to_ids("<|video_pad|>")))
     return vision_forward(model, **common), vision_forward(model, sees_image=sees_image, **common)
 
 
-def run_teachers(model, tok, prompts, responses, sees_image=True, pos=None, neg=None):
+def run_teachers(model, tok, prompts, responses, sees_image=True, pos=None, neg=None, features=None):
     rows = list(range(len(prompts)))
     ctx = vision_contexts(tok, rows, prompts=prompts, pos_answers=pos or ["12"] * len(rows),
                           neg_answers=neg or ["7"] * len(rows))
-    _, teacher = scorers(model, tok, sees_image)
+    _, teacher = scorers(model, tok, sees_image, features)
     w, b = lm_head(model)
     R = max(map(len, responses))
     out = teacher_logprobs(teacher, w, b, ctx, responses, lambda r: [r], default=torch.zeros(len(rows), R),
@@ -117,9 +118,7 @@ def run_teachers(model, tok, prompts, responses, sees_image=True, pos=None, neg=
     return ctx, out
 
 
-def test_teachers_equal_plain_forward_with_image(vl):
-    model, tok, prompts, responses = setup(vl)
-    ctx, out = run_teachers(model, tok, prompts, responses)
+def check_teachers(model, ctx, out, responses):
     m64 = copy.deepcopy(model).double()
     for side, got in (("pos", out.pos), ("neg", out.neg)):
         prefixes = ctx.pos_prefixes if side == "pos" else ctx.neg_prefixes
@@ -128,6 +127,40 @@ def test_teachers_equal_plain_forward_with_image(vl):
                 p32 = plain_logprobs(model, c.prompt, c.answer, r)
                 p64 = plain_logprobs(m64, c.prompt, c.answer, r, dtype=torch.float64)
             check_close(got[i, : len(r)], p32, p64)
+
+
+def test_teachers_equal_plain_forward_with_image(vl):
+    model, tok, prompts, responses = setup(vl)
+    ctx, out = run_teachers(model, tok, prompts, responses)
+    check_teachers(model, ctx, out, responses)
+
+
+def test_vision_tower_runs_once_for_every_pass(vl):
+    """encode_images runs the tower once over the distinct prompts; both teachers and the policy reuse its
+    features (mm_encoder_outputs) and still equal the plain forward with pixel_values."""
+    model, tok, prompts, responses = setup(vl, seed=9)
+    calls = []
+    hook = model.model.visual.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with torch.no_grad():
+            features, n = encode_images(model, prompts + prompts)  # the same objects twice: encoded once
+        assert (n, len(calls)) == (3, 1)
+        ctx, out = run_teachers(model, tok, prompts, responses, features=features)
+        policy, _ = scorers(model, tok, True, features)
+        w, b = lm_head(model)
+        old = policy_logprobs(policy, w, b, [VisionContext(p) for p in prompts], responses, lambda r: [r],
+                              pad_id=tok.pad_token_id, device="cpu")
+        assert len(calls) == 1
+    finally:
+        hook.remove()
+    check_teachers(model, ctx, out, responses)
+    m64 = copy.deepcopy(model).double()
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        with torch.no_grad():
+            check_close(old.logp[i, : len(r)], plain_logprobs(model, p, (), r),
+                        plain_logprobs(m64, p, (), r, dtype=torch.float64))
+    with pytest.raises(ValueError, match="features: a row's prompt was not among"):
+        run_teachers(model, tok, rows_of(vl[2], [noise_image(0, (64, 64))]), responses[:1], features=features)
 
 
 def test_policy_equals_plain_forward_with_image(vl):

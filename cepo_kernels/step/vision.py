@@ -21,10 +21,15 @@ Use with the scoring phase: `scoring.policy_logprobs` and `scoring.teacher_logpr
 `forward(contexts, responses)`; `vision_forward(model, ...)` is that forward for `VisionContext` contexts
 (built per row by `vision_contexts`), and the log-probs come from the language model's lm_head
 (`forward.lm_head`) through the fused kernels, as for a text policy.
+
+The vision tower once per step: `encode_images(model, prompts)` runs it once over the distinct prompt objects
+(one per group) and `vision_forward(..., features=...)` passes its outputs to every later pass as
+`mm_encoder_outputs` instead of `pixel_values` (exact while the tower is frozen, as under LoRA).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple
 
 import torch
@@ -33,7 +38,7 @@ from cepo_kernels.step.contexts import TeacherContexts, encode, pack
 from cepo_kernels.step.forward import base_model
 
 __all__ = ["VisionPrompt", "split_prompts", "VisionContext", "vision_contexts", "VisionBatch", "vision_pack",
-           "multimodal_model", "vision_hidden", "vision_forward"]
+           "EncoderOutput", "encode_images", "multimodal_model", "vision_hidden", "vision_forward"]
 
 
 class VisionPrompt(NamedTuple):
@@ -137,11 +142,12 @@ class VisionBatch(NamedTuple):
 
 
 def vision_pack(contexts: list[VisionContext], responses: list[list[int]], *, pad_id: int,
-                image_token_ids: tuple[int, ...], teacher_sees_image: bool = True,
-                device="cpu") -> VisionBatch:
+                image_token_ids: tuple[int, ...], teacher_sees_image: bool = True, device="cpu",
+                features: dict | None = None) -> VisionBatch:
     """The inputs of one forward over [prompt | answer | response] per row (module docstring for the two
     modes). image_token_ids: the placeholder ids overwritten when teacher_sees_image is False (Qwen-VL:
-    <|image_pad|> and <|video_pad|>)."""
+    <|image_pad|> and <|video_pad|>). features (from `encode_images`, holding every image prompt of the
+    rows): the vision tower's outputs go to the model as `mm_encoder_outputs` instead of pixel_values."""
     if len(contexts) != len(responses):
         raise ValueError(f"contexts and responses: expected the same number of rows, got {len(contexts)} and "
                          f"{len(responses)}")
@@ -165,9 +171,58 @@ def vision_pack(contexts: list[VisionContext], responses: list[list[int]], *, pa
             n = len(c.prompt.mm_token_type_ids)
             mm[i, L - len(p) : L - len(p) + n] = torch.tensor(c.prompt.mm_token_type_ids, device=ids.device)
         inputs = {"input_ids": ids, "attention_mask": attn, "mm_token_type_ids": mm,
-                  "pixel_values": torch.cat([p.pixel_values for p in with_images]).to(device),
                   "image_grid_thw": torch.cat([p.image_grid_thw for p in with_images]).to(device)}
+        if features is None:
+            inputs["pixel_values"] = torch.cat([p.pixel_values for p in with_images]).to(device)
+        else:
+            inputs["mm_encoder_outputs"] = {"image": _gather(features, with_images)}
     return VisionBatch(inputs, L, packed.targets, packed.mask, tokens)
+
+
+class EncoderOutput(NamedTuple):
+    """The vision tower's output in the form Qwen-VL models take as mm_encoder_outputs["image"]."""
+
+    pooler_output: tuple  # one [tokens of image i, H] per image
+    deepstack_features: list | None  # Qwen3-VL: per DeepStack layer, one [tokens of image i, H] per image
+
+
+def encode_images(model, prompts: list[VisionPrompt]) -> tuple[dict, int]:
+    """({id(prompt): EncoderOutput of its images}, images encoded): the vision tower runs once, over the
+    distinct prompt objects' images, for every later pass to reuse (`vision_forward(features=...)`). Reuse
+    across passes is exact while the vision tower is frozen (the LoRA default); with gradients enabled the
+    features carry the tower's graph, to be backpropagated once."""
+    inner = multimodal_model(model)
+    if "mm_encoder_outputs" not in inspect.signature(inner.forward).parameters:
+        raise TypeError(f"model: {type(inner).__name__}.forward takes no mm_encoder_outputs (transformers "
+                        f">= 5.2x); run without features")
+    distinct = list({id(p): p for p in prompts if p.pixel_values is not None}.values())
+    if not distinct:
+        return {}, 0
+    pv = torch.cat([p.pixel_values for p in distinct])
+    grid = torch.cat([p.image_grid_thw for p in distinct])
+    device = next(inner.parameters()).device
+    out = inner.get_image_features(pv.to(device), grid.to(device), return_dict=True)
+    pooled, deep = list(out.pooler_output), getattr(out, "deepstack_features", None)
+    features, first = {}, 0
+    for p in distinct:
+        n = p.image_grid_thw.shape[0]
+        layers = None if deep is None else [list(layer[first : first + n]) for layer in deep]
+        features[id(p)] = EncoderOutput(tuple(pooled[first : first + n]), layers)
+        first += n
+    return features, len(pooled)
+
+
+def _gather(features: dict, prompts: list[VisionPrompt]) -> EncoderOutput:
+    """The rows' image features in row order, as one mm_encoder_outputs["image"]."""
+    try:
+        parts = [features[id(p)] for p in prompts]
+    except KeyError:
+        raise ValueError("features: a row's prompt was not among those given to encode_images") from None
+    pooled = tuple(t for f in parts for t in f.pooler_output)
+    if parts[0].deepstack_features is None:
+        return EncoderOutput(pooled, None)
+    layers = range(len(parts[0].deepstack_features))
+    return EncoderOutput(pooled, [tuple(t for f in parts for t in f.deepstack_features[k]) for k in layers])
 
 
 def multimodal_model(model):
@@ -188,14 +243,16 @@ def vision_hidden(model, batch: VisionBatch) -> torch.Tensor:
     return out.last_hidden_state[:, batch.start - 1 : batch.start - 1 + R]
 
 
-def vision_forward(model, *, pad_id: int, image_token_ids: tuple[int, ...], device, sees_image: bool = True):
+def vision_forward(model, *, pad_id: int, image_token_ids: tuple[int, ...], device, sees_image: bool = True,
+                   features: dict | None = None):
     """The `forward(contexts, responses) -> (hidden [n, R, H], tokens run, tokens of the plain path)` of
     `scoring.policy_logprobs` / `scoring.teacher_logprobs` for `VisionContext` contexts. The policy's forward
-    always sees the image (sees_image=True); the teachers' takes sees_image=teacher_sees_image."""
+    always sees the image (sees_image=True); the teachers' takes sees_image=teacher_sees_image. features
+    (`encode_images`): the vision tower's outputs computed once, reused here instead of running it again."""
 
     def forward(contexts, responses):
         batch = vision_pack(contexts, responses, pad_id=pad_id, image_token_ids=image_token_ids,
-                            teacher_sees_image=sees_image, device=device)
+                            teacher_sees_image=sees_image, device=device, features=features)
         return vision_hidden(model, batch), batch.tokens, batch.tokens
 
     return forward
