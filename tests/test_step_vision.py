@@ -294,3 +294,34 @@ def test_split_prompts_rejects_bad_input(vl):
     with pytest.raises(ValueError, match="teacher_template: {question} is not supported"):
         vision_contexts(proc.tokenizer, [0], prompts=[None], pos_answers=["1"], neg_answers=["2"],
                         template="{question} {answer}")
+
+
+def test_policy_update_gradient_equals_plain_forward(vl):
+    """The update's path (vision_hidden with gradients, the fused kernel on the lm_head) gives the gradient of
+    the plain forward's summed response log-probs, for the lm_head and the vision tower alike."""
+    from cepo_kernels import linear_logprobs
+    from cepo_kernels.step.vision import vision_hidden
+
+    model, tok, prompts, responses = setup(vl, seed=11)
+    ctx = [VisionContext(p) for p in prompts]
+    image_ids = (tok.convert_tokens_to_ids("<|image_pad|>"),)
+
+    def grads(m, package, dtype):
+        p = {"head": m.lm_head.weight, "tower": next(m.model.visual.parameters())}
+        m.zero_grad()
+        if package:
+            batch = vision_pack(ctx, responses, pad_id=tok.pad_token_id, image_token_ids=image_ids)
+            h = vision_hidden(m, batch)
+            lp = linear_logprobs(h, m.lm_head.weight, batch.targets)
+            (lp * batch.mask).sum().backward()
+        else:
+            sum(plain_logprobs(m, c.prompt, (), r, dtype=dtype).sum() for c, r in zip(ctx, responses,
+                                                                                    strict=True)).backward()
+        return {k: v.grad.detach().clone() for k, v in p.items()}
+
+    got, p32 = grads(model, True, torch.float32), grads(model, False, torch.float32)
+    p64 = grads(copy.deepcopy(model).double(), False, torch.float64)
+    for k in ("head", "tower"):
+        err, err32 = (got[k].double() - p64[k]).abs().max(), (p32[k].double() - p64[k]).abs().max()
+        assert err <= 2 * err32 + 16 * torch.finfo(torch.float32).eps * (1 + p64[k].abs().max()), k
+        assert p64[k].abs().max() > 0, k  # the gradient reaches the vision tower
