@@ -93,3 +93,18 @@ def test_composed_processor_names_a_placeholder_mismatch():
 def test_load_refuses_a_directory_without_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a local Hugging Face model directory"):
         load_vision_model(tmp_path)
+
+
+def test_lora_leaves_the_vision_tower_frozen():
+    from types import SimpleNamespace
+
+    from cepo_kernels.rl.model import apply_lora
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # cepo-train's
+    cfg = SimpleNamespace(lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_targets=targets)
+    model = apply_lora(build_tiny_vl_model(build_vl_tokenizer(), "qwen2_5_vl"), cfg)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and ".language_model." in n for n in trainable)
+    # the tower's MLPs share the language model's names, and none got an adapter
+    assert not [n for n, _ in model.named_modules() if ".visual." in n and "lora_" in n]
+    assert any(n.endswith("visual.blocks.0.mlp.gate_proj") for n, _ in model.named_modules())
