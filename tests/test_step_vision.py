@@ -26,6 +26,7 @@ from cepo_kernels.step import lm_head, policy_logprobs, teacher_logprobs
 from cepo_kernels.step.contexts import encode
 from cepo_kernels.step.vision import (
     VisionContext,
+    continue_positions,
     encode_images,
     split_prompts,
     vision_contexts,
@@ -267,13 +268,26 @@ def test_model_positions_follow_the_continuation_rule(vl):
         alone, _ = inner.get_rope_index(torch.tensor([c.prompt.input_ids]),
                                         torch.tensor([c.prompt.mm_token_type_ids]),
                                         image_grid_thw=c.prompt.image_grid_thw)
-        first = L - len(c.prompt.input_ids) - len(c.answer)
-        assert torch.equal(pos[:, i, first : first + n], alone[:, 0])
-        last = alone[:, 0, -1:]
-        more = len(c.answer) + len(r)
-        cont = last + torch.arange(1, more + 1)[None]
-        assert torch.equal(pos[:, i, first + n : L + len(r)], cont)
+        first = L - n - len(c.answer)
+        rule = continue_positions(alone[:, 0], len(c.answer) + len(r))
+        assert torch.equal(pos[:, i, first : L + len(r)], rule)
+        assert (pos[:, i, :first] == 0).all()
         assert not torch.equal(alone[0, 0], alone[1, 0])  # the image's run is on a 2-D grid, not a count
+    with pytest.raises(ValueError, match=r"prompt_positions: expected \[axes, n >= 1\]"):
+        continue_positions(torch.zeros(3, 0, dtype=torch.long), 2)
+
+
+def test_vision_contexts_share_per_group_and_take_token_answers(vl):
+    kind, model, proc = vl
+    tok = proc.tokenizer
+    prompts = rows_of(proc, [noise_image(0, (64, 64)), noise_image(1, (64, 64))])
+    rows = [prompts[0]] * 2 + [prompts[1]] * 2  # two groups of two rollouts
+    cot = [5, 6, 7]
+    ctx = vision_contexts(tok, [0, 1, 3], prompts=rows, pos_answers=["12"] * 4, neg_answers=[cot] * 4)
+    assert ctx.rows == [0, 1, 3]
+    assert ctx.pos_prefixes[0] is ctx.pos_prefixes[1] and ctx.pos_prefixes[1] is not ctx.pos_prefixes[2]
+    assert ctx.pos_prefixes[2] == VisionContext(prompts[1], tuple(encode(tok, " 12")))
+    assert ctx.neg_prefixes[2].answer == tuple(cot)  # token ids follow the prompt as they are
 
 
 def test_split_prompts_rejects_bad_input(vl):

@@ -38,7 +38,8 @@ from cepo_kernels.step.contexts import TeacherContexts, encode, pack
 from cepo_kernels.step.forward import base_model
 
 __all__ = ["VisionPrompt", "split_prompts", "VisionContext", "vision_contexts", "VisionBatch", "vision_pack",
-           "EncoderOutput", "encode_images", "multimodal_model", "vision_hidden", "vision_forward"]
+           "EncoderOutput", "encode_images", "continue_positions", "multimodal_model", "vision_hidden",
+           "vision_forward"]
 
 
 class VisionPrompt(NamedTuple):
@@ -223,6 +224,18 @@ def _gather(features: dict, prompts: list[VisionPrompt]) -> EncoderOutput:
         return EncoderOutput(pooled, None)
     layers = range(len(parts[0].deepstack_features))
     return EncoderOutput(pooled, [tuple(t for f in parts for t in f.deepstack_features[k]) for k in layers])
+
+
+def continue_positions(prompt_positions: torch.Tensor, count: int) -> torch.Tensor:
+    """[C, n + count]: a prompt's position ids [C, n] (C axes: 3 M-RoPE axes, or verl's 4 rows with the text
+    count first; no padding) followed by `count` text tokens at last + 1, last + 2, ... on every axis: the
+    positions of [prompt | answer | response] when only the prompt holds images (the authors' RLSD rule,
+    equal to the model's own get_rope_index; tests/test_step_vision.py)."""
+    if prompt_positions.ndim != 2 or prompt_positions.shape[1] == 0:
+        raise ValueError(f"prompt_positions: expected [axes, n >= 1], got {tuple(prompt_positions.shape)}")
+    last = prompt_positions[:, -1:]
+    steps = torch.arange(1, count + 1, device=prompt_positions.device, dtype=prompt_positions.dtype)
+    return torch.cat([prompt_positions, last + steps[None]], dim=1)
 
 
 def multimodal_model(model):
