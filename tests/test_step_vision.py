@@ -308,6 +308,9 @@ def test_split_prompts_rejects_bad_input(vl):
     with pytest.raises(ValueError, match="teacher_template: {question} is not supported"):
         vision_contexts(proc.tokenizer, [0], prompts=[None], pos_answers=["1"], neg_answers=["2"],
                         template="{question} {answer}")
+    with pytest.raises(ValueError, match="teacher_template: expected a string containing '{answer}'"):
+        vision_contexts(proc.tokenizer, [0], prompts=[None], pos_answers=["1"], neg_answers=["2"],
+                        template=" the answer")
 
 
 def test_policy_update_gradient_equals_plain_forward(vl):

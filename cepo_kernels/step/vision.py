@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import torch
 
-from cepo_kernels.step.contexts import TeacherContexts, encode, pack
+from cepo_kernels.step.contexts import TeacherContexts, check_template, encode, pack
 from cepo_kernels.step.forward import base_model
 
 __all__ = ["VisionPrompt", "split_prompts", "VisionContext", "vision_contexts", "VisionBatch", "vision_pack",
@@ -117,6 +117,7 @@ def vision_contexts(tokenizer, rows: list[int], *, prompts, pos_answers, neg_ans
     if "{question}" in template:
         raise ValueError(f"teacher_template: {{question}} is not supported for a vision-language policy, got "
                          f"{template!r}")
+    check_template(template)
     memo: dict = {}
 
     def prefix(r, answer):  # rows holding the same prompt object and answer share one context
