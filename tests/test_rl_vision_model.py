@@ -108,3 +108,23 @@ def test_lora_leaves_the_vision_tower_frozen():
     # the tower's MLPs share the language model's names, and none got an adapter
     assert not [n for n, _ in model.named_modules() if ".visual." in n and "lora_" in n]
     assert any(n.endswith("visual.blocks.0.mlp.gate_proj") for n, _ in model.named_modules())
+
+
+def test_composed_processor_reads_a_processor_chat_template(tmp_path):
+    """A released Qwen-VL checkpoint may keep its chat template only in the processor's chat_template.json."""
+    import json
+    import shutil
+
+    from cepo_kernels.rl.vision_model import VL_CHAT_TEMPLATE
+
+    path = save_tiny_vl(tmp_path / "ck", "qwen3_vl")
+    (path / "chat_template.jinja").unlink()
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": VL_CHAT_TEMPLATE}))
+    proc = load_processor(path)
+    assert proc.chat_template == VL_CHAT_TEMPLATE
+    assert texts(proc)[1] == "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>a<|im_end|>\n" \
+                             "<|im_start|>assistant\n"
+    shutil.rmtree(path)

@@ -12,6 +12,7 @@ the Qwen-VL processor does: expand each `<|image_pad|>` into one token per merge
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from cepo_kernels.rl.task import CHARS, build_tokenizer, seeded_model
@@ -162,8 +163,9 @@ def load_processor(path):
     if is_torchvision_available():
         return AutoProcessor.from_pretrained(path, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tokenizer.chat_template is None and (path / "chat_template.jinja").is_file():
-        tokenizer.chat_template = (path / "chat_template.jinja").read_text()
+    if tokenizer.chat_template is None and (path / "chat_template.json").is_file():
+        # the processor's own file in released Qwen-VL checkpoints, which AutoTokenizer does not read
+        tokenizer.chat_template = json.loads((path / "chat_template.json").read_text())["chat_template"]
     image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
     return VisionProcessor(tokenizer, image_processor)
 
