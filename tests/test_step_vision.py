@@ -136,6 +136,33 @@ def test_teachers_equal_plain_forward_with_image(vl):
     check_teachers(model, ctx, out, responses)
 
 
+def test_rows_with_two_images_and_none(vl):
+    """Images go to their rows in order: a prompt with two images, one with none, one with one."""
+    kind, model, proc = vl
+    tok = proc.tokenizer
+    two = [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"}]
+    msgs = [[{"role": "user", "content": two}],
+            [{"role": "user", "content": "no image?"}],
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "one"}]}]]
+    texts = [proc.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in msgs]
+    inp = proc(text=texts, images=[[noise_image(20, (64, 64)), noise_image(21, (32, 64))], [],
+                                   [noise_image(22, (64, 32))]])
+    prompts = split_prompts(inp["input_ids"], inp["attention_mask"],
+                            mm_token_type_ids=inp["mm_token_type_ids"], pixel_values=inp["pixel_values"],
+                            image_grid_thw=inp["image_grid_thw"])
+    assert [None if p.image_grid_thw is None else p.image_grid_thw.shape[0] for p in prompts] == [2, None, 1]
+    responses = [encode(tok, "12"), encode(tok, "345"), encode(tok, "6")]
+    ctx, out = run_teachers(model, tok, [prompts[0], prompts[2]], [responses[0], responses[2]])
+    check_teachers(model, ctx, out, [responses[0], responses[2]])
+    _, text_only = run_teachers(model, tok, [prompts[1]], [responses[1]])  # no image in the batch
+    m64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        p32 = plain_logprobs(model, prompts[1], encode(tok, " 12"), responses[1], image=False)
+        p64 = plain_logprobs(m64, prompts[1], encode(tok, " 12"), responses[1], image=False,
+                             dtype=torch.float64)
+    check_close(text_only.pos[0], p32, p64)
+
+
 def test_vision_tower_runs_once_for_every_pass(vl):
     """encode_images runs the tower once over the distinct prompts; both teachers and the policy reuse its
     features (mm_encoder_outputs) and still equal the plain forward with pixel_values."""
