@@ -58,14 +58,15 @@ def _buckets(z_s, z_t, params):
     return out[0], out[1], ids, lse_s, lse_t
 
 
-def _row_views(x):
-    """[B, T, V] or [N, V] as a list of [rows, V] views of the rows in order (a sliced input is not copied)."""
+def _row_views(x, y):
+    """[B, T, V] or [N, V] pair as lists of matching [rows, V] views of the rows in order (a slice is not
+    copied)."""
     if x.dim() == 2:
-        return [x]
+        return [x], [y]
     try:
-        return [x.view(-1, x.shape[-1])]
+        return [x.view(-1, x.shape[-1])], [y.view(-1, y.shape[-1])]
     except RuntimeError:
-        return list(x.unbind(0))
+        return list(x.unbind(0)), list(y.unbind(0))
 
 
 def _chunks(student, teacher, mask, inv_temp):
@@ -73,7 +74,7 @@ def _chunks(student, teacher, mask, inv_temp):
     V = student.shape[-1]
     step = chunk_rows(V)
     r = 0
-    for xs, ys in zip(_row_views(student), _row_views(teacher), strict=True):
+    for xs, ys in zip(*_row_views(student, teacher), strict=True):
         for r0 in range(0, xs.shape[0], step):
             n = min(xs.shape[0] - r0, step)
             sl = slice(r + r0, r + r0 + n)
