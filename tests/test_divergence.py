@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from conftest import ON_GPU
 from helpers import assert_close, poison
 
 import cepo_kernels
@@ -18,7 +19,6 @@ import cepo_ref
 from cepo_kernels.ops import _common
 from cepo_kernels.ops import _divergence_launch as launch
 from cepo_kernels.ops import _divergence_torch as native
-from conftest import ON_GPU
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter: 0 * -inf
 
@@ -42,7 +42,7 @@ def backend(request, monkeypatch):
 
 
 def distinct_top(x, k, g):
-    """x [..., V] with k distinct largest entries (exact in bf16), so top-k ids are the same in every dtype."""
+    """x [..., V] with k distinct largest entries (exact in bf16): the same top-k ids in every dtype."""
     V = x.shape[-1]
     ids = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(x[..., 0].numel())])
     vals = 4.0 + 0.125 * torch.arange(k, dtype=x.dtype)
@@ -84,8 +84,8 @@ def run(impl, case, dtype, upstream=None, **kw):
     """(output, grads) of impl's loss on the case's inputs cast to dtype."""
     extra = {}
     if kw.pop("sdpo", False):
-        extra = dict(targets=case["targets"], old_logp=case["old"].to(torch.promote_types(dtype, torch.float32)),
-                     is_clip=2.0)
+        old = case["old"].to(torch.promote_types(dtype, torch.float32))
+        extra = dict(targets=case["targets"], old_logp=old, is_clip=2.0)
     if "x" in case:
         leaf = case["x"].detach().to(dtype).clone().requires_grad_()
         out = impl.divergence_loss(leaf[:, :case["T"]], case["y"].to(dtype), case["mask"], **extra, **kw)
@@ -128,7 +128,8 @@ FULL_CASES = []
 for i, (beta, dname) in enumerate([(b, d) for b in (0.0, 0.3, 0.5, 1.0) for d in DTYPES]):
     V = (507, 1000)[i % 2]
     opts = dict(beta=beta, reduction=REDUCTIONS[i % 5], temperature=(1.0, 0.7, 1.3)[i % 3], sdpo=i % 2 == 0)
-    tid = f"N12-V{V}-{dname}-b{beta}-{opts['reduction']}-T{opts['temperature']}{'-sdpo' if opts['sdpo'] else ''}"
+    tid = (f"N12-V{V}-{dname}-b{beta}-{opts['reduction']}-T{opts['temperature']}"
+           f"{'-sdpo' if opts['sdpo'] else ''}")
     FULL_CASES.append(pytest.param(V, dname, i % 3 == 0, opts, id=tid))
 
 
@@ -143,8 +144,8 @@ TOPK_CASES = []
 for i, (src, tail) in enumerate([(s, t) for s in ("student", "teacher") for t in (True, False)]):
     for j, dname in enumerate(DTYPES):
         beta = (0.0, 0.5, 1.0, 0.3)[(i + j) % 4]
-        TOPK_CASES.append(pytest.param(src, tail, dname, beta, id=f"V507-k7-{src}-{'tail' if tail else 'renorm'}"
-                                                                  f"-{dname}-b{beta}"))
+        tid = f"V507-k7-{src}-{'tail' if tail else 'renorm'}-{dname}-b{beta}"
+        TOPK_CASES.append(pytest.param(src, tail, dname, beta, id=tid))
 
 
 @pytest.mark.parametrize("src, tail, dname, beta", TOPK_CASES)
@@ -155,8 +156,8 @@ def test_divergence_topk(src, tail, dname, beta):
 
 LINEAR_CASES = [
     pytest.param(dname, beta, topk, id=f"N8-V507-H123-{dname}-b{beta}{'-k7' if topk else ''}")
-    for dname, beta, topk in [("fp32", 0.5, None), ("bf16", 0.0, None), ("fp16", 1.0, None), ("fp32", 0.3, 7),
-                              ("bf16", 0.5, 7)]
+    for dname, beta, topk in [("fp32", 0.5, None), ("bf16", 0.0, None), ("fp16", 1.0, None),
+                              ("fp32", 0.3, 7), ("bf16", 0.5, 7)]
 ]
 
 
