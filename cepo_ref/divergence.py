@@ -114,13 +114,19 @@ def divergence_loss(logits, teacher_logits, mask, *, beta=0.5, temperature=1.0, 
     return DivergenceOutput(loss, per_token.detach().float().reshape(shape), metrics)
 
 
-def linear_divergence_loss(hidden, teacher_hidden, weight, mask, *, bias=None, **options):
-    """divergence_loss(hidden @ weight.T + bias, teacher_hidden @ weight.T + bias, mask, **options): here the
-    logits are materialised (in the inputs' dtype, as eager torch code computes an lm_head)."""
+def linear_divergence_loss(hidden, teacher_hidden, weight, mask, *, bias=None, teacher_weight=None,
+                           teacher_bias=None, **options):
+    """divergence_loss(hidden @ weight.T + bias, teacher_hidden @ W_T.T + b_T, mask, **options) with the
+    teacher's head (W_T, b_T) = (teacher_weight, teacher_bias) when teacher_weight is given, else (weight,
+    bias): here the logits are materialised (in the inputs' dtype, as eager torch code computes an
+    lm_head)."""
     check_linear(hidden, weight, bias)
     check_tensor("teacher_hidden", teacher_hidden, dtypes="float", shape=hidden.shape, device=hidden.device)
     logits = hidden @ weight.T
-    t_logits = teacher_hidden.detach().to(weight.dtype) @ weight.detach().T
     if bias is not None:
-        logits, t_logits = logits + bias, t_logits + bias.detach()
+        logits = logits + bias
+    t_w, t_b = (weight, bias) if teacher_weight is None else (teacher_weight, teacher_bias)
+    t_logits = teacher_hidden.detach().to(weight.dtype) @ t_w.detach().T
+    if t_b is not None:
+        t_logits = t_logits + t_b.detach()
     return divergence_loss(logits, t_logits, mask, **options)

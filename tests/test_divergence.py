@@ -92,6 +92,8 @@ def run(impl, case, dtype, upstream=None, **kw):
         leaves = [leaf]
     else:
         leaves = [case[k].detach().to(dtype).clone().requires_grad_() for k in ("h", "w", "b")]
+        if "tw" in case:
+            extra.update(teacher_weight=case["tw"].to(dtype), teacher_bias=None)
         out = impl.linear_divergence_loss(leaves[0], case["th"].to(dtype), leaves[1], case["mask"],
                                           bias=leaves[2], **extra, **kw)
     loss = out.loss if upstream is None else (out.loss * upstream).sum()
@@ -166,6 +168,8 @@ def test_linear_divergence(backend, dname, beta, topk):
     if topk and backend == "interpreter":
         pytest.skip("top-k runs chunked torch on every backend (covered by the native run)")
     case = make_case(2, 4, 507, seed=5, H=123)
+    if beta == 0.3:  # the teacher's own head (an EMA teacher), without a bias
+        case["tw"] = case["w"] + 0.05 * torch.randn(case["w"].shape, dtype=torch.float64)
     compare(case, DTYPES[dname], beta=beta, topk=topk, sdpo=beta == 0.5, reduction="seq-mean-token-mean")
 
 
@@ -248,7 +252,10 @@ def test_opcheck():
                           (x, y, None, m, 1.0, 0.5, 0, "student", True))
     h, w = torch.randn(6, 8, requires_grad=True), torch.randn(50, 8, requires_grad=True)
     torch.library.opcheck(torch.ops.cepo_kernels.linear_divergence_fwd.default,
-                          (h, torch.randn(6, 8), w, None, None, m, 1.0, 0.3, 3, "teacher", False))
+                          (h, torch.randn(6, 8), w, None, None, None, None, m, 1.0, 0.3, 3, "teacher", False))
+    torch.library.opcheck(torch.ops.cepo_kernels.linear_divergence_fwd.default,
+                          (h, torch.randn(6, 8), w, torch.randn(50, requires_grad=True), torch.randn(50, 8),
+                           None, None, m, 0.9, 0.0, 0, "student", True))
 
 
 BAD = [
@@ -292,5 +299,44 @@ def test_bad_tensors():
         cepo_kernels.linear_divergence_loss(h.half(), h.half(), w, m)
     with pytest.raises(ValueError, match="teacher_hidden"):
         cepo_kernels.linear_divergence_loss(h, torch.randn(2, 3, 7), w, m)
+    with pytest.raises(ValueError, match="teacher_bias"):
+        cepo_kernels.linear_divergence_loss(h, h, w, m, teacher_bias=torch.zeros(50))
+    with pytest.raises(ValueError, match="teacher_weight"):
+        cepo_kernels.linear_divergence_loss(h, h, w, m, teacher_weight=torch.zeros(49, 8))
     with pytest.raises(ValueError, match="teacher_logp"):
         cepo_kernels.sampled_token_kl_loss(torch.randn(2, 3), torch.randn(3, 2), m)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_vocabulary_masking(backend, beta):
+    """-inf logits at the same non-target entries of both (vocabulary masking) are valid: D as the reference,
+    a finite gradient, zero at those entries."""
+    case = make_case(2, 3, 507, seed=21)
+    x, y = case["x"][:, :3].clone(), case["y"].clone()
+    x[..., 100:140] = float("-inf")
+    y[..., 100:140] = float("-inf")
+    for topk in (None, 6):
+        xx = x.float().requires_grad_()
+        out = cepo_kernels.divergence_loss(xx, y.float(), case["mask"], beta=beta, topk=topk)
+        ref = cepo_ref.divergence_loss(x, y, case["mask"], beta=beta, topk=topk)
+        torch.testing.assert_close(out.per_token.double(), ref.per_token.double(), atol=1e-5, rtol=1e-5)
+        out.loss.backward()
+        assert bool(torch.isfinite(xx.grad).all()) and bool((xx.grad[..., 100:140] == 0).all())
+
+
+@pytest.mark.gpu
+def test_large_rows_int64():
+    """N * V > 2**31 elements: int64 addressing in both kernels (the last rows against the reference)."""
+    B, T, V = 8, 2048, 151936
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, T, V, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    y = torch.randn(B, T, V, device="cuda", dtype=torch.bfloat16, generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool, device="cuda")
+    out = cepo_kernels.divergence_loss(x, y, mask, reduction="sum")
+    out.loss.backward()
+    ref = cepo_ref.divergence_loss(x[-1, -4:].detach().double(), y[-1, -4:].double(), mask[-1, -4:],
+                                   reduction="none")
+    torch.testing.assert_close(out.per_token[-1, -4:].double(), ref.per_token.double(), atol=1e-4, rtol=1e-4)
+    xr = x[-1, -4:].detach().double().requires_grad_()
+    cepo_ref.divergence_loss(xr, y[-1, -4:].double(), mask[-1, -4:], reduction="sum").loss.backward()
+    torch.testing.assert_close(x.grad[-1, -4:].double(), xr.grad, atol=2e-3, rtol=2e-2)

@@ -9,6 +9,7 @@ import math
 import torch
 
 from cepo_kernels.ops import _common, configs
+from cepo_kernels.ops import _divergence_torch as tch
 from cepo_kernels.ops._divergence_kernels import _divergence_bwd_kernel, _divergence_fwd_kernel
 
 _GPU_CONFIG = {"BLOCK_V": 4096, "num_warps": 8}
@@ -75,8 +76,6 @@ def divergence_bwd(student, teacher, mask, stats, grad, params, out_dtype=None):
 def kernels(params, native):
     """(fwd, bwd) on logits: the chunked torch implementation for top-k (every device) or when `native`
     (the operators' CPU kernel), else the Triton launchers above."""
-    from cepo_kernels.ops import _divergence_torch as tch
-
     if native or params.topk is not None:
         return tch.torch_fwd, tch.torch_bwd
     return divergence_fwd, divergence_bwd
@@ -84,9 +83,7 @@ def kernels(params, native):
 
 def _linear_rows(V, dtype):
     """Rows per chunk of the linear path: two [rows, V] logits chunks of about 32 MiB each."""
-    from cepo_kernels.ops._divergence_torch import chunk_rows
-
-    return chunk_rows(V, (32 << 20) * 4 // torch.empty((), dtype=dtype).element_size())
+    return tch.chunk_rows(V, (32 << 20) * 4 // torch.empty((), dtype=dtype).element_size())
 
 
 def _logit_chunk(h, weight, bias):
@@ -94,38 +91,47 @@ def _logit_chunk(h, weight, bias):
     return z if bias is None else z + bias
 
 
-def linear_divergence_fwd(hidden, teacher_hidden, weight, bias, targets, mask, params, native=False):
-    """hidden, teacher_hidden [N, H] (the weight's dtype), weight [V, H], bias [V] or None, targets [N] or
-    None, mask [N] uint8. The logits exist one row chunk at a time (in the inputs' dtype, as an eager lm_head
-    computes them), each scored by kernels(params, native). Returns (div, logp, stats) as divergence_fwd."""
+def _teacher_head(weight, bias, teacher_weight, teacher_bias):
+    """The teacher's (weight, bias): the student's unless teacher_weight is given (e.g. an EMA teacher)."""
+    return (weight, bias) if teacher_weight is None else (teacher_weight.detach(), teacher_bias)
+
+
+def linear_divergence_fwd(hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, targets, mask,
+                          params, native=False):
+    """hidden, teacher_hidden [N, H] (the weight's dtype), weight [V, H], bias [V] or None, teacher_weight
+    [V, H] / teacher_bias [V] or None (None: the student's head), targets [N] or None, mask [N] uint8. The
+    logits exist one row chunk at a time (in the inputs' dtype, as an eager lm_head computes them), each
+    scored by kernels(params, native). Returns (div, logp, stats) as divergence_fwd."""
     N, V = hidden.shape[0], weight.shape[0]
     fwd, _ = kernels(params, native)
+    tw, tb = _teacher_head(weight, bias, teacher_weight, teacher_bias)
     outs = [torch.zeros(N, dtype=torch.float32, device=hidden.device) for _ in range(2)]
     outs.append(torch.zeros(N, 3, dtype=torch.float32, device=hidden.device))
     step = _linear_rows(V, hidden.dtype)
     for r0 in range(0, N, step):
         sl = slice(r0, min(N, r0 + step))
-        z_s, z_t = _logit_chunk(hidden[sl], weight, bias), _logit_chunk(teacher_hidden[sl], weight, bias)
+        z_s, z_t = _logit_chunk(hidden[sl], weight, bias), _logit_chunk(teacher_hidden[sl], tw, tb)
         res = fwd(z_s, z_t, None if targets is None else targets[sl], mask[sl], params)
         for o, r in zip(outs, res, strict=True):
             o[sl] = r
     return tuple(outs)
 
 
-def linear_divergence_bwd(hidden, teacher_hidden, weight, bias, mask, stats, grad, params, native=False,
-                          need=(True, True, True)):
+def linear_divergence_bwd(hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, mask, stats,
+                          grad, params, native=False, need=(True, True, True)):
     """(d hidden [N, H], d weight [V, H], d bias [V] or None) of sum_t grad_t D_t, the logits recomputed per
     row chunk; rows whose gradient is zero (masked) are skipped within the chunk by the kernels. d weight and
     d bias accumulate in fp32 and come back in the weight's dtype."""
     N, V = hidden.shape[0], weight.shape[0]
     _, bwd = kernels(params, native)
+    tw, tb = _teacher_head(weight, bias, teacher_weight, teacher_bias)
     dh = torch.zeros_like(hidden) if need[0] else None
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
     db = torch.zeros(V, dtype=torch.float32, device=weight.device) if need[2] and bias is not None else None
     step = _linear_rows(V, hidden.dtype)
     for r0 in range(0, N, step):
         sl = slice(r0, min(N, r0 + step))
-        z_s, z_t = _logit_chunk(hidden[sl], weight, bias), _logit_chunk(teacher_hidden[sl], weight, bias)
+        z_s, z_t = _logit_chunk(hidden[sl], weight, bias), _logit_chunk(teacher_hidden[sl], tw, tb)
         dz = bwd(z_s, z_t, mask[sl], stats[sl], grad[sl], params)
         del z_s, z_t
         if dh is not None:

@@ -14,6 +14,7 @@ import torch
 from cepo_kernels._params import DivergenceParams
 from cepo_kernels.ops import _common
 from cepo_kernels.ops import _divergence_launch as launch
+from cepo_kernels.ops._divergence_torch import GPU_CHUNK_BYTES
 
 _OPTS = "float temperature, float beta, int topk, str topk_from, bool add_tail"
 
@@ -94,57 +95,77 @@ def _fwd_backward(ctx, grad_div, *_):
 
 _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 
-_LIN_IN = "Tensor hidden, Tensor teacher_hidden, Tensor weight, Tensor? bias"
+_LIN_IN = ("Tensor hidden, Tensor teacher_hidden, Tensor weight, Tensor? bias, Tensor? teacher_weight, "
+           "Tensor? teacher_bias")
 
 
 @torch.library.custom_op("cepo_kernels::linear_divergence_fwd", mutates_args=(),
                          schema=f"({_LIN_IN}, Tensor? targets, Tensor mask, {_OPTS}) "
                                 "-> (Tensor, Tensor, Tensor)")
-def _lin_fwd_op(hidden, teacher_hidden, weight, bias, targets, mask, temperature, beta, topk, topk_from,
-                add_tail):
-    """(D, logp_S(target), stats) of hidden [N, H] against teacher_hidden [N, H] through weight [V, H]."""
+def _lin_fwd_op(hidden, teacher_hidden, weight, bias, tw, tb, targets, mask, temperature, beta, topk,
+                topk_from, add_tail):
+    """(D, logp_S(target), stats) of hidden [N, H] through weight [V, H] (+ bias) against teacher_hidden
+    [N, H] through the same head, or through teacher_weight (+ teacher_bias) when given."""
     p = _params(temperature, beta, topk, topk_from, add_tail)
-    return launch.linear_divergence_fwd(hidden, teacher_hidden, weight, bias, targets, mask, p)
+    return launch.linear_divergence_fwd(hidden, teacher_hidden, weight, bias, tw, tb, targets, mask, p)
 
 
 @_lin_fwd_op.register_kernel("cpu")
-def _(hidden, teacher_hidden, weight, bias, targets, mask, temperature, beta, topk, topk_from, add_tail):
+def _(hidden, teacher_hidden, weight, bias, tw, tb, targets, mask, temperature, beta, topk, topk_from,
+      add_tail):
     p = _params(temperature, beta, topk, topk_from, add_tail)
-    return launch.linear_divergence_fwd(hidden, teacher_hidden, weight, bias, targets, mask, p,
+    return launch.linear_divergence_fwd(hidden, teacher_hidden, weight, bias, tw, tb, targets, mask, p,
                                         native=_native())
 
 
+def _workspace(hidden, weight, topk, backward):
+    """Bytes of the linear path's temporaries on a GPU (memory tracers, bench/memory_fake.py): two logits
+    chunks (three in the backward, with dz), the torch top-k's fp32 row chunks, the backward's fp32 d weight
+    (and its 16-bit partial product) and d bias."""
+    V, H = weight.shape
+    if not all(isinstance(d, int) for d in (hidden.shape[0], V, H)):
+        return 0
+    e = hidden.element_size()
+    rows = min(hidden.shape[0], launch._linear_rows(V, hidden.dtype))
+    n = (3 if backward else 2) * rows * V * e + (8 * GPU_CHUNK_BYTES if topk else 0)
+    if backward:
+        n += V * H * 4 + V * 4 + (V * H * e if e < 4 else 0)
+    return n
+
+
 @_lin_fwd_op.register_fake
-def _(hidden, *args):
+def _(hidden, teacher_hidden, weight, bias, tw, tb, targets, mask, temperature, beta, topk, *args):
+    _common.report_workspace(_workspace(hidden, weight, topk, False))
     return _fake_fwd(hidden.shape[0], hidden)
 
 
 @torch.library.custom_op("cepo_kernels::linear_divergence_bwd", mutates_args=(),
                          schema=f"({_LIN_IN}, Tensor mask, Tensor stats, Tensor grad, {_OPTS}, bool[] need) "
                                 "-> (Tensor, Tensor, Tensor)")
-def _lin_bwd_op(hidden, teacher_hidden, weight, bias, mask, stats, grad, temperature, beta, topk, topk_from,
-                add_tail, need):
+def _lin_bwd_op(hidden, teacher_hidden, weight, bias, tw, tb, mask, stats, grad, temperature, beta, topk,
+                topk_from, add_tail, need):
     """(d hidden, d weight, d bias); an output not needed (or d bias without a bias) is an empty tensor."""
-    return _lin_bwd(hidden, teacher_hidden, weight, bias, mask, stats, grad,
+    return _lin_bwd(hidden, teacher_hidden, weight, bias, tw, tb, mask, stats, grad,
                     _params(temperature, beta, topk, topk_from, add_tail), need, native=False)
 
 
 @_lin_bwd_op.register_kernel("cpu")
-def _(hidden, teacher_hidden, weight, bias, mask, stats, grad, temperature, beta, topk, topk_from, add_tail,
-      need):
-    return _lin_bwd(hidden, teacher_hidden, weight, bias, mask, stats, grad,
+def _(hidden, teacher_hidden, weight, bias, tw, tb, mask, stats, grad, temperature, beta, topk, topk_from,
+      add_tail, need):
+    return _lin_bwd(hidden, teacher_hidden, weight, bias, tw, tb, mask, stats, grad,
                     _params(temperature, beta, topk, topk_from, add_tail), need, native=_native())
 
 
-def _lin_bwd(hidden, teacher_hidden, weight, bias, mask, stats, grad, p, need, native):
-    out = launch.linear_divergence_bwd(hidden, teacher_hidden, weight, bias, mask, stats, grad, p, native,
-                                       tuple(need))
+def _lin_bwd(hidden, teacher_hidden, weight, bias, tw, tb, mask, stats, grad, p, need, native):
+    out = launch.linear_divergence_bwd(hidden, teacher_hidden, weight, bias, tw, tb, mask, stats, grad, p,
+                                       native, tuple(need))
     return tuple(hidden.new_empty(0) if o is None else o for o in out)
 
 
 @_lin_bwd_op.register_fake
-def _(hidden, teacher_hidden, weight, bias, mask, stats, grad, *args):
+def _(hidden, teacher_hidden, weight, bias, tw, tb, mask, stats, grad, *args):
     need = args[-1]
+    _common.report_workspace(_workspace(hidden, weight, args[2], True))
     has_db = need[2] and bias is not None
     return (hidden.new_empty(hidden.shape if need[0] else 0),
             weight.new_empty(weight.shape if need[1] else 0),
@@ -152,21 +173,22 @@ def _(hidden, teacher_hidden, weight, bias, mask, stats, grad, *args):
 
 
 def _lin_setup(ctx, inputs, output):
-    hidden, teacher_hidden, weight, bias, _, mask, *opts = inputs
-    ctx.save_for_backward(hidden, teacher_hidden, weight, bias, mask, output[2])
+    hidden, teacher_hidden, weight, bias, tw, tb, _, mask, *opts = inputs
+    ctx.save_for_backward(hidden, teacher_hidden, weight, bias, tw, tb, mask, output[2])
     ctx.opts = opts
     ctx.set_materialize_grads(False)
 
 
 def _lin_backward(ctx, grad_div, *_):
     needs = ctx.needs_input_grad
-    hidden, teacher_hidden, weight, bias, mask, stats = ctx.saved_tensors
+    hidden, teacher_hidden, weight, bias, tw, tb, mask, stats = ctx.saved_tensors
     need = [needs[0], needs[2], needs[3] and bias is not None]
     if grad_div is None or not any(need):
-        return (None,) * 11
+        return (None,) * 13
     dh, dw, db = torch.ops.cepo_kernels.linear_divergence_bwd(
-        hidden, teacher_hidden, weight, bias, mask, stats, grad_div.float().contiguous(), *ctx.opts, need)
-    return (dh if need[0] else None, None, dw if need[1] else None, db if need[2] else None) + (None,) * 7
+        hidden, teacher_hidden, weight, bias, tw, tb, mask, stats, grad_div.float().contiguous(), *ctx.opts,
+        need)
+    return (dh if need[0] else None, None, dw if need[1] else None, db if need[2] else None) + (None,) * 9
 
 
 _lin_fwd_op.register_autograd(_lin_backward, setup_context=_lin_setup)

@@ -1,6 +1,6 @@
 """The divergence in chunked eager torch: the operators' native CPU kernel, and the top-k variants on every
 device (torch.topk per row chunk). Tensors in, tensors out, no autograd; temporaries bounded by row chunks of
-about _CHUNK_BYTES per [rows, V] fp32 buffer. Same outputs as the Triton launchers
+about CHUNK_BYTES per [rows, V] fp32 buffer. Same outputs as the Triton launchers
 (ops/_divergence_launch.py).
 
 Per token, over the buckets of the two distributions (the vocabulary, or the top-k ids with or without the
@@ -16,10 +16,11 @@ import math
 
 import torch
 
-_CHUNK_BYTES = 16 << 20
+CHUNK_BYTES = 16 << 20
+GPU_CHUNK_BYTES = 64 << 20  # fewer, larger launches on a GPU (a few such buffers live at once)
 
 
-def chunk_rows(V, nbytes=_CHUNK_BYTES):
+def chunk_rows(V, nbytes=CHUNK_BYTES):
     """Rows per chunk: one [rows, V] fp32 temporary of about nbytes."""
     return max(1, nbytes // (4 * max(V, 1)))
 
@@ -72,7 +73,7 @@ def _row_views(x, y):
 def _chunks(student, teacher, mask, inv_temp):
     """Yields (slice of the N rows, z_s, z_t, valid) over row chunks: fp32 scaled logits, masked rows 0."""
     V = student.shape[-1]
-    step = chunk_rows(V)
+    step = chunk_rows(V, CHUNK_BYTES if student.device.type == "cpu" else GPU_CHUNK_BYTES)
     r = 0
     for xs, ys in zip(*_row_views(student, teacher), strict=True):
         for r0 in range(0, xs.shape[0], step):

@@ -100,11 +100,23 @@ def divergence_loss(logits, teacher_logits, mask, *, beta=0.5, temperature=1.0, 
         hidden: [B, T, H] or [N, H] student hidden states, fp32/bf16/fp16, the weight's dtype; gradient flows
             to hidden, weight and bias.
         teacher_hidden: shaped like hidden (cast to the weight's dtype; no gradient).
-        weight: [V, H] the lm_head weight; bias: [V] or None.""")
-def linear_divergence_loss(hidden, teacher_hidden, weight, mask, *, bias=None, beta=0.5, temperature=1.0,
-                           topk=None, topk_from="student", add_tail=True, targets=None, old_logp=None,
-                           is_clip=None, reduction="token-mean", num_tokens=None, metrics=True):
+        weight: [V, H] the lm_head weight; bias: [V] or None.
+        teacher_weight, teacher_bias: the teacher's own lm_head ([V, H] in the weight's dtype, [V] or None;
+            no gradient), e.g. an EMA teacher's; teacher_weight None (default): the teacher uses weight and
+            bias too.""")
+def linear_divergence_loss(hidden, teacher_hidden, weight, mask, *, bias=None, teacher_weight=None,
+                           teacher_bias=None, beta=0.5, temperature=1.0, topk=None, topk_from="student",
+                           add_tail=True, targets=None, old_logp=None, is_clip=None, reduction="token-mean",
+                           num_tokens=None, metrics=True):
     check_linear(hidden, weight, bias)
+    if teacher_weight is not None:
+        check_tensor("teacher_weight", teacher_weight, dtypes=(weight.dtype,), shape=weight.shape,
+                     device=weight.device)
+        if teacher_bias is not None:
+            check_tensor("teacher_bias", teacher_bias, dtypes="float", shape=(weight.shape[0],),
+                         device=weight.device)
+    elif teacher_bias is not None:
+        raise ValueError("teacher_bias: given without teacher_weight (the teacher then uses weight and bias)")
     check_kernel_dtype("hidden", hidden)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden: expected [B, T, H] or [N, H], got shape {tuple(hidden.shape)}")
@@ -115,8 +127,10 @@ def linear_divergence_loss(hidden, teacher_hidden, weight, mask, *, bias=None, b
                                                            is_clip=is_clip, reduction=reduction))
     tgt, msk, opts = _op_args(batch, targets, p)
     th = _rows2d(teacher_hidden.detach().to(weight.dtype))
+    tw = None if teacher_weight is None else _lastdim(teacher_weight.detach())
+    tb = None if teacher_bias is None else teacher_bias.detach()
     div, lp, _ = torch.ops.cepo_kernels.linear_divergence_fwd(_rows2d(hidden), th, _lastdim(weight), bias,
-                                                              tgt, msk, *opts)
+                                                              tw, tb, tgt, msk, *opts)
     return _output(div, lp, batch, p, num_tokens, metrics)
 
 
