@@ -19,6 +19,26 @@ from cepo_kernels.ops._common import LOG2E, lse_entropy, online_lse
 
 
 @triton.jit
+def _load_pair(x_row, y_row, o, V, MASKED: tl.constexpr):
+    """[BLOCK_V] fp32 tiles of both rows; unmasked (wide loads on aligned rows) except for the vocab tail."""
+    if MASKED:
+        b_x = tl.load(x_row + o, mask=o < V, other=float("-inf")).to(tl.float32)
+        b_y = tl.load(y_row + o, mask=o < V, other=float("-inf")).to(tl.float32)
+    else:
+        b_x = tl.load(x_row + o).to(tl.float32)
+        b_y = tl.load(y_row + o).to(tl.float32)
+    return b_x, b_y
+
+
+@triton.jit
+def _lse_step(x_row, y_row, o, V, c, m_x, s_x, m_y, s_y, MASKED: tl.constexpr):
+    b_x, b_y = _load_pair(x_row, y_row, o, V, MASKED)
+    m_x, s_x, _ = online_lse(b_x, tl.max(b_x, axis=0), m_x, s_x, s_x, c, False)
+    m_y, s_y, _ = online_lse(b_y, tl.max(b_y, axis=0), m_y, s_y, s_y, c, False)
+    return m_x, s_x, m_y, s_y
+
+
+@triton.jit
 def _lse_pair(x_row, y_row, V, inv_temp, BLOCK_V: tl.constexpr):
     """(lse_S, lse_T) of the scaled logits x / T and y / T of one row (online, per-lane sums)."""
     o_v = tl.arange(0, BLOCK_V)
@@ -27,12 +47,11 @@ def _lse_pair(x_row, y_row, V, inv_temp, BLOCK_V: tl.constexpr):
     m_y = tl.full([], float("-inf"), tl.float32)
     s_x = tl.zeros([BLOCK_V], tl.float32)
     s_y = tl.zeros([BLOCK_V], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        o = start + o_v
-        b_x = tl.load(x_row + o, mask=o < V, other=float("-inf")).to(tl.float32)
-        b_y = tl.load(y_row + o, mask=o < V, other=float("-inf")).to(tl.float32)
-        m_x, s_x, _ = online_lse(b_x, tl.max(b_x, axis=0), m_x, s_x, s_x, c, False)
-        m_y, s_y, _ = online_lse(b_y, tl.max(b_y, axis=0), m_y, s_y, s_y, c, False)
+    V_main = V - V % BLOCK_V
+    for start in range(0, V_main, BLOCK_V):
+        m_x, s_x, m_y, s_y = _lse_step(x_row, y_row, start + o_v, V, c, m_x, s_x, m_y, s_y, False)
+    if V_main < V:
+        m_x, s_x, m_y, s_y = _lse_step(x_row, y_row, V_main + o_v, V, c, m_x, s_x, m_y, s_y, True)
     lse_x, _ = lse_entropy(m_x, tl.sum(s_x, axis=0), 0.0, inv_temp)
     lse_y, _ = lse_entropy(m_y, tl.sum(s_y, axis=0), 0.0, inv_temp)
     return lse_x, lse_y
@@ -44,9 +63,11 @@ def _xlogy_diff(q, a, b):
 
 
 @triton.jit
-def _terms(b_x, b_y, inv_temp, lse_x, lse_y, beta, log_b, log_1mb, MODE: tl.constexpr):
-    """Per vocabulary entry of one tile: (d, h, p_S) with D = sum d and h = p_S dD/dp_S (up to a multiple of
-    p_S). -inf logits (the tail lanes, vocabulary masking) give p = 0 and d = h = 0."""
+def _terms(x_row, y_row, o, V, inv_temp, lse_x, lse_y, beta, MODE: tl.constexpr,
+           MASKED: tl.constexpr):
+    """Per vocabulary entry o of one tile: (d, h, p_S) with D = sum d and h = p_S dD/dp_S (up to a multiple
+    of p_S). -inf logits (the tail lanes, vocabulary masking) give p = 0 and d = h = 0."""
+    b_x, b_y = _load_pair(x_row, y_row, o, V, MASKED)
     l_s = b_x * inv_temp - lse_x
     l_t = b_y * inv_temp - lse_y
     p_s = tl.exp(l_s)
@@ -58,11 +79,9 @@ def _terms(b_x, b_y, inv_temp, lse_x, lse_y, beta, log_b, log_1mb, MODE: tl.cons
         d = _xlogy_diff(p_s, l_s, l_t)
         h = d
     else:
-        a = l_s + log_1mb
-        b = l_t + log_b
-        mx = tl.maximum(a, b)
-        m_ref = tl.where(mx == float("-inf"), 0.0, mx)
-        l_m = m_ref + tl.log(tl.exp(a - m_ref) + tl.exp(b - m_ref))  # log M
+        # log M from the probabilities (one log, no logaddexp): where both underflow, M = 0 and both terms are
+        # 0 (p = 0); an entry whose p is denormal contributes ~1e-38, whatever its log
+        l_m = tl.log((1.0 - beta) * p_s + beta * p_t)
         h = (1.0 - beta) * _xlogy_diff(p_s, l_s, l_m)
         d = beta * _xlogy_diff(p_t, l_t, l_m) + h
     return d, h, p_s
@@ -71,7 +90,7 @@ def _terms(b_x, b_y, inv_temp, lse_x, lse_y, beta, log_b, log_1mb, MODE: tl.cons
 @triton.heuristics({"HAS_TARGETS": lambda a: a["targets"] is not None})
 @triton.jit(do_not_specialize=["T", "V"])
 def _divergence_fwd_kernel(student, teacher, targets, mask, div, logp, stats,
-                           T, V, s_b, s_t, s_tb, s_tt, inv_temp, beta, log_b, log_1mb,
+                           T, V, s_b, s_t, s_tb, s_tt, inv_temp, beta,
                            MODE: tl.constexpr, HAS_TARGETS: tl.constexpr, BLOCK_V: tl.constexpr):
     """div [N]: D of each row; logp [N]: log p_S(target) (0 without targets, NaN for an id >= V);
     stats [N, 3]: (lse_S, lse_T, sum h). A masked row is not read: zeros."""
@@ -88,11 +107,15 @@ def _divergence_fwd_kernel(student, teacher, targets, mask, div, logp, stats,
         o_v = tl.arange(0, BLOCK_V)
         acc_d = tl.zeros([BLOCK_V], tl.float32)
         acc_h = tl.zeros([BLOCK_V], tl.float32)
-        for start in range(0, V, BLOCK_V):
-            o = start + o_v
-            b_x = tl.load(x_row + o, mask=o < V, other=float("-inf")).to(tl.float32)
-            b_y = tl.load(y_row + o, mask=o < V, other=float("-inf")).to(tl.float32)
-            d, h, _ = _terms(b_x, b_y, inv_temp, lse_x, lse_y, beta, log_b, log_1mb, MODE)
+        V_main = V - V % BLOCK_V
+        for start in range(0, V_main, BLOCK_V):
+            d, h, _ = _terms(x_row, y_row, start + o_v, V, inv_temp, lse_x, lse_y, beta, MODE,
+                             False)
+            acc_d += d
+            acc_h += h
+        if V_main < V:
+            d, h, _ = _terms(x_row, y_row, V_main + o_v, V, inv_temp, lse_x, lse_y, beta, MODE,
+                             True)
             acc_d += d
             acc_h += h
         b_d = tl.sum(acc_d, axis=0)
@@ -111,7 +134,7 @@ def _divergence_fwd_kernel(student, teacher, targets, mask, div, logp, stats,
 
 @triton.jit(do_not_specialize=["T", "V"])
 def _divergence_bwd_kernel(student, teacher, dstudent, mask, stats, grad,
-                           T, V, s_b, s_t, s_tb, s_tt, s_db, s_dt, inv_temp, beta, log_b, log_1mb,
+                           T, V, s_b, s_t, s_tb, s_tt, s_db, s_dt, inv_temp, beta,
                            MODE: tl.constexpr, BLOCK_V: tl.constexpr):
     """dstudent[row] = grad[row] * dD/dz_S = grad (h - p_S sum h) / T; zeros (logits unread) where the mask
     is off or grad = 0. A NaN grad or logit gives NaN (never a silent 0)."""
@@ -133,10 +156,12 @@ def _divergence_bwd_kernel(student, teacher, dstudent, mask, stats, grad,
         lse_y = tl.load(stats + 3 * row + 1)
         hs = tl.load(stats + 3 * row + 2)
         scale = g * inv_temp
-        for start in range(0, V, BLOCK_V):
-            o = start + o_v
-            b_x = tl.load(x_row + o, mask=o < V, other=float("-inf")).to(tl.float32)
-            b_y = tl.load(y_row + o, mask=o < V, other=float("-inf")).to(tl.float32)
-            _, h, p_s = _terms(b_x, b_y, inv_temp, lse_x, lse_y, beta, log_b, log_1mb, MODE)
-            b_dz = (h - p_s * hs) * scale
-            tl.store(d_row + o, b_dz.to(dstudent.dtype.element_ty), mask=o < V)
+        V_main = V - V % BLOCK_V
+        for start in range(0, V_main, BLOCK_V):
+            _, h, p_s = _terms(x_row, y_row, start + o_v, V, inv_temp, lse_x, lse_y, beta, MODE,
+                               False)
+            tl.store(d_row + start + o_v, ((h - p_s * hs) * scale).to(dstudent.dtype.element_ty))
+        if V_main < V:
+            o = V_main + o_v
+            _, h, p_s = _terms(x_row, y_row, o, V, inv_temp, lse_x, lse_y, beta, MODE, True)
+            tl.store(d_row + o, ((h - p_s * hs) * scale).to(dstudent.dtype.element_ty), mask=o < V)

@@ -4,8 +4,6 @@ operators; ops/divergence.py holds the public functions. One program per token r
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from cepo_kernels.ops import _common, configs
@@ -22,13 +20,6 @@ def _config(device):
 def mode(beta):
     """The kernels' MODE: 0 forward KL (beta = 0), 1 reverse KL (beta = 1), 2 the generalized JSD."""
     return 0 if beta == 0.0 else 1 if beta == 1.0 else 2
-
-
-def _beta_args(beta):
-    """(beta, log beta, log(1 - beta)) as kernel arguments (the logs are unused at the endpoints)."""
-    if mode(beta) != 2:
-        return float(beta), 0.0, 0.0
-    return float(beta), math.log(beta), math.log1p(-beta)
 
 
 def _as3d(x):
@@ -50,7 +41,7 @@ def divergence_fwd(student, teacher, targets, mask, params):
         _common.require_backend(x.device)
         _divergence_fwd_kernel[(N,)](x, y, targets, mask, div, lp, stats, T, V, x.stride(0), x.stride(1),
                                      y.stride(0), y.stride(1), 1.0 / params.temperature,
-                                     *_beta_args(params.beta), MODE=mode(params.beta), **_config(x.device))
+                                     float(params.beta), MODE=mode(params.beta), **_config(x.device))
     return div, lp, stats
 
 
@@ -68,7 +59,7 @@ def divergence_bwd(student, teacher, mask, stats, grad, params, out_dtype=None):
         _common.require_backend(x.device)
         _divergence_bwd_kernel[(B * T,)](x, y, out, mask, stats, grad.float().contiguous(), T, V,
                                          x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0),
-                                         out.stride(1), 1.0 / params.temperature, *_beta_args(params.beta),
+                                         out.stride(1), 1.0 / params.temperature, float(params.beta),
                                          MODE=mode(params.beta), **_config(x.device))
     return out.to(dtype).reshape(student.shape)
 
