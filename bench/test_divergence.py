@@ -50,7 +50,8 @@ def eager(hidden, teacher_hidden, weight, mask, beta=BETA):
 def trl_chunked(hidden, teacher_hidden, weight, mask, beta=BETA):
     from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
-    div, _ = ChunkedDivergenceFunction.apply(hidden, weight, None, teacher_hidden, weight.detach(), None, beta)
+    div, _ = ChunkedDivergenceFunction.apply(hidden, weight, None, teacher_hidden, weight.detach(), None,
+                                             beta)
     m = mask.float()
     return (div * m).sum() / m.sum()
 
@@ -141,23 +142,27 @@ def cpu_ratio(N, V, H, reps, threads):
         step(PROVIDERS[p], inputs)
         grads[p] = (inputs[0].grad.clone(), inputs[2].grad.clone())
     times = {p: [] for p in names}
+    cpu = {p: [] for p in names}
     for _ in range(reps):  # interleaved, so that load on the shared machine hits every provider alike
         for p in names:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step(PROVIDERS[p], inputs)
             times[p].append(time.perf_counter() - t0)
+            cpu[p].append(time.process_time() - c0)
     peaks = {p: _peak_child(p, N, V, H, threads) for p in names}
+    trl_version = importlib.import_module("trl").__version__ if HAS_TRL else "-"
     print(f"# divergence fwd+bwd on CPU: N={N} V={V} H={H} fp32 beta={BETA}, {threads} threads, {reps} reps; "
-          f"torch {torch.__version__}, triton {triton.__version__}, "
-          f"trl {importlib.import_module('trl').__version__ if HAS_TRL else '-'}, {time.strftime('%Y-%m-%d')}")
-    print("| provider | loss | max abs d grad_hidden vs torch | median s | min s | peak extra MiB | time / torch |"
-          " memory / torch |")
+          f"torch {torch.__version__}, triton {triton.__version__}, trl {trl_version}, "
+          f"{time.strftime('%Y-%m-%d')}, load average {os.getloadavg()[0]:.1f}")
+    print("| provider | loss | max abs d grad_hidden vs torch | wall s (median, min) | CPU s (median) |"
+          " peak extra MiB | CPU time / torch | memory / torch |")
     print("|---|---|---|---|---|---|---|---|")
+    c_torch = statistics.median(cpu["torch"])
     for p in names:
         dh = float((grads[p][0] - grads["torch"][0]).abs().max())
-        med = statistics.median(times[p])
-        print(f"| {p} | {losses[p]:.6f} | {dh:.2e} | {med:.3f} | {min(times[p]):.3f} | {peaks[p] / 2**20:.0f} | "
-              f"{med / statistics.median(times['torch']):.2f} | {peaks[p] / peaks['torch']:.2f} |")
+        med, c_med = statistics.median(times[p]), statistics.median(cpu[p])
+        print(f"| {p} | {losses[p]:.6f} | {dh:.2e} | {med:.2f}, {min(times[p]):.2f} | {c_med:.2f} | "
+              f"{peaks[p] / 2**20:.0f} | {c_med / c_torch:.2f} | {peaks[p] / peaks['torch']:.2f} |")
 
 
 if __name__ == "__main__":
