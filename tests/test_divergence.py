@@ -340,3 +340,20 @@ def test_large_rows_int64():
     xr = x[-1, -4:].detach().double().requires_grad_()
     cepo_ref.divergence_loss(xr, y[-1, -4:].double(), mask[-1, -4:], reduction="sum").loss.backward()
     torch.testing.assert_close(x.grad[-1, -4:].double(), xr.grad, atol=2e-3, rtol=2e-2)
+
+
+def test_flat_inputs_and_tensor_metrics(backend):
+    """[N, V] inputs give the [B, T, V] results flattened; metrics="tensor" gives the same values as 0-dim
+    tensors; num_tokens as a tensor is used as given."""
+    case = make_case(2, 3, 507, seed=2)
+    x, y, m = case["x"][:, :3].float(), case["y"].float(), case["mask"]
+    full = cepo_kernels.divergence_loss(x, y, m, beta=0.3, reduction="none")
+    flat = cepo_kernels.divergence_loss(x.reshape(6, -1), y.reshape(6, -1), m.reshape(6), beta=0.3,
+                                        reduction="none", metrics="tensor")
+    assert flat.loss.shape == flat.per_token.shape == (6,)
+    torch.testing.assert_close(flat.per_token, full.per_token.reshape(6))
+    for k, v in full.metrics.items():
+        assert isinstance(flat.metrics[k], torch.Tensor) and flat.metrics[k].dim() == 0
+        assert float(flat.metrics[k]) == pytest.approx(v, rel=1e-6)
+    mean = cepo_kernels.divergence_loss(x, y, m, beta=0.3, num_tokens=torch.tensor(10.0)).loss
+    torch.testing.assert_close(mean, full.per_token.sum() / 10)
