@@ -14,11 +14,11 @@ import torch
 from cepo_kernels._params import (
     DivergenceOutput,
     DivergenceParams,
-    check_divergence_inputs,
     check_linear,
     check_tensor,
     token_mean_scale,
 )
+from cepo_kernels.ops.divergence import check_divergence_inputs
 
 
 def _xlogy_diff(q, log_a, log_b):

@@ -14,9 +14,9 @@ import torch
 from cepo_kernels._params import (
     DivergenceOutput,
     DivergenceParams,
-    check_divergence_inputs,
     check_kernel_dtype,
     check_linear,
+    check_loss_inputs,
     check_tensor,
 )
 from cepo_kernels.ops import _divergence_ops  # noqa: F401  (registers torch.ops.cepo_kernels.*divergence*)
@@ -50,6 +50,27 @@ def _doc(text):
         fn.__doc__ = text + _OPTIONS_DOC
         return fn
     return wrap
+
+
+def check_divergence_inputs(lead, device, V, mask, targets, old_logp, params, num_tokens,
+                            float_dtype=torch.float32):
+    """The per-token inputs of a divergence loss against the student's leading shape `lead` ([B, T] or
+    [N]) and vocabulary size V. Returns a Batch (advantages zero; targets zero when not given), whose mask
+    already excludes negative target ids."""
+    if params.topk is not None and params.topk > V:
+        raise ValueError(f"topk: expected at most the vocabulary size V = {V}, got {params.topk}")
+    if (old_logp is None) != (params.is_clip is None):
+        raise ValueError("old_logp and is_clip: expected both (SDPO's importance weight) or neither, "
+                         "got only "
+                         f"{'old_logp' if old_logp is not None else 'is_clip'}")
+    if old_logp is not None and targets is None:
+        raise ValueError("targets: expected the sampled token ids with old_logp and is_clip (the importance "
+                         "weight is taken at the target), got None")
+    if targets is None:
+        targets = torch.zeros(tuple(lead), dtype=torch.long, device=device)
+    zeros = torch.zeros(tuple(lead), dtype=torch.float32, device=device)
+    return check_loss_inputs(lead, device, targets, zeros, mask, old_logp=old_logp, num_tokens=num_tokens,
+                             reduction=params.reduction, float_dtype=float_dtype)
 
 
 def _params_and_batch(lead, device, V, mask, targets, old_logp, num_tokens, metrics, opts):
