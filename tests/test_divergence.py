@@ -177,7 +177,7 @@ def test_linear_divergence_chunks(monkeypatch):
     """Several row chunks (forced small) give the one-chunk result."""
     case = make_case(2, 5, 507, seed=9, H=123)
     one, g_one = run(cepo_kernels, case, torch.float32, beta=0.3)
-    monkeypatch.setattr(launch, "_linear_rows", lambda V, dtype: 3)
+    monkeypatch.setattr(launch, "_linear_rows", lambda V, dtype, device: 3)
     many, g_many = run(cepo_kernels, case, torch.float32, beta=0.3)
     torch.testing.assert_close(many.per_token, one.per_token)
     for a, b in zip(g_many, g_one, strict=True):

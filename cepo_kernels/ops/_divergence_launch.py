@@ -72,9 +72,25 @@ def kernels(params, native):
     return divergence_fwd, divergence_bwd
 
 
-def _linear_rows(V, dtype):
-    """Rows per chunk of the linear path: two [rows, V] logits chunks of about 32 MiB each."""
-    return tch.chunk_rows(V, (32 << 20) * 4 // torch.empty((), dtype=dtype).element_size())
+def _linear_rows(V, dtype, device):
+    """Rows per chunk of the linear path: two [rows, V] logits chunks of about 32 MiB each on a CPU, 512 MiB
+    each on a GPU (each chunk reads the whole weight once per GEMM: fewer, larger chunks there)."""
+    nbytes = (32 << 20) if device.type == "cpu" else (512 << 20)
+    return tch.chunk_rows(V, nbytes * 4 // torch.empty((), dtype=dtype).element_size())
+
+
+_MM_OUT_DTYPE = "out_dtype" in (torch.addmm.__doc__ or "")
+
+
+def _addmm_fp32(acc, a, b):
+    """acc += a @ b into an fp32 acc without rounding the product to the inputs' 16-bit dtype first (per-chunk
+    rounding would bias the summed gradient): cuBLAS's fp32 output where torch offers it, else fp32 inputs."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif _MM_OUT_DTYPE and acc.device.type == "cuda":
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
 
 
 def _logit_chunk(h, weight, bias):
@@ -98,7 +114,7 @@ def linear_divergence_fwd(hidden, teacher_hidden, weight, bias, teacher_weight, 
     tw, tb = _teacher_head(weight, bias, teacher_weight, teacher_bias)
     outs = [torch.zeros(N, dtype=torch.float32, device=hidden.device) for _ in range(2)]
     outs.append(torch.zeros(N, 3, dtype=torch.float32, device=hidden.device))
-    step = _linear_rows(V, hidden.dtype)
+    step = _linear_rows(V, hidden.dtype, hidden.device)
     for r0 in range(0, N, step):
         sl = slice(r0, min(N, r0 + step))
         z_s, z_t = _logit_chunk(hidden[sl], weight, bias), _logit_chunk(teacher_hidden[sl], tw, tb)
@@ -119,7 +135,7 @@ def linear_divergence_bwd(hidden, teacher_hidden, weight, bias, teacher_weight, 
     dh = torch.zeros_like(hidden) if need[0] else None
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
     db = torch.zeros(V, dtype=torch.float32, device=weight.device) if need[2] and bias is not None else None
-    step = _linear_rows(V, hidden.dtype)
+    step = _linear_rows(V, hidden.dtype, hidden.device)
     for r0 in range(0, N, step):
         sl = slice(r0, min(N, r0 + step))
         z_s, z_t = _logit_chunk(hidden[sl], weight, bias), _logit_chunk(teacher_hidden[sl], tw, tb)
@@ -128,10 +144,7 @@ def linear_divergence_bwd(hidden, teacher_hidden, weight, bias, teacher_weight, 
         if dh is not None:
             dh[sl] = dz @ weight
         if dw is not None:
-            if dz.dtype == torch.float32:
-                dw.addmm_(dz.T, hidden[sl])
-            else:
-                dw += (dz.T @ hidden[sl]).float()
+            _addmm_fp32(dw, dz.T, hidden[sl])
         if db is not None:
             db += dz.float().sum(0)
     return (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(weight.dtype))

@@ -121,15 +121,15 @@ def _(hidden, teacher_hidden, weight, bias, tw, tb, targets, mask, temperature, 
 def _workspace(hidden, weight, topk, backward):
     """Bytes of the linear path's temporaries on a GPU (memory tracers, bench/memory_fake.py): two logits
     chunks (three in the backward, with dz), the torch top-k's fp32 row chunks, the backward's fp32 d weight
-    (and its 16-bit partial product) and d bias."""
+    and d bias."""
     V, H = weight.shape
     if not all(isinstance(d, int) for d in (hidden.shape[0], V, H)):
         return 0
     e = hidden.element_size()
-    rows = min(hidden.shape[0], launch._linear_rows(V, hidden.dtype))
+    rows = min(hidden.shape[0], launch._linear_rows(V, hidden.dtype, torch.device("cuda")))
     n = (3 if backward else 2) * rows * V * e + (8 * GPU_CHUNK_BYTES if topk else 0)
     if backward:
-        n += V * H * 4 + V * 4 + (V * H * e if e < 4 else 0)
+        n += V * H * 4 + V * 4
     return n
 
 
