@@ -46,6 +46,12 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def cpu_backend() -> str:
+    """Which implementation the operators' CPU kernels run: "interpreter" (the Triton kernels through
+    Triton's interpreter) when CEPO_KERNELS_CPU=interpreter, else "native" (chunked eager torch)."""
+    return "interpreter" if os.environ.get("CEPO_KERNELS_CPU", "") == "interpreter" else "native"
+
+
 def require_backend(device):
     """Raises a clear error when the kernels cannot run on `device`: CPU tensors need Triton's interpreter.
 
