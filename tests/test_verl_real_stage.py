@@ -16,6 +16,7 @@ from cepo_kernels.integrations import verl as cv  # noqa: E402
 from cepo_kernels.integrations.verl.config import (  # noqa: E402
     CEPO_ALGO_TARGET,
     CEPOAlgoConfig,
+    canonical_order,
     real_rows,
     use_cepo_algo_config,
 )
@@ -128,3 +129,9 @@ def test_padding_rows_never_reach_the_cepo_stage(monkeypatch):
         assert torch.equal(padded[k], torch.zeros(1))
     assert m_pad == m_plain and m_pad["cepo/r_minus_fallbacks"] == 0.0 and m_pad["cepo/teacher_rows"] == 8
     assert calls_pad == calls_plain == [(16, T, False)]  # no teacher pass for a padding row
+
+
+def test_rows_reach_the_r_minus_choice_in_an_order_verls_balancing_cannot_change():
+    keys = ["u2_10_0", "u1_1_0", "u2_2_0", "u1_0_1", "u1_0_0"]
+    want = ["u1_0_0", "u1_0_1", "u1_1_0", "u2_2_0", "u2_10_0"]  # sessions numerically, within each uid
+    assert canonical_order(keys) == canonical_order(list(reversed(keys))) == want

@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import open_dict
 from verl.trainer.config import AlgoConfig
 
-__all__ = ["CEPOAlgoConfig", "CEPO_ALGO_TARGET", "real_rows", "use_cepo_algo_config"]
+__all__ = ["CEPOAlgoConfig", "CEPO_ALGO_TARGET", "canonical_order", "real_rows", "use_cepo_algo_config"]
 
 CEPO_ALGO_TARGET = "cepo_kernels.integrations.verl.config.CEPOAlgoConfig"
 _VERL_ALGO_TARGETS = ("", "verl.trainer.config.AlgoConfig", "verl.trainer.config.algorithm.AlgoConfig")
@@ -42,3 +42,15 @@ def real_rows(tags) -> list[int]:
     """Positions of the rows that are not verl's padding (`upsample_batch_to_divisible_size` tags the rows it
     adds `is_padding`): those never enter the r- choice, the teacher passes or the CEPO metrics."""
     return [i for i, tag in enumerate(tags) if not (tag or {}).get("is_padding", False)]
+
+
+def canonical_order(keys: list[str]) -> list[str]:
+    """verl's TransferQueue keys (`{uid}_{session}_{index}`, the agent loop's) in an order that does not depend
+    on how verl balanced the batch over its data-parallel ranks: r- is the first of a group's tied
+    rollouts, so the rows must reach the r- choice in the same order whatever the number of ranks."""
+
+    def order(key: str):
+        uid, _, rest = key.partition("_")
+        return uid, [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in rest.split("_")]
+
+    return sorted(keys, key=order)

@@ -29,7 +29,7 @@ from cepo_kernels.integrations.verl.advantages import (
     teacher_batch,
     worker_group_scorer,
 )
-from cepo_kernels.integrations.verl.config import real_rows, use_cepo_algo_config
+from cepo_kernels.integrations.verl.config import canonical_order, real_rows, use_cepo_algo_config
 
 __all__ = ["CEPOPPOTrainer"]
 
@@ -40,6 +40,13 @@ _FIELDS = ["uid", "prompts", "responses", "response_mask", "advantages", "rm_sco
 def _rows(t) -> list[list]:
     """Per-row values of a TransferQueue field (nested or padded) as lists."""
     return [x.tolist() for x in (t.unbind() if getattr(t, "is_nested", False) else t)]
+
+
+def _log_prob_micro_batch(rollout) -> int:
+    """The per-rank multiple verl's engine needs for `compute_log_prob` (1 with dynamic batch sizes)."""
+    if rollout.get("log_prob_use_dynamic_bsz", False):
+        return 1
+    return int(rollout.get("log_prob_micro_batch_size_per_gpu", None) or 1)
 
 
 @register_trainer("cepo")
@@ -56,13 +63,15 @@ class CEPOPPOTrainer(PPOTrainerSync):
             raise ValueError(f"trainer.v1.trainer_mode=cepo: expected algorithm.adv_estimator in {ALGOS}, "
                              f"got {algo!r}")
         settings = CEPOSettings.from_config(self.config.algorithm)  # checked before any work
-        keys = [batch.keys[i] for i in real_rows(batch.tags)]  # the tags as the stage received them
+        # the tags as the stage received them; the rows in an order independent of verl's dp balancing
+        keys = canonical_order([batch.keys[i] for i in real_rows(batch.tags)])
         with cepo_active():
             batch = super()._compute_advantage(batch, metrics)
         if not keys:
             return batch
         data, response_mask = self._driver_batch(keys, batch.partition_id)
-        scorer = worker_group_scorer(self.actor_rollout_wg, self.config.actor_rollout_ref.rollout.temperature)
+        rollout = self.config.actor_rollout_ref.rollout
+        scorer = worker_group_scorer(self.actor_rollout_wg, rollout.temperature, _log_prob_micro_batch(rollout))
         metrics.update(cepo_reweight(data, self.tokenizer, scorer, settings, self.global_steps - 1, algo))
         fields = TensorDict({"advantages": response_to_nested(data.batch["advantages"], response_mask),
                              "returns": response_to_nested(data.batch["advantages"], response_mask)},
