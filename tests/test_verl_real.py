@@ -26,8 +26,8 @@ def _transformers_verl_accepts() -> bool:
 
 
 if not _transformers_verl_accepts():
-    pytest.skip("verl's trainer needs a transformers verl accepts (verl 0.9.1: >=5.5.3,!=5.6.0,<5.11); CI runs "
-                "this in .venv-verl (.ci/run)", allow_module_level=True)
+    pytest.skip("verl's trainer needs a transformers verl accepts (verl 0.9.1: >=5.5.3,!=5.6.0,<5.11); CI "
+                "runs this in .venv-verl (.ci/run)", allow_module_level=True)
 
 import torch  # noqa: E402
 from helpers import assert_close  # noqa: E402
@@ -35,7 +35,7 @@ from helpers import assert_close  # noqa: E402
 import cepo_ref  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-WATCHDOG_S = 900  # the whole module (Ray start, four runs, shutdown): past this, stacks are dumped and it exits
+WATCHDOG_S = 900  # the whole module (Ray, four runs, shutdown): past this, stacks are dumped and it exits
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +109,8 @@ def test_the_project_trainer_ran_verls_stages(runs):
 def plain_logps(model_dir, dtype, rows):
     """log P(response | context) per token at temperature T for rows of (context ids, response ids): one plain
     forward per row of the initial model in `dtype`."""
-    from transformers import AutoModelForCausalLM
-
     import verl_real_harness as H
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     out = []
@@ -143,7 +142,8 @@ def test_scorer_on_the_rollout_rows_returns_verls_old_log_probs(runs):
         err32 = (ref32 - ref64).abs().max().item()
         for stage in runs[name]["stages"]:
             mask = stage["mask"]
-            own, old = stage["own"].masked_fill(~mask, 0), stage["old_log_probs"].float().masked_fill(~mask, 0)
+            own = stage["own"].masked_fill(~mask, 0)
+            old = stage["old_log_probs"].float().masked_fill(~mask, 0)
             if stage is first:
                 assert_close(own, ref64, ref32, name=f"scorer ({name})")
                 assert_close(old, ref64, ref32, name=f"verl's old log-probs ({name})")

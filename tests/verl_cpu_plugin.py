@@ -129,11 +129,11 @@ class PlatformCPU(PlatformBase):
 
 
 # verl's engine modules resolve the platform when imported: they come after the platform's registration
+from verl.utils import distributed as verl_distributed  # noqa: E402
+from verl.workers import engine_workers  # noqa: E402
 from verl.workers.engine.base import EngineRegistry  # noqa: E402
 from verl.workers.engine.fsdp import transformer_impl  # noqa: E402
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead  # noqa: E402
-from verl.utils import distributed as verl_distributed  # noqa: E402
-from verl.workers import engine_workers  # noqa: E402
 from verl.workers.rollout import base as rollout_base  # noqa: E402
 
 import cepo_kernels.integrations.verl  # noqa: E402, F401  (the cepo / rlsd estimators)

@@ -10,9 +10,7 @@ does) and the checkpoint engine (weight sync to the absent rollout server).
 from __future__ import annotations
 
 import os
-import sys
 
-import numpy as np
 import torch
 from trl_helpers import tiny_model, tiny_tokenizer
 
@@ -22,8 +20,9 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 T = 0.7
 N = 4  # rollouts per prompt
-# per prompt: N rollouts (session -> words, "{a}" = the answer, "{w}" a wrong one); rewards mix in every group.
-# The first prompt of every batch (index % 3 == 0) gets N - 1 rollouts, so that verl pads the batch (11 rows, a multiple of 12 needed).
+# per prompt: N rollouts (session -> words, "{a}" = the answer, "{w}" a wrong one); rewards mix in each group.
+# The first prompt of every batch (index % 3 == 0) gets N - 1 rollouts, so that verl pads the batch (11 rows;
+# verl needs a multiple of 12 = mini-batch 3 prompts x 4 rollouts).
 RESPONSES = ["\\boxed{{{a}}} <eos>", "\\boxed{{{w}}} 5 <eos>", "{a} plus 1 is \\boxed{{{w}}}", "is {a} <eos>"]
 PROMPTS = [(a, b) for a in (1, 2, 3) for b in (1, 2, 3)]
 
@@ -67,7 +66,8 @@ def config(model_dir: str, data: str, algo: str, world_size: int, steps: int, **
         "trainer.save_freq=-1", "trainer.test_freq=-1", "trainer.resume_mode=disable",
         f"data.train_files={data}", f"data.val_files={data}", "data.train_batch_size=3",
         "data.max_prompt_length=32", "data.max_response_length=16", "data.dataloader_num_workers=0",
-        "data.shuffle=false", f"{a}.model.path={model_dir}", "+" + a + ".model.override_config.attn_implementation=sdpa",
+        "data.shuffle=false", f"{a}.model.path={model_dir}",
+        f"+{a}.model.override_config.attn_implementation=sdpa",
         f"{a}.model.use_remove_padding=true",
         f"{a}.actor.strategy=fsdp2", f"{a}.ref.strategy=fsdp2",
         f"{a}.actor.fsdp_config.dtype=float32", f"{a}.ref.fsdp_config.dtype=float32",
@@ -139,7 +139,8 @@ class RolloutWriter:
                 p, r = field["prompts"].numel(), field["responses"].numel()
                 tags.append({"status": "success", "prompt_len": p, "response_len": r, "seq_len": p + r,
                              "global_steps": step, "min_global_steps": step, "max_global_steps": step})
-            tq.kv_batch_put(keys=keys, fields=list_of_dict_to_tensordict(fields), tags=tags, partition_id="train")
+            tq.kv_batch_put(keys=keys, fields=list_of_dict_to_tensordict(fields), tags=tags,
+                            partition_id="train")
             tq.kv_put(key=uid, partition_id="train", tag={"status": "finished"})
 
 
@@ -207,8 +208,8 @@ def record_updates(monkeypatch, log: list) -> None:
 
 
 def record_cepo_stage(monkeypatch, log: list) -> None:
-    """Records, per CEPO stage, the batch it reweighted (verl's A and old log-probs, the rollout rows), what its
-    scorer returned for each teacher batch, the A_hat it wrote, and the scorer run on the rollout rows
+    """Records, per CEPO stage, the batch it reweighted (verl's A and old log-probs, the rollout rows), what
+    its scorer returned for each teacher batch, the A_hat it wrote, and the scorer run on the rollout rows
     themselves (which must give verl's old log-probs)."""
     from cepo_kernels.integrations.verl import advantages as cva
     from cepo_kernels.integrations.verl import trainer as cvt
@@ -279,5 +280,4 @@ def key_of(writer: RolloutWriter, key: str) -> tuple[int, int]:
     return writer.uid_index[uid], int(session)
 
 
-__all__ = ["N", "PROMPTS", "RESPONSES", "T", "RolloutWriter", "config", "key_of", "ray_env", "run",
-           "np", "sys"]
+__all__ = ["N", "PROMPTS", "RESPONSES", "T", "RolloutWriter", "config", "key_of", "ray_env", "run"]

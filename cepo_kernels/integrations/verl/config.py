@@ -28,8 +28,8 @@ class CEPOAlgoConfig(AlgoConfig):
 
 
 def use_cepo_algo_config(config) -> None:
-    """Points `config.algorithm._target_` (verl's whole config, a DictConfig) at `CEPOAlgoConfig` when it names
-    verl's own `AlgoConfig` (or nothing); a user's own target is left alone."""
+    """Points `config.algorithm._target_` (verl's whole config, a DictConfig) at `CEPOAlgoConfig` when it
+    names verl's own `AlgoConfig` (or nothing); a user's own target is left alone."""
     algorithm = config.algorithm
     target = algorithm.get("_target_", "") or ""
     if target not in _VERL_ALGO_TARGETS and target != CEPO_ALGO_TARGET:
@@ -45,8 +45,8 @@ def real_rows(tags) -> list[int]:
 
 
 def canonical_order(keys: list[str]) -> list[str]:
-    """verl's TransferQueue keys (`{uid}_{session}_{index}`, the agent loop's) in an order that does not depend
-    on how verl balanced the batch over its data-parallel ranks: r- is the first of a group's tied
+    """verl's TransferQueue keys (`{uid}_{session}_{index}`, the agent loop's) in an order that does not
+    depend on how verl balanced the batch over its data-parallel ranks: r- is the first of a group's tied
     rollouts, so the rows must reach the r- choice in the same order whatever the number of ranks."""
 
     def order(key: str):

@@ -71,7 +71,8 @@ class CEPOPPOTrainer(PPOTrainerSync):
             return batch
         data, response_mask = self._driver_batch(keys, batch.partition_id)
         rollout = self.config.actor_rollout_ref.rollout
-        scorer = worker_group_scorer(self.actor_rollout_wg, rollout.temperature, _log_prob_micro_batch(rollout))
+        scorer = worker_group_scorer(self.actor_rollout_wg, rollout.temperature,
+                                     _log_prob_micro_batch(rollout))
         metrics.update(cepo_reweight(data, self.tokenizer, scorer, settings, self.global_steps - 1, algo))
         fields = TensorDict({"advantages": response_to_nested(data.batch["advantages"], response_mask),
                              "returns": response_to_nested(data.batch["advantages"], response_mask)},
