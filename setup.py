@@ -2,8 +2,9 @@ from setuptools import find_packages, setup
 
 TRAIN = ["transformers>=4.45", "peft>=0.12", "tqdm", "matplotlib", "pyyaml"]
 TRL = ["trl>=1.16,<1.17", "datasets", "accelerate"]
-# verl 0.9.x; its GPU stack (vLLM / SGLang, flash-attn, Megatron) is the user's own install
-VERL = ["verl>=0.9,<0.10"]
+# verl 0.9.x and the transformers it accepts (verl 0.9.1: >=5.5.3, !=5.6.0, <5.11; CI: 5.10.4); its GPU stack
+# (vLLM / SGLang, flash-attn, Megatron) is the user's own install
+VERL = ["verl>=0.9,<0.10", "transformers>=5.5.3,!=5.6.0,<5.11"]
 # graders (cepo_kernels/step/graders.py): the authors' mathruler (it imports pylatexenc without declaring
 # it), Hugging Face's math-verify
 OFFICIAL = ["mathruler>=0.1", "pylatexenc>=2.10"]

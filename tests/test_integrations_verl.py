@@ -3,7 +3,8 @@ CPU behind an in-process stand-in for the actor worker group (tests/verl_helpers
 
 import pytest
 
-pytest.importorskip("verl", reason="needs verl 0.9.x: pip install 'cepo_kernels[verl]' (see .ci/run)")
+pytest.importorskip("verl", reason="needs verl 0.9.x with a transformers it accepts: CI runs these tests in "
+                    "a second venv (.ci/run, .ci/constraints-verl.txt)")
 
 import copy  # noqa: E402
 

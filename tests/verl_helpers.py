@@ -99,8 +99,9 @@ class FakeTransferQueue:
         self.rows: dict = {}
 
     class Meta:
-        def __init__(self, keys, partition_id):
+        def __init__(self, keys, partition_id, tags=None):
             self.keys, self.partition_id = list(keys), partition_id
+            self.tags = [{} for _ in self.keys] if tags is None else list(tags)
 
         def __len__(self):
             return len(self.keys)

@@ -131,19 +131,23 @@ def teacher_batch(prefixes: list[list[int]], responses: list[list[int]], pad_id:
         "response_mask": packed.mask.to(torch.int64)})
 
 
-def worker_group_scorer(worker_group, temperature: float) -> Callable:
+def worker_group_scorer(worker_group, temperature: float, micro_batch_size: int = 1) -> Callable:
     """scorer(DataProto) -> log-probs [n, R] of its responses from the worker group's `compute_log_prob` (no
     gradient, no entropy, at `temperature`), in verl's own no-padding layout; the batch is padded to a
-    multiple of the group's world size and the padding dropped."""
+    multiple of world size x `micro_batch_size` (verl's engine splits each rank's rows into micro-batches of
+    `rollout.log_prob_micro_batch_size_per_gpu` and refuses a remainder) and the padding dropped."""
     from verl.protocol import pad_dataproto_to_divisor
     from verl.utils import tensordict_utils as tu
     from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
 
     check_temperature(temperature)
+    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size: expected an int >= 1, got {micro_batch_size!r}")
+    divisor = max(1, int(getattr(worker_group, "world_size", 1))) * micro_batch_size
 
     def score(batch) -> torch.Tensor:
         n = len(batch)
-        batch, _ = pad_dataproto_to_divisor(batch, max(1, int(getattr(worker_group, "world_size", 1))))
+        batch, _ = pad_dataproto_to_divisor(batch, divisor)
         td = left_right_2_no_padding(batch.to_tensordict())
         tu.assign_non_tensor(td, calculate_entropy=False, compute_loss=False, temperature=float(temperature))
         output = worker_group.compute_log_prob(td)

@@ -7,6 +7,9 @@ after verl's advantage stage has written A (the registered estimator), the batch
 verl's TransferQueue, `cepo_reweight` scores the teachers with the actor worker group's `compute_log_prob`
 and A_hat replaces `advantages` per token; the actor update (verl's PPO loss) is unchanged.
 lambda counts rollout batches: step = global_steps - 1 (verl counts training steps from 1).
+The rows verl adds to make a batch divide evenly (tagged `is_padding`) keep verl's own advantages and never
+reach the CEPO stage; `algorithm._target_` is pointed at `CEPOAlgoConfig` so that verl's config conversion
+accepts `algorithm.cepo`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from cepo_kernels.integrations.verl.advantages import (
     teacher_batch,
     worker_group_scorer,
 )
+from cepo_kernels.integrations.verl.config import canonical_order, real_rows, use_cepo_algo_config
 
 __all__ = ["CEPOPPOTrainer"]
 
@@ -38,9 +42,20 @@ def _rows(t) -> list[list]:
     return [x.tolist() for x in (t.unbind() if getattr(t, "is_nested", False) else t)]
 
 
+def _log_prob_micro_batch(rollout) -> int:
+    """The per-rank multiple verl's engine needs for `compute_log_prob` (1 with dynamic batch sizes)."""
+    if rollout.get("log_prob_use_dynamic_bsz", False):
+        return 1
+    return int(rollout.get("log_prob_micro_batch_size_per_gpu", None) or 1)
+
+
 @register_trainer("cepo")
 class CEPOPPOTrainer(PPOTrainerSync):
     """verl's PPOTrainerSync with CEPO / RLSD token advantages (see the module docstring)."""
+
+    def __init__(self, config):
+        use_cepo_algo_config(config)
+        super().__init__(config)
 
     def _compute_advantage(self, batch, metrics: dict):
         algo = str(getattr(self.config.algorithm.adv_estimator, "value", self.config.algorithm.adv_estimator))
@@ -48,19 +63,26 @@ class CEPOPPOTrainer(PPOTrainerSync):
             raise ValueError(f"trainer.v1.trainer_mode=cepo: expected algorithm.adv_estimator in {ALGOS}, "
                              f"got {algo!r}")
         settings = CEPOSettings.from_config(self.config.algorithm)  # checked before any work
+        # the tags as the stage received them; the rows in an order independent of verl's dp balancing
+        keys = canonical_order([batch.keys[i] for i in real_rows(batch.tags)])
         with cepo_active():
             batch = super()._compute_advantage(batch, metrics)
-        data, response_mask = self._driver_batch(batch)
-        scorer = worker_group_scorer(self.actor_rollout_wg, self.config.actor_rollout_ref.rollout.temperature)
+        if not keys:
+            return batch
+        data, response_mask = self._driver_batch(keys, batch.partition_id)
+        rollout = self.config.actor_rollout_ref.rollout
+        scorer = worker_group_scorer(self.actor_rollout_wg, rollout.temperature,
+                                     _log_prob_micro_batch(rollout))
         metrics.update(cepo_reweight(data, self.tokenizer, scorer, settings, self.global_steps - 1, algo))
         fields = TensorDict({"advantages": response_to_nested(data.batch["advantages"], response_mask),
                              "returns": response_to_nested(data.batch["advantages"], response_mask)},
-                            batch_size=len(batch))
-        return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=fields)
+                            batch_size=len(keys))
+        tq.kv_batch_put(keys=keys, partition_id=batch.partition_id, fields=fields)
+        return batch
 
-    def _driver_batch(self, batch):
-        """The batch's rows from the TransferQueue as a padded verl DataProto (verl's rollout layout)."""
-        td = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=_FIELDS)
+    def _driver_batch(self, keys, partition_id):
+        """The rows `keys` from the TransferQueue as a padded verl DataProto (verl's rollout layout)."""
+        td = tq.kv_batch_get(keys=keys, partition_id=partition_id, select_fields=_FIELDS)
         response_mask = td["response_mask"]
         prompts, responses = _rows(td["prompts"]), _rows(td["responses"])
         R = max(len(r) for r in responses)
