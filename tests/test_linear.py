@@ -95,7 +95,7 @@ def test_linear_logprobs(dtype, bias, temperature, lead, device):
 def test_linear_bwd_chunks(n, budget, device, monkeypatch):
     """A small G budget: several vocabulary chunks (grad_hidden accumulated in fp32), or several row chunks
     (grad_weight accumulated in fp32); rows with a zero upstream gradient skipped, whole blocks too."""
-    from cepo_kernels.ops.linear_bwd import _chunks
+    from cepo_kernels.ops._linear_launch import _chunks
 
     monkeypatch.setenv("CEPO_LINEAR_CHUNK_BYTES", str(budget))
     R, C = _chunks(n, V, 4, torch.device(device), width=32)
