@@ -1,7 +1,9 @@
 """The linear kernels' launchers (ops/_linear_launch.py) as PyTorch custom operators, torch.ops.cepo_kernels:
 linear_scores, token_loss, linear_bwd.
 
-Each has the launcher as its real implementation (Triton's launch runs there, never in a trace), a fake
+Each has the launcher as its real implementation (Triton's launch runs there, never in a trace), a native CPU
+kernel (ops/_linear_cpu.py, the same arithmetic in PyTorch; Triton's interpreter instead with
+CEPO_KERNELS_CPU=interpreter, `_common.cpu_backend`), a fake
 implementation (output shapes, dtypes and strides: FakeTensorMode, meta tensors, torch.compile; the launchers'
 temporaries reported to bench/memory_fake.py) and, for the differentiable ones, registered autograd.
 docs/kernels.md, "Operators".
@@ -13,18 +15,13 @@ import torch
 import triton
 
 from cepo_kernels._params import LossParams
-from cepo_kernels.ops import _common
-from cepo_kernels.ops._linear_launch import (
-    _FWD_CONFIG,
-    _G_CONFIG,
-    _MAX_BUDGET,
-    _chunks,
-    _splits,
-    _width,
-    linear_bwd,
-    linear_scores,
-    token_fwd,
-)
+from cepo_kernels.ops import _common, _linear_cpu, _linear_launch
+from cepo_kernels.ops._linear_launch import _FWD_CONFIG, _G_CONFIG, _MAX_BUDGET, _chunks, _splits, _width
+
+
+def _launchers():
+    """The launchers (read at call time, so that a test or bench/ may replace one)."""
+    return _linear_launch
 
 
 @torch.library.custom_op(
@@ -35,8 +32,17 @@ def _linear_scores_op(hidden, teachers, weight, bias, targets, rows, count, rows
                       entropy_grad):
     """[3, S, N] (lse, logp, entropy) of the sources [hidden, *teachers]; differentiable through source 0's
     logp (and its entropy with entropy_grad) w.r.t. hidden, weight and bias."""
-    return linear_scores([hidden, *teachers], weight, bias, targets, rows, count, rows_from=rows_from,
-                         temperature=temperature)
+    return _linear_scores(_launchers(), hidden, teachers, weight, bias, targets, rows, count, rows_from,
+                          temperature, entropy_grad)
+
+
+def _linear_scores(launch, hidden, teachers, weight, bias, targets, rows, count, rows_from, temperature,
+                   entropy_grad):
+    return launch.linear_scores([hidden, *teachers], weight, bias, targets, rows, count, rows_from=rows_from,
+                                temperature=temperature)
+
+
+_common.register_cpu(_linear_scores_op, _linear_scores, _launchers, _linear_cpu)
 
 
 @_linear_scores_op.register_fake
@@ -81,9 +87,16 @@ _linear_scores_op.register_autograd(_scores_backward, setup_context=_scores_setu
            "-> (Tensor, Tensor, Tensor, Tensor)")
 def _token_loss_op(logp, old, adv, pos, neg, mask, lam, eps_w, eps_low, eps_high, clip_dual):
     """(per-token loss, A_hat, coef = dL_t/dlogp, Delta) [N] fp32 from per-token log-probs."""
+    return _token_loss(_launchers(), logp, old, adv, pos, neg, mask, lam, eps_w, eps_low, eps_high, clip_dual)
+
+
+def _token_loss(launch, logp, old, adv, pos, neg, mask, lam, eps_w, eps_low, eps_high, clip_dual):
     params = LossParams(lam=lam, eps_w=eps_w, eps_low=eps_low, eps_high=eps_high, clip_dual=clip_dual)
-    a_hat, loss, coef, delta = token_fwd(logp, old, adv, pos, neg, mask, params)
+    a_hat, loss, coef, delta = launch.token_fwd(logp, old, adv, pos, neg, mask, params)
     return loss, a_hat, coef, delta
+
+
+_common.register_cpu(_token_loss_op, _token_loss, _launchers, _linear_cpu)
 
 
 @_token_loss_op.register_fake
@@ -112,9 +125,18 @@ _token_loss_op.register_autograd(_token_loss_backward, setup_context=_token_loss
            "-> (Tensor, Tensor, Tensor)")
 def _linear_bwd_op(hidden, weight, bias, targets, lse, g_lp, ent, g_ent, temperature, need_h, need_w, need_b):
     """linear_bwd as an operator: (grad_hidden, grad_weight, grad_bias), [0] for each one not needed."""
-    grads = linear_bwd(hidden, weight, bias, targets, lse, g_lp, ent, g_ent, temperature=temperature,
-                       needs=(need_h, need_w, need_b))
+    return _linear_bwd(_launchers(), hidden, weight, bias, targets, lse, g_lp, ent, g_ent, temperature, need_h,
+                       need_w, need_b)
+
+
+def _linear_bwd(launch, hidden, weight, bias, targets, lse, g_lp, ent, g_ent, temperature, need_h, need_w,
+                need_b):
+    grads = launch.linear_bwd(hidden, weight, bias, targets, lse, g_lp, ent, g_ent, temperature=temperature,
+                              needs=(need_h, need_w, need_b))
     return tuple(hidden.new_empty(0) if g is None else g for g in grads)
+
+
+_common.register_cpu(_linear_bwd_op, _linear_bwd, _launchers, _linear_cpu)
 
 
 @_linear_bwd_op.register_fake
