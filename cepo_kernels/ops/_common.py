@@ -57,8 +57,9 @@ def cpu_backend() -> str:
     if choice != "interpreter":
         raise ValueError(f"CEPO_KERNELS_CPU: expected 'native' or 'interpreter', got {choice!r}")
     if not interpreted():
-        raise RuntimeError("CEPO_KERNELS_CPU=interpreter runs the Triton kernels through Triton's interpreter: "
-                           "set TRITON_INTERPRET=1 before importing triton/cepo_kernels")
+        raise ValueError("CEPO_KERNELS_CPU=interpreter runs the Triton kernels through Triton's interpreter: "
+                         "expected TRITON_INTERPRET=1 set before triton/cepo_kernels are imported, got "
+                         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r}")
     return "interpreter"
 
 
