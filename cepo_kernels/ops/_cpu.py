@@ -12,7 +12,7 @@ import torch
 
 from cepo_kernels._params import LOG_RATIO_CLAMP
 
-TILE_ELEMS = 1 << 21  # fp32 elements of one [rows, columns] work tile (8 MiB): bounds every temporary
+TILE_ELEMS = 1 << 20  # fp32 elements of one [rows, columns] work tile (4 MiB): bounds every temporary
 VOCAB_TILE = 8192  # vocabulary columns per tile of the linear kernels (the fp32 weight tile of 16-bit weights)
 
 
