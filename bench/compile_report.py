@@ -2,8 +2,8 @@
 
     python bench/compile_report.py [--only logits|linear] [--dtypes bf16,fp16,fp32] [--sweep]
 
-Runs the real launchers (cepo_kernels.ops._logits_launch.cepo_fwd, logprobs_bwd, ..., _linear_launch.linear_scores, ...) on
-meta tensors at the real shapes (B=4, T=2048, V=151936, H=2560), with a stand-in Triton driver that
+Runs the real launchers (ops/_logits_launch.py cepo_fwd, logprobs_bwd, ..., ops/_linear_launch.py
+linear_scores, ...) on meta tensors at the real shapes (B=4, T=2048, V=151936, H=2560), with a stand-in Triton driver that
 targets sm_90 and only compiles: every `kernel[grid](...)` becomes a warm-up compile with exactly the
 arguments, constexprs, num_warps and divisibility specialisation the launcher gives on a GPU (meta tensors
 report address 0, i.e. aligned, as the caching allocator's blocks are). Triton's bundled ptxas, cuobjdump
@@ -96,8 +96,8 @@ def _meta(*shape, dtype=torch.float32):
 def logits_cases(dtypes=("bf16",), sweep=False):
     """name -> callable, for every logits kernel and flag combination the launchers can pick."""
     from cepo_kernels._params import LossParams
-    from cepo_kernels.ops import configs
     from cepo_kernels.ops import _logits_launch as lg
+    from cepo_kernels.ops import configs
 
     N = B * T
     tg, mask = _meta(N, dtype=torch.long), _meta(N, dtype=torch.uint8)
@@ -126,8 +126,8 @@ def logits_cases(dtypes=("bf16",), sweep=False):
 
 def _run_config(key, cfg):
     from cepo_kernels._params import LossParams
-    from cepo_kernels.ops import configs
     from cepo_kernels.ops import _logits_launch as lg
+    from cepo_kernels.ops import configs
 
     N = B * T
     x = _meta(B, T, V, dtype=torch.bfloat16)

@@ -7,7 +7,8 @@ C, ...) after one warm-up each, so that a shared machine's load hits them alike;
 median time and the per-round ratio to cepo_ref eager (min / median). Peak memory: each (case, impl) runs
 once more in a fresh subprocess and reports its resident-set high-water mark (VmHWM, reset just before the
 call) above the resident set after the inputs were built (torch's CPU allocator keeps no statistics;
-tracemalloc does not see torch's allocations). Not a test: no timing is asserted anywhere. Results: docs/cpu-operators.md.
+tracemalloc does not see torch's allocations). Not a test: no timing is asserted anywhere.
+Results: docs/cpu-operators.md.
 """
 
 from __future__ import annotations
@@ -110,8 +111,8 @@ def impls(case):
         def run(mod):
             def f(x):
                 h, w = x["hidden"].requires_grad_(), x["weight"].requires_grad_()
-                mod.linear_cepo_loss(h, w, x["targets"], x["adv"], x["mask"], old_logp=x["old"], pos_hidden=x["pos"],
-                                     neg_hidden=x["neg"], lam=0.5).loss.backward()
+                mod.linear_cepo_loss(h, w, x["targets"], x["adv"], x["mask"], old_logp=x["old"],
+                                     pos_hidden=x["pos"], neg_hidden=x["neg"], lam=0.5).loss.backward()
                 h.grad = w.grad = None
             return f
         return {"cepo_kernels": run(ck), "cepo_ref": run(cepo_ref)}
@@ -143,9 +144,10 @@ def peak_mib(case, impl):
     """Resident-set high-water mark (MiB) of one forward + backward above the process's RSS before it, in a
     fresh process (Linux: /proc/self/clear_refs resets the mark), after one warm-up call."""
     code = _PEAK_CODE.format(root=str(ROOT), case=case, impl=impl)
-    # a fixed mmap threshold: every large buffer is mapped on allocation and unmapped when freed, so the warm-up's
-    # freed memory is not reused unseen
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    # a fixed mmap threshold: every large buffer is mapped on allocation and unmapped when freed, so the
+    # warm-up's freed memory is not reused unseen
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536",
+           "MALLOC_TRIM_THRESHOLD_": "0"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -183,7 +185,8 @@ def main(argv=None):
     import trl
 
     meta = dict(date_utc=time.strftime("%Y-%m-%d %H:%M", time.gmtime()), cpu=platform.processor() or "",
-                cores=os.cpu_count(), threads=args.threads, torch=torch.__version__, triton=triton.__version__,
+                cores=os.cpu_count(), threads=args.threads, torch=torch.__version__,
+                triton=triton.__version__,
                 trl=trl.__version__, reps=args.reps, dtype="fp32",
                 cpu_kernels=os.environ.get("CEPO_KERNELS_CPU", "native"))
     print(json.dumps(meta))
@@ -193,7 +196,8 @@ def main(argv=None):
         rows.append(row)
         for k, v in row["impls"].items():
             print(f"{case:24s} {k:13s} min {v['min_s']:8.3f} s  median {v['median_s']:8.3f} s  "
-                  f"/ cepo_ref {v['ratio_min']:5.2f} / {v['ratio_median']:5.2f}  peak +{v['peak_mib']:7.1f} MiB",
+                  f"/ cepo_ref {v['ratio_min']:5.2f} / {v['ratio_median']:5.2f}  "
+                  f"peak +{v['peak_mib']:7.1f} MiB",
                   flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))

@@ -119,7 +119,7 @@ def test_linear_bwd_chunks(n, budget, device, monkeypatch):
     assert (results[0][0][(g_lp == 0) & (g_ent == 0)] == 0).all()
 
 
-@pytest.mark.triton_only  # a tile-level approximation of the Triton backward; the native CPU kernels are exact
+@pytest.mark.triton_only  # a tile-level approximation of the Triton backward; the native kernels are exact
 def test_grad_filter_opt_in(device, monkeypatch):
     """CEPO_LINEAR_GRAD_FILTER=1 skips the G tiles with no target and every probability < 2^-12; what it
     drops is bounded by those probabilities (it is not exact, hence off by default; docs/memory.md)."""

@@ -13,7 +13,7 @@ import torch
 from cepo_kernels._params import LOG_RATIO_CLAMP
 
 TILE_ELEMS = 1 << 20  # fp32 elements of one [rows, columns] work tile (4 MiB): bounds every temporary
-VOCAB_TILE = 8192  # vocabulary columns per tile of the linear kernels (the fp32 weight tile of 16-bit weights)
+VOCAB_TILE = 8192  # vocabulary columns per tile of the linear kernels (16-bit weights: widened per tile)
 
 
 def chunks(n, size):
@@ -32,7 +32,7 @@ def clamp_keep_nan(x, lo, hi):
 
 
 def cepo_weight(adv, delta, lam, eps_w):
-    """A_hat = A ((1 - lam) + lam w), w = clip(exp(sign(A) Delta), 1 - eps_w, 1 + eps_w); exactly 0 at A = 0."""
+    """A_hat = A ((1 - lam) + lam w), w = clip(exp(sign(A) Delta), 1 - eps_w, 1 + eps_w); 0 at A = 0."""
     sgn = torch.where(adv > 0, 1.0, torch.where(adv < 0, -1.0, 0.0))
     w = clamp_keep_nan(torch.exp(sgn * delta), 1.0 - eps_w, 1.0 + eps_w)
     return torch.where(adv == 0, 0.0, adv * ((1.0 - lam) + lam * w))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from cepo_kernels.ops import _common, _cpu
+from cepo_kernels.ops import _cpu
 
 
 def _vocab_tiles(weight, bias):
@@ -32,7 +32,7 @@ def _logit_tile(h, w, b):
 def linear_scores(sources, weight, bias, targets, rows=None, count=None, *, rows_from=0, temperature=1.0):
     """As _linear_launch.linear_scores: [3, S, N] fp32 (lse, logp, entropy), 0 at rows a source did not score
     (sources >= rows_from with a row list score rows[:count])."""
-    S, (N, H), V = len(sources), sources[0].shape, weight.shape[0]
+    S, N, V = len(sources), sources[0].shape[0], weight.shape[0]
     out = torch.zeros(3, S, N, device=weight.device)
     inv_temp = 1.0 / temperature
     for s, src in enumerate(sources):
@@ -44,7 +44,7 @@ def linear_scores(sources, weight, bias, targets, rows=None, count=None, *, rows
         tg = targets if idx is None else targets.index_select(0, idx)
         stats = _cpu.empty_stats(P, weight.device)
         step = _cpu.rows_per_tile(min(V, _cpu.VOCAB_TILE))
-        for v0, v1, w, b in _vocab_tiles(weight, bias):
+        for _, _, w, b in _vocab_tiles(weight, bias):
             parts = [_cpu.fold_tile(_logit_tile(h[a:c], w, b).mul_(inv_temp), [x[a:c] for x in stats])
                      for a, c in _cpu.chunks(P, step)]
             stats = [torch.cat(x) for x in zip(*parts, strict=True)]
@@ -124,14 +124,15 @@ def linear_bwd(hidden, weight, bias, targets, lse, g_lp, ent=None, g_ent=None, *
 
 
 def _grad_tile(z, v0, targets, lse, g_lp, ent, g_ent, inv_temp):
-    """G = dL/dlogits of a tile of raw logits z [r, C] (columns v0..): (g_lp (onehot - p) - g_ent p (log p + H))
-    / T with p = exp(z / T - lse), in place of z."""
+    """G = dL/dlogits of a tile of raw logits z [r, C] (columns v0..), in place of z:
+    (g_lp (onehot - p) - g_ent p (log p + H)) / T with p = exp(z / T - lse)."""
     log_p = z.mul_(inv_temp).sub_(lse[:, None])
     p = torch.exp(log_p)
     if g_ent is None:
         g = p.mul_(-g_lp[:, None])
     else:
-        g = (p * torch.where(p > 0, log_p.add_(ent[:, None]), 0.0)).mul_(-g_ent[:, None]).sub_(p * g_lp[:, None])
+        g = p * torch.where(p > 0, log_p.add_(ent[:, None]), 0.0)
+        g = g.mul_(-g_ent[:, None]).sub_(p * g_lp[:, None])
     C = z.shape[1]
     hit = (targets >= v0) & (targets < v0 + C)
     if bool(hit.any()):

@@ -49,7 +49,7 @@ _FWD_CONFIG = {
 }
 _FWD_PROGRAMS = 1024  # split the vocabulary until about this many programs run (small batches fill the GPU)
 _INTERPRET_SPLITS = 2  # on a CPU (interpreter) programs cost time, not parallelism; 2 splits still combine
-_FWD_GROUP = 16  # row blocks per group of the forward's L2-aware order (the sources of the same rows are adjacent)
+_FWD_GROUP = 16  # row blocks per group of the forward's L2-aware order (a row's sources adjacent)
 _COMBINE_BLOCK = 256
 _TOKEN_BLOCK = 1024
 # per operand width (16-bit: wgmma; fp32 IEEE: FMA units, smaller tiles to stay spill-free)

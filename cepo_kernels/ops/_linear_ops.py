@@ -125,8 +125,8 @@ _token_loss_op.register_autograd(_token_loss_backward, setup_context=_token_loss
            "-> (Tensor, Tensor, Tensor)")
 def _linear_bwd_op(hidden, weight, bias, targets, lse, g_lp, ent, g_ent, temperature, need_h, need_w, need_b):
     """linear_bwd as an operator: (grad_hidden, grad_weight, grad_bias), [0] for each one not needed."""
-    return _linear_bwd(_launchers(), hidden, weight, bias, targets, lse, g_lp, ent, g_ent, temperature, need_h,
-                       need_w, need_b)
+    return _linear_bwd(_launchers(), hidden, weight, bias, targets, lse, g_lp, ent, g_ent, temperature,
+                       need_h, need_w, need_b)
 
 
 def _linear_bwd(launch, hidden, weight, bias, targets, lse, g_lp, ent, g_ent, temperature, need_h, need_w,

@@ -3,8 +3,9 @@ token_logprobs, cepo_fwd, logprobs_bwd, logprobs_bwd_ (in place), cepo_advantage
 
 Each has the launcher as its real implementation (the config lookup, the backend check and Triton's launch run
 there, never in a trace), a native CPU kernel (ops/_logits_cpu.py, the same arithmetic in PyTorch; Triton's
-interpreter instead with CEPO_KERNELS_CPU=interpreter, `_common.cpu_backend`), a fake implementation (output shapes, dtypes and strides: FakeTensorMode, meta
-tensors, torch.compile) and, for the differentiable ones, registered autograd. docs/kernels.md, "Operators".
+interpreter instead with CEPO_KERNELS_CPU=interpreter, `_common.cpu_backend`), a fake implementation (output
+shapes, dtypes and strides: FakeTensorMode, meta tensors, torch.compile) and, for the differentiable ones,
+registered autograd. docs/kernels.md, "Operators".
 """
 
 import torch
