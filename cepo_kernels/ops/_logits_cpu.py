@@ -50,14 +50,18 @@ def _put(out, r0, r1, idx, values):
         out[rows // T, rows % T] = values.to(out.dtype)
 
 
-def _scaled(x, inv_temp):
-    """fp32 z = x / T of a [r, V] block (a new tensor)."""
-    return x.float() * inv_temp if inv_temp != 1.0 or x.dtype == torch.float32 else x.float()
+def _scaled(x, inv_temp, new):
+    """fp32 z = x / T of a [r, V] block; `new`: always a new tensor (the caller writes into it), else x itself
+    when it is fp32 and T = 1."""
+    if x.dtype == torch.float32:
+        return x * inv_temp if new or inv_temp != 1.0 else x
+    z = x.float()
+    return z.mul_(inv_temp) if inv_temp != 1.0 else z
 
 
 def _lse_rows(x, inv_temp, with_entropy):
     """(lse, entropy) of the scaled rows of a [r, V] block."""
-    stats = _cpu.fold_tile(_scaled(x, inv_temp), _cpu.empty_stats(x.shape[0], x.device), with_entropy)
+    stats = _cpu.fold_tile(_scaled(x, inv_temp, False), _cpu.empty_stats(x.shape[0], x.device), with_entropy)
     return _cpu.lse_entropy(stats)
 
 
@@ -150,19 +154,19 @@ def logprobs_bwd(logits, targets, lse, ent, grad_lp, grad_ent=None, temperature=
 def _dlogits(x, targets, lse, g_lp, ent, g_ent, inv_temp):
     """fp32 (g_lp (onehot - p) - g_ent p (log p + H)) / T of a [r, V] block, as the Triton kernel's pieces."""
     V = x.shape[1]
-    log_p = _scaled(x, inv_temp).sub_(lse[:, None])
-    p = torch.exp(log_p)
-    g_p = (-g_lp * inv_temp)[:, None]
-    if g_ent is None:
-        d = p.mul(g_p)
-    else:
-        d = torch.where(p > 0, p * (g_p - (g_ent * inv_temp)[:, None] * (log_p + ent[:, None])), p * g_p)
     in_range = (targets >= 0) & (targets < V)
     tgt = torch.where(in_range, targets, 0)[:, None]
-    p_t, lp_t = p.gather(1, tgt).squeeze(1), log_p.gather(1, tgt).squeeze(1)
-    d_t = g_lp * (1.0 - p_t)
-    if g_ent is not None:
-        d_t = d_t - g_ent * torch.where(p_t > 0, p_t * (lp_t + ent), 0.0)
+    log_p = _scaled(x, inv_temp, True).sub_(lse[:, None])
+    g_p = (-g_lp * inv_temp)[:, None]
+    if g_ent is None:  # one [r, V] buffer: log p -> p -> d
+        p = log_p.exp_()
+        d_t = g_lp * (1.0 - p.gather(1, tgt).squeeze(1))
+        d = p.mul_(g_p)
+    else:
+        p = torch.exp(log_p)
+        p_t, lp_t = p.gather(1, tgt).squeeze(1), log_p.gather(1, tgt).squeeze(1)
+        d_t = g_lp * (1.0 - p_t) - g_ent * torch.where(p_t > 0, p_t * (lp_t + ent), 0.0)
+        d = torch.where(p > 0, p * (g_p - (g_ent * inv_temp)[:, None] * (log_p + ent[:, None])), p * g_p)
     d_t = torch.where(in_range, d_t * inv_temp, d.gather(1, tgt).squeeze(1))
     return d.scatter_(1, tgt, d_t[:, None])
 
