@@ -183,7 +183,8 @@ def test_cli_runs_the_native_cpu_kernels_and_the_interpreter_on_request(tmp_path
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CEPO_KERNELS_CPU")}
     args = "--steps 1 --prompts-per-step 1 --group-size 2 --sft-steps 0 --eval-every 0 --max-new-tokens 3"
     cmd = [sys.executable, "-m", "cepo_kernels.rl.cli", *args.split(), "--no-progress", "--out-dir"]
-    proc = subprocess.run([*cmd, str(tmp_path / "native")], env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run([*cmd, str(tmp_path / "native")], env=env, capture_output=True, text=True,
+                          timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "(native CPU kernels)" in proc.stdout
     assert len(read_metrics(tmp_path / "native" / "metrics.jsonl")) == 1
