@@ -4,8 +4,8 @@
 
 Runs the real launchers (ops/_logits_launch.py cepo_fwd, logprobs_bwd, ..., ops/_linear_launch.py
 linear_scores, ...) on meta tensors at the real shapes (B=4, T=2048, V=151936, H=2560), with a stand-in
-Triton driver that targets sm_90 and only compiles: every `kernel[grid](...)` becomes a warm-up compile with exactly the
-arguments, constexprs, num_warps and divisibility specialisation the launcher gives on a GPU (meta tensors
+Triton driver that targets sm_90 and only compiles: every `kernel[grid](...)` becomes a warm-up compile with
+exactly the arguments, constexprs, num_warps and divisibility specialisation the launcher gives on a GPU (meta tensors
 report address 0, i.e. aligned, as the caching allocator's blocks are). Triton's bundled ptxas, cuobjdump
 and nvdisasm then give registers, spills and the SASS. One JSON line per compiled kernel and config:
 
