@@ -3,11 +3,11 @@
     python bench/compile_report.py [--only logits|linear] [--dtypes bf16,fp16,fp32] [--sweep]
 
 Runs the real launchers (ops/_logits_launch.py cepo_fwd, logprobs_bwd, ..., ops/_linear_launch.py
-linear_scores, ...) on meta tensors at the real shapes (B=4, T=2048, V=151936, H=2560), with a stand-in
-Triton driver that targets sm_90 and only compiles: every `kernel[grid](...)` becomes a warm-up compile with
-exactly the arguments, constexprs, num_warps and divisibility specialisation the launcher gives on a GPU (meta tensors
-report address 0, i.e. aligned, as the caching allocator's blocks are). Triton's bundled ptxas, cuobjdump
-and nvdisasm then give registers, spills and the SASS. One JSON line per compiled kernel and config:
+linear_scores, ...) on meta tensors at the real shapes (B=4, T=2048, V=151936, H=2560), with a stand-in Triton
+driver that targets sm_90 and only compiles: every `kernel[grid](...)` becomes a warm-up compile with exactly
+the arguments, constexprs, num_warps and divisibility specialisation the launcher gives on a GPU (meta tensors
+report address 0, i.e. aligned, as the caching allocator's blocks are). Triton's bundled ptxas, cuobjdump and
+nvdisasm then give registers, spills and the SASS. One JSON line per compiled kernel and config:
 
   kernel, case, config (constexprs, num_warps), regs, spill_bytes (local memory per thread: Triton kernels
   have no local arrays, so this is spills), spill_instrs (STL/LDL in the SASS), shared_bytes (Triton's
