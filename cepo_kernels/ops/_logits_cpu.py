@@ -25,11 +25,13 @@ def _flat(x):
 
 def _take(x, r0, r1, keep=None):
     """The rows r0..r1 (flat ids b * T + t) of a [B, T, V] tensor where `keep` [r1 - r0] holds:
-    (rows [k, V], positions in the chunk or None for all). A view when all rows are kept and the tensor is
-    viewable as [B * T, V], else a copy of the kept rows only."""
+    (rows [k, V], positions in the chunk or None for all). When most rows are kept and the tensor is viewable
+    as [B * T, V]: a view of all of them (idx None: the caller discards the others' results, which never mix
+    with the kept rows'), else a copy of the kept rows only."""
     T = x.shape[1]
-    idx = None if keep is None or bool(keep.all()) else keep.nonzero().squeeze(1)
     flat = _flat(x)
+    dense = keep is None or (flat is not None and 2 * int(keep.sum()) >= keep.numel()) or bool(keep.all())
+    idx = None if dense else keep.nonzero().squeeze(1)
     if idx is None and flat is not None:
         return flat[r0:r1], None
     rows = torch.arange(r0, r1, device=x.device) if idx is None else r0 + idx
@@ -112,8 +114,8 @@ def cepo_fwd(logits, targets, adv, mask, params, *, old_logp=None, pos_logits=No
         if x.shape[0]:
             sel = slice(r0, r1) if idx is None else r0 + idx
             c_lse, _ = _lse_rows(x, inv_temp, False)
-            lse[sel] = c_lse
-            lp[sel] = _cpu.target_logp(_target_z(x, targets[sel], inv_temp), targets[sel], c_lse, V)
+            c_lp = _cpu.target_logp(_target_z(x, targets[sel], inv_temp), targets[sel], c_lse, V)
+            lse[sel], lp[sel] = torch.where(valid[sel], c_lse, 0.0), torch.where(valid[sel], c_lp, 0.0)
         for teacher, out in ((pos_logits, pos), (neg_logits, neg)):  # teachers of A = 0 rows are not read
             if teacher is not None and bool(used[r0:r1].any()):
                 x, idx = _take(teacher, r0, r1, used[r0:r1])
@@ -144,7 +146,9 @@ def logprobs_bwd(logits, targets, lse, ent, grad_lp, grad_ent=None, temperature=
         sel = slice(r0, r1) if idx is None else r0 + idx
         g = _dlogits(x, targets[sel], lse[sel], g_lp[sel], None if grad_ent is None else ent[sel],
                      None if grad_ent is None else grad_ent[sel], inv_temp)
-        if idx is not None:
+        if idx is None:  # every row computed: the inactive ones get zeros
+            g = g.masked_fill_(~keep[:, None], 0.0)
+        else:
             _put(dlogits, r0, r1, (~keep).nonzero().squeeze(1),
                  torch.zeros((), dtype=dlogits.dtype).expand(int((~keep).sum()), V))
         _put(dlogits, r0, r1, idx, g)
