@@ -131,22 +131,29 @@ def build(mode, dtype, lora_rank=16):
     each adapter to its base layer's device, which a fake parameter refuses)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    cfg = Qwen3Config(**QWEN3_4B)
+    model = on_meta(Qwen3ForCausalLM, Qwen3Config(**QWEN3_4B), dtype)
+    return with_lora(model, lora_rank) if mode == "lora" else model
+
+
+def on_meta(cls, cfg, dtype):
+    """cls(cfg) on the meta device with dtype parameters (no memory), SDPA attention."""
     cfg._attn_implementation = "sdpa"
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = Qwen3ForCausalLM(cfg)
+            return cls(cfg)
     finally:
         torch.set_default_dtype(old)
-    if mode == "lora":
-        from peft import LoraConfig, get_peft_model
 
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        lora = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets)
-        model = get_peft_model(model, lora)
-    return model
+
+def with_lora(model, lora_rank, **options):
+    """LoRA adapters (alpha = 2 x rank) on the attention and MLP projections, other peft options as given."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets,
+                                            **options))
 
 
 def to_fake(model, mode):
@@ -217,9 +224,10 @@ def one_step(model, head, shape):
     assert V == w.shape[0]
 
 
-def trace(head, mode="full", dtype=torch.bfloat16, shape=ANCHOR, optimizer=False):
-    """{peak, weights, after_step} in bytes for one step (and one AdamW step when `optimizer`)."""
-    model = build(mode, dtype)
+def trace(head, mode="full", dtype=torch.bfloat16, shape=ANCHOR, optimizer=False, build_fn=build):
+    """{peak, weights, after_step} in bytes for one step (and one AdamW step when `optimizer`); build_fn(mode,
+    dtype) gives the model on the meta device (bench/memory_fake_vl.py passes a vision-language one)."""
+    model = build_fn(mode, dtype)
     with FakeTensorMode():
         model = to_fake(model, mode)
         tracker = Peak()

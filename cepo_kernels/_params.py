@@ -326,3 +326,67 @@ def reduction_weights(mask, reduction, num_tokens=None):
     if reduction in ("sum", "none"):
         return m
     raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+
+
+# ---- self-distillation divergence (OPSD, SDPO): docs/divergence.md
+TOPK_FROM = ("student", "teacher")
+
+
+class DivergenceOutput(NamedTuple):
+    """What divergence_loss / linear_divergence_loss return.
+
+    loss:      scalar (or [B, T] / [N] with reduction="none"), differentiable w.r.t. the student only.
+    per_token: [B, T] (or [N]) fp32 D_t times the importance weight (when given), 0 at masked tokens,
+               detached.
+    metrics:   dict of Python floats (or 0-dim tensors with metrics="tensor"): num_tokens,
+               divergence_mean (D_t over the valid tokens, before the importance weight), is_weight_mean
+               and is_clip_frac (1 and 0 without an importance weight).
+    """
+
+    loss: torch.Tensor
+    per_token: torch.Tensor
+    metrics: dict
+
+
+@dataclass(frozen=True)
+class DivergenceParams:
+    """Non-tensor options of the divergence losses, validated once.
+
+    beta in [0, 1]: 0 is KL(p_T || p_S), 1 is KL(p_S || p_T), between them the generalized JSD.
+    topk: None (the full vocabulary) or k >= 1 ids taken from `topk_from` ("student" or "teacher");
+    add_tail: with topk, one more bucket holding the probability outside the k ids (else both
+    distributions are renormalised over the k ids). is_clip: None, or the cap > 0 of SDPO's importance
+    weight min(exp(logp_S(target) - old_logp), is_clip).
+    """
+
+    beta: float = 0.5
+    temperature: float = 1.0
+    topk: int | None = None
+    topk_from: str = "student"
+    add_tail: bool = True
+    is_clip: float | None = None
+    reduction: str = "token-mean"
+
+    def __post_init__(self):
+        object.__setattr__(self, "beta", as_float("beta", self.beta))
+        check_number("beta", self.beta, lo=0.0, hi=1.0)
+        object.__setattr__(self, "temperature", as_float("temperature", self.temperature))
+        check_temperature(self.temperature)
+        if self.topk is not None:
+            if isinstance(self.topk, bool) or not isinstance(self.topk, numbers.Integral):
+                raise TypeError(f"topk: expected None or an int >= 1, got {type(self.topk).__name__}")
+            if self.topk < 1:
+                raise ValueError(f"topk: expected None or an int >= 1, got {self.topk}")
+            object.__setattr__(self, "topk", int(self.topk))
+        if self.topk_from not in TOPK_FROM:
+            raise ValueError(f"topk_from: expected one of {TOPK_FROM}, got {self.topk_from!r}")
+        if not isinstance(self.add_tail, bool):
+            raise TypeError(f"add_tail: expected a bool, got {type(self.add_tail).__name__}")
+        if self.is_clip is not None:
+            object.__setattr__(self, "is_clip", as_float("is_clip", self.is_clip))
+            check_number("is_clip", self.is_clip)
+            if not self.is_clip > 0:
+                raise ValueError(f"is_clip: expected None or a number > 0, got {self.is_clip}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {self.reduction!r}")
+

@@ -1,5 +1,6 @@
 """cepo_ref: the pure-PyTorch reference of cepo_kernels (same names, same signatures)."""
 
+from cepo_ref.divergence import DivergenceOutput, divergence_loss, linear_divergence_loss
 from cepo_ref.reference import (
     CEPOOutput,
     cepo_advantages,
@@ -15,4 +16,5 @@ from cepo_ref.reference import (
 __all__ = [
     "token_logprobs", "linear_logprobs", "group_advantages", "cepo_advantages", "cepo_loss",
     "grpo_loss", "linear_cepo_loss", "linear_grpo_loss", "CEPOOutput",
+    "divergence_loss", "linear_divergence_loss", "DivergenceOutput",
 ]

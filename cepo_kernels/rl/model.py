@@ -70,6 +70,11 @@ def load_model_and_tokenizer(cfg, device: torch.device, dtype: torch.dtype):
     return model, tokenizer
 
 
+# a vision-language model's vision tower stays frozen, as in the authors' runs (Qwen2.5-VL's vision MLP has
+# gate_proj / up_proj / down_proj too); text models have no such module
+VISION_TOWER = r".*visual.*"
+
+
 def apply_lora(model, cfg):
     from peft import LoraConfig, get_peft_model
 
@@ -85,6 +90,7 @@ def apply_lora(model, cfg):
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=targets,
+        exclude_modules=VISION_TOWER,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)

@@ -173,25 +173,28 @@ def first_wrong_tokens(tokenizer, problem: Problem, ids: list[int], text: str) -
     return (hit[0], hit[-1] + 1) if hit else None
 
 
-def build_tokenizer():
-    """A character-level tokenizer (plus one `\\boxed{` token) with a minimal chat template, built in code."""
+def build_tokenizer(specials=SPECIALS, chat_template=CHAT_TEMPLATE, *, pad="<pad>", unk="<unk>",
+                    eos="<|end|>", chars=CHARS, max_length: int = 256):
+    """A character-level tokenizer (plus one `\\boxed{` token) with a minimal chat template, built in code.
+    specials (with pad, unk and eos among them), the chat template and the characters can be swapped (the
+    vision-language task's tokenizer, rl/vision_model.py, has Qwen-VL's special tokens)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS + [BOX_TOKEN])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    vocab = {tok: i for i, tok in enumerate(list(specials) + list(chars) + [BOX_TOKEN])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     tok.add_tokens([AddedToken(BOX_TOKEN, normalized=False)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        eos_token="<|end|>",
-        chat_template=CHAT_TEMPLATE,
+        pad_token=pad,
+        unk_token=unk,
+        eos_token=eos,
+        chat_template=chat_template,
         padding_side="left",
-        model_max_length=256,
+        model_max_length=max_length,
     )
 
 
@@ -214,9 +217,15 @@ def build_tiny_model(tokenizer, seed: int = 0):
         bos_token_id=None,
         attention_dropout=0.0,
     )
+    return seeded_model(Qwen2ForCausalLM, config, tokenizer, seed)
+
+
+def seeded_model(cls, config, tokenizer, seed: int):
+    """cls(config) with random weights drawn under `seed` (the global RNG left as it was), generating with the
+    tokenizer's pad and eos ids."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
+        model = cls(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
@@ -250,16 +259,14 @@ def first_wrong_credit(spans, adv: torch.Tensor, a_hat: torch.Tensor | None, mas
             "credit_first_wrong_baseline": mean(base), "credit_first_wrong_rows": len(rows)}
 
 
-def load_jsonl(
-    path: str | Path, prompt_key: str = "prompt", answer_key: str = "answer", arg: str = "data"
-) -> list[Problem]:
-    """Problems from a JSONL file; errors name the file, the line and what was expected."""
+def jsonl_rows(path: str | Path, arg: str = "data"):
+    """(line number, JSON object) of each non-blank line of a JSONL file; errors name the file, the line and
+    what was expected."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{arg}: {str(path)!r} is a directory, expected a JSONL file")
     if not path.is_file():
         raise FileNotFoundError(f"{arg}: file {str(path)!r} does not exist")
-    problems = []
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             try:
@@ -278,22 +285,30 @@ def load_jsonl(
                 ) from None
             if not isinstance(row, dict):
                 raise ValueError(f"{arg}: {path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            for key, flag in ((prompt_key, "--prompt-key"), (answer_key, "--answer-key")):
-                if key not in row:
-                    raise ValueError(
-                        f"{arg}: {path}:{lineno}: missing key {key!r} (keys present: "
-                        f"{sorted(row)}; choose another with {flag})"
-                    )
-            prompt, answer = row[prompt_key], row[answer_key]
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(
-                    f"{arg}: {path}:{lineno}: {prompt_key!r} must be a non-empty string, got {prompt!r}"
-                )
-            if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-                raise ValueError(
-                    f"{arg}: {path}:{lineno}: {answer_key!r} must be a string or a number, got {answer!r}"
-                )
-            problems.append(Problem(prompt, str(answer)))
+            yield lineno, row
+
+
+def row_problem(row: dict, where: str, prompt_key: str, answer_key: str) -> tuple[str, str]:
+    """(prompt, answer) of a JSONL row; `where` ("data: file:line") starts each error."""
+    for key, flag in ((prompt_key, "--prompt-key"), (answer_key, "--answer-key")):
+        if key not in row:
+            raise ValueError(
+                f"{where}: missing key {key!r} (keys present: {sorted(row)}; choose another with {flag})"
+            )
+    prompt, answer = row[prompt_key], row[answer_key]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"{where}: {prompt_key!r} must be a non-empty string, got {prompt!r}")
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise ValueError(f"{where}: {answer_key!r} must be a string or a number, got {answer!r}")
+    return prompt, str(answer)
+
+
+def load_jsonl(
+    path: str | Path, prompt_key: str = "prompt", answer_key: str = "answer", arg: str = "data"
+) -> list[Problem]:
+    """Problems from a JSONL file; errors name the file, the line and what was expected."""
+    problems = [Problem(*row_problem(row, f"{arg}: {path}:{lineno}", prompt_key, answer_key))
+                for lineno, row in jsonl_rows(path, arg)]
     if not problems:
         raise ValueError(f"{arg}: {path}: no problems found (the file is empty)")
     return problems
