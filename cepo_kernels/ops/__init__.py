@@ -1,7 +1,8 @@
-"""The kernels, one family per input form, each cut into the same four files.
+"""The kernels, one family per input form, each cut into the same files.
 
 For a family X (logits: policy/teacher logits; linear: hidden states and the lm_head weight, logits never
-stored): ops/_X_kernels.py the @triton.jit kernels; ops/_X_launch.py their launchers (tensors in and out, no
+stored; divergence: the self-distillation divergences, whose native CPU kernels are ops/_divergence_torch.py):
+ops/_X_kernels.py the @triton.jit kernels; ops/_X_launch.py their launchers (tensors in and out, no
 autograd); ops/_X_ops.py the launchers as PyTorch operators (torch.ops.cepo_kernels.*: real implementation,
 fake implementation, autograd, and the native CPU kernel of each, from ops/_X_cpu.py); ops/X.py the public
 functions (docstrings, input checks). _common.py: what the families share (the per-token CEPO arithmetic in
