@@ -2,12 +2,12 @@
 
     python bench/compile_report.py [--only logits|linear] [--dtypes bf16,fp16,fp32] [--sweep]
 
-Runs the real launchers (cepo_kernels.ops.logits.cepo_fwd, logprobs_bwd, ..., linear.linear_fwd, ...) on
-meta tensors at the real shapes (B=4, T=2048, V=151936, H=2560), with a stand-in Triton driver that
-targets sm_90 and only compiles: every `kernel[grid](...)` becomes a warm-up compile with exactly the
-arguments, constexprs, num_warps and divisibility specialisation the launcher gives on a GPU (meta tensors
-report address 0, i.e. aligned, as the caching allocator's blocks are). Triton's bundled ptxas, cuobjdump
-and nvdisasm then give registers, spills and the SASS. One JSON line per compiled kernel and config:
+Runs the real launchers (ops/_logits_launch.py cepo_fwd, logprobs_bwd, ..., ops/_linear_launch.py
+linear_scores, ...) on meta tensors at the real shapes (B=4, T=2048, V=151936, H=2560), with a stand-in Triton
+driver that targets sm_90 and only compiles: every `kernel[grid](...)` becomes a warm-up compile with exactly
+the arguments, constexprs, num_warps and divisibility specialisation the launcher gives on a GPU (meta tensors
+report address 0, i.e. aligned, as the caching allocator's blocks are). Triton's bundled ptxas, cuobjdump and
+nvdisasm then give registers, spills and the SASS. One JSON line per compiled kernel and config:
 
   kernel, case, config (constexprs, num_warps), regs, spill_bytes (local memory per thread: Triton kernels
   have no local arrays, so this is spills), spill_instrs (STL/LDL in the SASS), shared_bytes (Triton's
@@ -100,8 +100,8 @@ def _meta(*shape, dtype=torch.float32):
 def logits_cases(dtypes=("bf16",), sweep=False):
     """name -> callable, for every logits kernel and flag combination the launchers can pick."""
     from cepo_kernels._params import LossParams
+    from cepo_kernels.ops import _logits_launch as lg
     from cepo_kernels.ops import configs
-    from cepo_kernels.ops import logits as lg
 
     N = B * T
     tg, mask = _meta(N, dtype=torch.long), _meta(N, dtype=torch.uint8)
@@ -130,8 +130,8 @@ def logits_cases(dtypes=("bf16",), sweep=False):
 
 def _run_config(key, cfg):
     from cepo_kernels._params import LossParams
+    from cepo_kernels.ops import _logits_launch as lg
     from cepo_kernels.ops import configs
-    from cepo_kernels.ops import logits as lg
 
     N = B * T
     x = _meta(B, T, V, dtype=torch.bfloat16)
@@ -148,10 +148,9 @@ def _run_config(key, cfg):
 
 
 def linear_cases(dtypes=("bf16",)):
-    """name -> callable for the linear kernels at their launchers' current configs (ops/linear*.py)."""
+    """name -> callable for the linear kernels at their launchers' current configs (ops/_linear_launch.py)."""
     from cepo_kernels._params import LossParams
-    from cepo_kernels.ops import linear as ln
-    from cepo_kernels.ops import linear_bwd as lb
+    from cepo_kernels.ops import _linear_launch as ln
 
     N = B * T
     tg, rows = _meta(N, dtype=torch.long), _meta(N // 2, dtype=torch.long)
@@ -160,14 +159,14 @@ def linear_cases(dtypes=("bf16",)):
         dt = DTYPES[dname]
         h, w, bias = _meta(N, H, dtype=dt), _meta(V, H, dtype=dt), _meta(V, dtype=dt)
         count = _meta(1, dtype=torch.int32)
-        cases[f"linear_fwd-src1-{dname}"] = partial(ln.linear_fwd, [h], w, None, tg)
-        cases[f"linear_fwd-src1-bias-rows-{dname}"] = partial(ln.linear_fwd, [h], w, bias, tg, rows, count)
-        cases[f"linear_fwd-src2-{dname}"] = partial(ln.linear_fwd, [h, h], w, None, tg, rows, count,
+        cases[f"linear_fwd-src1-{dname}"] = partial(ln.linear_scores, [h], w, None, tg)
+        cases[f"linear_fwd-src1-bias-rows-{dname}"] = partial(ln.linear_scores, [h], w, bias, tg, rows, count)
+        cases[f"linear_fwd-src2-{dname}"] = partial(ln.linear_scores, [h, h], w, None, tg, rows, count,
                                                     rows_from=1)
-        cases[f"linear_fwd-src3-{dname}"] = partial(ln.linear_fwd, [h, h, h], w, None, tg, rows, count,
+        cases[f"linear_fwd-src3-{dname}"] = partial(ln.linear_scores, [h, h, h], w, None, tg, rows, count,
                                                     rows_from=1)
-        cases[f"linear_bwd-{dname}"] = partial(lb.linear_bwd, h, w, None, tg, _meta(N), _meta(N))
-        cases[f"linear_bwd-bias-ent-{dname}"] = partial(lb.linear_bwd, h, w, bias, tg, _meta(N), _meta(N),
+        cases[f"linear_bwd-{dname}"] = partial(ln.linear_bwd, h, w, None, tg, _meta(N), _meta(N))
+        cases[f"linear_bwd-bias-ent-{dname}"] = partial(ln.linear_bwd, h, w, bias, tg, _meta(N), _meta(N),
                                                         _meta(N), _meta(N))
     for old in (False, True):
         for teachers in (False, True):

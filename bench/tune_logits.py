@@ -50,7 +50,7 @@ def gpu_measure(rows, V):
     from triton.testing import do_bench
 
     from cepo_kernels._params import LossParams
-    from cepo_kernels.ops import logits as lg
+    from cepo_kernels.ops import _logits_launch as lg
 
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)

@@ -2,8 +2,9 @@
 
 Public API: token_logprobs, linear_teacher_logprobs, linear_logprobs, group_advantages, cepo_advantages,
 cepo_loss, grpo_loss, linear_cepo_loss, linear_grpo_loss, and the self-distillation divergences
-divergence_loss, linear_divergence_loss, sampled_token_kl_loss. Importing needs no GPU; on a machine
-without one, set TRITON_INTERPRET=1 before importing to run the kernels through Triton's interpreter.
+divergence_loss, linear_divergence_loss, sampled_token_kl_loss. Importing needs no GPU; on CPU tensors the
+operators run native PyTorch kernels (the same arithmetic), or, with CEPO_KERNELS_CPU=interpreter and
+TRITON_INTERPRET=1 set before importing, the Triton kernels through Triton's interpreter.
 """
 
 from cepo_kernels._interrupt import quiet_startup_interrupt  # first: Ctrl-C while torch imports

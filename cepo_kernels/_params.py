@@ -117,8 +117,8 @@ def check_tensor(name, t, *, dtypes=None, shape=None, device=None, ndim=None):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.device.type == "meta":
-        raise ValueError(f"{name}: device 'meta' is not supported (the values are needed: use a CUDA tensor, "
-                         "or a CPU tensor with TRITON_INTERPRET=1)")
+        raise ValueError(f"{name}: device 'meta' is not supported (the values are needed: use a CUDA or a "
+                         "CPU tensor)")
     if dtypes == "float" and not t.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
     if dtypes == "int" and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):

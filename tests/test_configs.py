@@ -103,11 +103,14 @@ def test_import_reads_no_table_and_does_not_import_the_training_loop():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
-def test_every_entry_point_names_the_missing_interpreter_on_a_cpu():
-    """Without a GPU and without TRITON_INTERPRET=1, each launching entry point raises the same clear
-    RuntimeError (not Triton's "0 active drivers"); group_advantages (plain torch) still runs."""
+@pytest.mark.parametrize("switch", ["", "native", "interpreter", "triton"])
+def test_every_entry_point_on_a_cpu_without_the_interpreter(switch):
+    """Without a GPU and without TRITON_INTERPRET=1, every launching entry point runs its native CPU kernels
+    (CEPO_KERNELS_CPU unset or "native"); CEPO_KERNELS_CPU=interpreter raises the same clear ValueError
+    naming TRITON_INTERPRET at each (not Triton's "0 active drivers"), an unknown value one naming
+    CEPO_KERNELS_CPU; group_advantages (plain torch) runs in every case."""
     code = """
-import torch, cepo_kernels as ck
+import os, torch, cepo_kernels as ck
 assert not torch.cuda.is_available()
 x, t = torch.randn(2, 3, 11), torch.randint(0, 11, (2, 3))
 adv, mask, lp = torch.tensor([0.5, -0.5]), torch.ones(2, 3, dtype=torch.bool), torch.randn(2, 3)
@@ -122,19 +125,24 @@ calls = {
     "linear_cepo_loss": lambda: ck.linear_cepo_loss(h, w, t, adv, mask, pos_hidden=h, neg_logp=lp),
     "linear_grpo_loss": lambda: ck.linear_grpo_loss(h, w, t, adv, mask),
 }
+switch = os.environ.get("CEPO_KERNELS_CPU", "")
 for name, call in calls.items():
     try:
         call()
-    except RuntimeError as e:
-        msg = "cepo_kernels: CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1"
-        assert str(e).startswith(msg), (name, e)
+    except ValueError as e:
+        msg = {"interpreter": "CEPO_KERNELS_CPU=interpreter runs the Triton kernels through Triton's "
+                              "interpreter: expected TRITON_INTERPRET=1",
+               "triton": "CEPO_KERNELS_CPU: expected 'native' or 'interpreter', got 'triton'"}.get(switch)
+        assert msg and str(e).startswith(msg), (name, e)
     else:
-        raise AssertionError(name + " ran without the interpreter")
+        assert switch in ("", "native"), name + " ran without the interpreter"
 assert ck.group_advantages(torch.tensor([1.0, 0.0]), 2).shape == (2,)
 print("ok", len(calls))
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CEPO_KERNELS_CPU")}
     env.update(CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    if switch:
+        env["CEPO_KERNELS_CPU"] = switch
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=300)
     assert proc.returncode == 0 and proc.stdout.split() == ["ok", "8"], proc.stderr[-3000:]

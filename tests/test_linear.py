@@ -22,7 +22,8 @@ H, V = 123, 507
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}
 # the interpreter evaluates masked-out lanes too (0 * inf there is discarded by tl.where)
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # numpy in the interpreter's masked lanes
+              pytest.mark.usefixtures("kernel_backend")]  # native CPU kernels and interpreter (conftest)
 
 
 @pytest.fixture(autouse=True)
@@ -95,7 +96,7 @@ def test_linear_logprobs(dtype, bias, temperature, lead, device):
 def test_linear_bwd_chunks(n, budget, device, monkeypatch):
     """A small G budget: several vocabulary chunks (grad_hidden accumulated in fp32), or several row chunks
     (grad_weight accumulated in fp32); rows with a zero upstream gradient skipped, whole blocks too."""
-    from cepo_kernels.ops.linear_bwd import _chunks
+    from cepo_kernels.ops._linear_launch import _chunks
 
     monkeypatch.setenv("CEPO_LINEAR_CHUNK_BYTES", str(budget))
     R, C = _chunks(n, V, 4, torch.device(device), width=32)
@@ -118,6 +119,7 @@ def test_linear_bwd_chunks(n, budget, device, monkeypatch):
     assert (results[0][0][(g_lp == 0) & (g_ent == 0)] == 0).all()
 
 
+@pytest.mark.triton_only  # a tile-level approximation of the Triton backward; the native kernels are exact
 def test_grad_filter_opt_in(device, monkeypatch):
     """CEPO_LINEAR_GRAD_FILTER=1 skips the G tiles with no target and every probability < 2^-12; what it
     drops is bounded by those probabilities (it is not exact, hence off by default; docs/memory.md)."""
@@ -472,6 +474,7 @@ def test_realistic_shape_sampled_rows():
     assert torch.isfinite(out.loss) and (hk.grad[1] == 0).all() and torch.isfinite(wk.grad).all()
 
 
+@pytest.mark.triton_only  # the native CPU kernels read row counts on the host (free there) to skip rows
 @pytest.mark.parametrize("fn", ["linear_cepo_loss", "linear_grpo_loss"])
 def test_linear_loss_without_host_syncs(fn, device):
     """metrics="tensor", a bool mask and num_tokens as a tensor: forward and backward never read a tensor on

@@ -16,7 +16,8 @@ import cepo_ref
 import cepo_ref.reference as ref_mod
 from cepo_kernels.ops import _common
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter: log(0) etc.
+pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # numpy in the interpreter's masked lanes
+              pytest.mark.usefixtures("kernel_backend")]  # native CPU kernels and interpreter (conftest)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # log ratios lp - old spread over both sides of both clips, past the dual clip and past the +-20 clamp
@@ -477,6 +478,7 @@ def test_large_vocab_int64_addressing(device):
     assert_close(x.grad[rows], g64, gt, atol=scaled_atol(g64, 1e-5), name="dlogits")
 
 
+@pytest.mark.triton_only  # the native CPU kernels read row counts on the host (free there) to skip rows
 @pytest.mark.parametrize("fn", ["cepo_loss", "grpo_loss", "token_logprobs", "cepo_advantages"])
 def test_no_host_sync_with_tensor_metrics(fn):
     """With metrics="tensor" (or none), a bool mask and num_tokens as a tensor, forward and backward never

@@ -20,7 +20,8 @@ from cepo_kernels.ops import _common
 from cepo_kernels.ops import linear as _linear  # noqa: F401  (registers the linear operators)
 
 OPS = torch.ops.cepo_kernels
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's masked-out lanes
+pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # numpy in the interpreter's masked lanes
+              pytest.mark.usefixtures("kernel_backend")]  # native CPU kernels and interpreter (conftest)
 
 
 def rand(*shape, dtype=torch.float32, device="cpu", grad=False, seed=0):

@@ -176,16 +176,21 @@ def test_real_checkpoint_lora_jsonl(tmp_path, monkeypatch, capsys):
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in saved.items() if "lora_B" in k)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only interpreter switch")
-def test_cli_switches_on_the_interpreter_by_itself(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = tmp_path / "cli"
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU kernels' switch")
+def test_cli_runs_the_native_cpu_kernels_and_the_interpreter_on_request(tmp_path):
+    """Without TRITON_INTERPRET the command runs the native CPU kernels in place (no restart);
+    CEPO_KERNELS_CPU=interpreter without TRITON_INTERPRET=1 is a clear error (exit 2)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CEPO_KERNELS_CPU")}
     args = "--steps 1 --prompts-per-step 1 --group-size 2 --sft-steps 0 --eval-every 0 --max-new-tokens 3"
-    cmd = [sys.executable, "-m", "cepo_kernels.rl.cli", *args.split(), "--no-progress", "--out-dir", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    cmd = [sys.executable, "-m", "cepo_kernels.rl.cli", *args.split(), "--no-progress", "--out-dir"]
+    proc = subprocess.run([*cmd, str(tmp_path / "native")], env=env, capture_output=True, text=True,
+                          timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "Triton interpreter" in proc.stdout
-    assert len(read_metrics(out / "metrics.jsonl")) == 1
+    assert "(native CPU kernels)" in proc.stdout
+    assert len(read_metrics(tmp_path / "native" / "metrics.jsonl")) == 1
+    proc = subprocess.run([*cmd, str(tmp_path / "interp")], env={**env, "CEPO_KERNELS_CPU": "interpreter"},
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2 and "TRITON_INTERPRET=1" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_teacher_logprobs_match_the_model_on_the_context(tmp_path):

@@ -217,7 +217,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "triton_interpret": os.environ.get("CEPO_KERNELS_CPU") == "interpreter",  # else native CPU kernels
     }
     for mod in ("triton", "transformers", "numpy", "matplotlib"):
         try:

@@ -7,8 +7,9 @@
   row, per-row sums for a block of rows (per-lane sums there would cost a [BLOCK_M, BLOCK_V] accumulator).
 - `cepo_weight`: the token weight w and A_hat (docs/method.md §3, §4); `cepo_token`: the per-token
   CEPO/PPO arithmetic (Delta -> A_hat -> ratio -> loss and dL/dlp, docs/method.md §5, §6).
-- torch-side helpers: `alloc` (every uninitialised output buffer), `require_backend` (the launchers'
-  check that the kernels can run on the inputs' device), the reduced loss, the metrics and the output.
+- torch-side helpers: `alloc` (every uninitialised output buffer), `cpu_backend` (native CPU kernels or
+  Triton's interpreter on CPU tensors), `require_backend` (the launchers' check that the kernels can run on
+  the inputs' device), the reduced loss, the metrics and the output.
 
 Conventions for the kernels using them: every float is fp32 after loading; hyperparameters and sizes
 are runtime arguments; NaN is never swallowed (clamps are written with comparisons, which keep NaN,
@@ -47,9 +48,25 @@ def interpreted() -> bool:
 
 
 def cpu_backend() -> str:
-    """Which implementation the operators' CPU kernels run: "interpreter" (the Triton kernels through
-    Triton's interpreter) when CEPO_KERNELS_CPU=interpreter, else "native" (chunked eager torch)."""
-    return "interpreter" if os.environ.get("CEPO_KERNELS_CPU", "") == "interpreter" else "native"
+    """Which kernels run on CPU tensors: "native" (default: the PyTorch kernels of ops/_*_cpu.py) or
+    "interpreter" (CEPO_KERNELS_CPU=interpreter: the Triton kernels through Triton's interpreter, which then
+    needs TRITON_INTERPRET=1 set before triton is imported). Read at every call."""
+    choice = os.environ.get("CEPO_KERNELS_CPU", "") or "native"
+    if choice == "native":
+        return "native"
+    if choice != "interpreter":
+        raise ValueError(f"CEPO_KERNELS_CPU: expected 'native' or 'interpreter', got {choice!r}")
+    if not interpreted():
+        raise ValueError("CEPO_KERNELS_CPU=interpreter runs the Triton kernels through Triton's interpreter: "
+                         "expected TRITON_INTERPRET=1 set before triton/cepo_kernels are imported, got "
+                         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r}")
+    return "interpreter"
+
+
+def register_cpu(op, impl, launchers, native):
+    """Registers the CPU kernel of a custom operator: impl(module, *args) with module = `native` (the PyTorch
+    kernels) or, under CEPO_KERNELS_CPU=interpreter, launchers() (the Triton launchers), chosen per call."""
+    op.register_kernel("cpu")(lambda *args: impl(native if cpu_backend() == "native" else launchers(), *args))
 
 
 def require_backend(device):

@@ -1,7 +1,8 @@
 """The linear path's Triton kernels: the forward (logsumexp stats of hidden @ weight^T, the combine of the
-vocabulary splits, the per-token loss) and the pieces the backward shares (`grouped`, `logit_tile`).
+vocabulary splits, the per-token loss) and the backward (the logits' gradient G of a chunk, G @ W, G^T @ h),
+which share `grouped` and `logit_tile`.
 
-Launchers: ops/linear.py (linear_fwd, token_fwd) and ops/linear_bwd.py. Conventions: docs/kernels.md.
+Launchers: ops/_linear_launch.py (linear_scores, token_fwd, linear_bwd). Conventions: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -199,3 +200,149 @@ def _linear_token_fwd_kernel(logp, old, adv, pos, neg, mask, a_hat, loss, coef, 
     tl.store(loss + o, b_loss, mask=m)
     tl.store(coef + o, b_coef, mask=m)
     tl.store(delta + o, b_d, mask=m)
+
+
+# ---- the backward (launcher: ops/_linear_launch.py linear_bwd)
+
+@triton.heuristics({
+    "HAS_BIAS": lambda a: a["bias"] is not None,
+    "HAS_ENT": lambda a: a["g_ent"] is not None,
+    "HAS_DB": lambda a: a["db_part"] is not None,
+    "FILTER": lambda a: a["tile_keep"] is not None,
+})
+@triton.jit
+def _linear_bwd_kernel(hidden, weight, bias, targets, rows, count, lse, g_lp, ent, g_ent, grad_z, db_part,
+                       tile_keep, r0, R, v0, C, V, H, inv_temp, filter_eps, stride_hn, stride_wv, stride_b,
+                       stride_gz, stride_db, stride_tk,
+                       HAS_BIAS: tl.constexpr, HAS_ENT: tl.constexpr, HAS_DB: tl.constexpr,
+                       FILTER: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                       GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                       BLOCK_H: tl.constexpr):
+    """grad_z[i, j] = dL/dlogit of row rows[r0 + i], column v0 + j (i < R, j < C), logits recomputed.
+
+    G = (g_lp (onehot - p) - g_ent p (log p + entropy)) / T with p = exp(z / T - lse). Row blocks past the
+    active count are not computed (their column sums in db_part are 0). db_part [R / BLOCK_M, C] fp32: the
+    block's column sums of G. tile_keep [R / BLOCK_M, C / BLOCK_V] int32 (FILTER): 1 when the tile holds a
+    target or a probability >= filter_eps, else 0 (the matmuls then skip it).
+    """
+    pid = tl.program_id(0)
+    rb, vb = grouped(pid, tl.cdiv(R, BLOCK_M), tl.cdiv(C, BLOCK_V), GROUP)
+    o_i = rb * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] rows of the chunk
+    o_j = vb * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V] columns of the chunk
+    m_j = o_j < C
+    n_act = tl.load(count) - r0
+    if rb * BLOCK_M >= n_act:
+        if HAS_DB:
+            tl.store(db_part + rb * stride_db + o_j, tl.zeros([BLOCK_V], dtype=tl.float32), mask=m_j)
+        if FILTER:
+            tl.store(tile_keep + rb * stride_tk + vb, 0)
+        return
+    m_i = (o_i < R) & (o_i < n_act)
+    r = tl.load(rows + r0 + o_i, mask=m_i, other=0)  # [BLOCK_M] int64 row ids
+    o_v = v0 + o_j
+    m_v = m_j & (o_v < V)
+    p_h = hidden + r[:, None] * stride_hn  # [BLOCK_M, 1]
+    acc = logit_tile(p_h, m_i, weight, bias, o_v, m_v, H, stride_wv, stride_b, HAS_BIAS, UPCAST_DOT,
+                     PRECISION, BLOCK_M, BLOCK_V, BLOCK_H)
+    b_lse = tl.load(lse + r, mask=m_i, other=0.0)
+    b_g = tl.load(g_lp + r, mask=m_i, other=0.0)
+    b_t = tl.load(targets + r, mask=m_i, other=-1)
+    b_logp = acc * inv_temp - b_lse[:, None]  # [BLOCK_M, BLOCK_V] log p
+    b_p = tl.exp(b_logp)
+    b_dz = tl.where(o_v[None, :] == b_t[:, None], b_g[:, None], 0.0) - b_g[:, None] * b_p
+    if HAS_ENT:
+        b_ent = tl.load(ent + r, mask=m_i, other=0.0)
+        b_ge = tl.load(g_ent + r, mask=m_i, other=0.0)
+        b_dz -= b_ge[:, None] * b_p * tl.where(b_p > 0, b_logp + b_ent[:, None], 0.0)
+    b_dz = tl.where(m_i[:, None] & m_v[None, :], b_dz * inv_temp, 0.0)
+    tl.store(grad_z + o_i.to(tl.int64)[:, None] * stride_gz + o_j[None, :], b_dz.to(grad_z.dtype.element_ty),
+             mask=m_i[:, None] & m_j[None, :])
+    if HAS_DB:
+        tl.store(db_part + rb * stride_db + o_j, tl.sum(b_dz, axis=0), mask=m_j)
+    if FILTER:
+        m_t = m_i & (b_t >= v0 + vb * BLOCK_V) & (b_t < v0 + vb * BLOCK_V + BLOCK_V)
+        big = tl.max(tl.where(m_i[:, None] & m_v[None, :], b_p, 0.0)) >= filter_eps
+        tl.store(tile_keep + rb * stride_tk + vb, (big | (tl.max(m_t.to(tl.int32)) > 0)).to(tl.int32))
+
+
+@triton.heuristics({"FILTER": lambda a: a["tile_keep"] is not None})
+@triton.jit
+def _linear_dh_kernel(grad_z, weight, dh, count, tile_keep, r0, R, v0, C, H, stride_gz, stride_wv, stride_dh,
+                      stride_tk, TILE_M: tl.constexpr, TILE_V: tl.constexpr, FILTER: tl.constexpr,
+                      ACCUMULATE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                      PRECISION: tl.constexpr, GROUP: tl.constexpr,
+                      BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dh[r0 + i, q] (+)= sum_j grad_z[i, j] * weight[v0 + j, q] (fp32 dh [rows, H]; i < R, active rows)."""
+    pid = tl.program_id(0)
+    pb, qb = grouped(pid, tl.cdiv(R, BLOCK_P), tl.cdiv(H, BLOCK_Q), GROUP)
+    n_act = tl.load(count) - r0
+    if pb * BLOCK_P >= n_act:
+        return
+    o_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    o_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    m_p = (o_p < R) & (o_p < n_act)
+    m_q = o_q < H
+    p_g = grad_z + o_p.to(tl.int64)[:, None] * stride_gz  # [BLOCK_P, 1]
+    p_w = weight + o_q[None, :]  # [1, BLOCK_Q]
+    acc = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
+    for k in range(0, C, BLOCK_K):
+        o_k = k + tl.arange(0, BLOCK_K)
+        m_k = o_k < C
+        keep = True
+        if FILTER:  # the G kernel's tile holding rows pb * BLOCK_P.. and columns k..
+            keep = tl.load(tile_keep + (pb * BLOCK_P // TILE_M) * stride_tk + k // TILE_V) != 0
+        if keep:
+            b_g = tl.load(p_g + o_k[None, :], mask=m_p[:, None] & m_k[None, :], other=0.0)  # [BP, BK]
+            b_w = tl.load(p_w + (v0 + o_k).to(tl.int64)[:, None] * stride_wv,
+                          mask=m_k[:, None] & m_q[None, :], other=0.0)  # [BLOCK_K, BLOCK_Q]
+            if UPCAST_DOT:
+                b_g = b_g.to(tl.float32)
+                b_w = b_w.to(tl.float32)
+            acc = tl.dot(b_g, b_w, acc, input_precision=PRECISION)
+    p_dh = dh + (r0 + o_p).to(tl.int64)[:, None] * stride_dh + o_q[None, :]
+    m_dh = m_p[:, None] & m_q[None, :]
+    if ACCUMULATE:
+        acc += tl.load(p_dh, mask=m_dh, other=0.0)
+    tl.store(p_dh, acc, mask=m_dh)
+
+
+@triton.heuristics({"FILTER": lambda a: a["tile_keep"] is not None})
+@triton.jit
+def _linear_dw_kernel(grad_z, hidden, rows, count, dw, tile_keep, r0, R, C, H, stride_gz, stride_hn,
+                      stride_dw, stride_tk, TILE_M: tl.constexpr, TILE_V: tl.constexpr, FILTER: tl.constexpr,
+                      ACCUMULATE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                      PRECISION: tl.constexpr, GROUP: tl.constexpr,
+                      BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dw[j, q] (+)= sum_i grad_z[i, j] * hidden[rows[r0 + i], q] over the chunk's active rows i.
+
+    dw is the chunk's rows of grad_weight (its dtype) or an fp32 accumulator (ACCUMULATE: several row chunks).
+    """
+    pid = tl.program_id(0)
+    pb, qb = grouped(pid, tl.cdiv(C, BLOCK_P), tl.cdiv(H, BLOCK_Q), GROUP)
+    o_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)  # [BLOCK_P] vocabulary columns of the chunk
+    o_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)  # [BLOCK_Q] hidden features
+    m_p = o_p < C
+    m_q = o_q < H
+    n_act = tl.minimum(tl.load(count) - r0, R)
+    acc = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
+    for k in range(0, n_act, BLOCK_K):
+        o_k = k + tl.arange(0, BLOCK_K)
+        m_k = o_k < n_act
+        keep = True
+        if FILTER:  # the G kernel's tile holding rows k.. and columns pb * BLOCK_P..
+            keep = tl.load(tile_keep + (k // TILE_M) * stride_tk + pb * BLOCK_P // TILE_V) != 0
+        if keep:
+            r = tl.load(rows + r0 + o_k, mask=m_k, other=0)  # [BLOCK_K] int64
+            b_g = tl.load(grad_z + o_k.to(tl.int64)[None, :] * stride_gz + o_p[:, None],
+                          mask=m_p[:, None] & m_k[None, :], other=0.0)  # [BLOCK_P, BLOCK_K] (G^T)
+            b_h = tl.load(hidden + r[:, None] * stride_hn + o_q[None, :], mask=m_k[:, None] & m_q[None, :],
+                          other=0.0)  # [BLOCK_K, BLOCK_Q]
+            if UPCAST_DOT:
+                b_g = b_g.to(tl.float32)
+                b_h = b_h.to(tl.float32)
+            acc = tl.dot(b_g, b_h, acc, input_precision=PRECISION)
+    p_dw = dw + o_p.to(tl.int64)[:, None] * stride_dw + o_q[None, :]
+    m_dw = m_p[:, None] & m_q[None, :]
+    if ACCUMULATE:
+        acc += tl.load(p_dw, mask=m_dw, other=0.0)
+    tl.store(p_dw, acc.to(dw.dtype.element_ty), mask=m_dw)

@@ -95,11 +95,6 @@ def logprobs_bwd(logits, targets, lse, ent, grad_lp, grad_ent=None, temperature=
     return dlogits
 
 
-def cepo_bwd(logits, targets, lse, coef, grad_loss, temperature=1.0, inplace=False):
-    """dlogits from the upstream gradient of the per-token losses: dlp = grad_loss * coef."""
-    return logprobs_bwd(logits, targets, lse, lse, grad_loss.reshape(-1) * coef, None, temperature, inplace)
-
-
 def cepo_advantages_fwd(adv, pos_logp, neg_logp, mask, lam, eps_w):
     """A_hat [N] fp32 from contiguous [N] fp32 adv, pos_logp, neg_logp and uint8 mask."""
     N = adv.numel()

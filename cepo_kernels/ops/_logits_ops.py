@@ -2,14 +2,16 @@
 token_logprobs, cepo_fwd, logprobs_bwd, logprobs_bwd_ (in place), cepo_advantages.
 
 Each has the launcher as its real implementation (the config lookup, the backend check and Triton's launch run
-there, never in a trace), a fake implementation (output shapes, dtypes and strides: FakeTensorMode, meta
-tensors, torch.compile) and, for the differentiable ones, registered autograd. docs/kernels.md, "Operators".
+there, never in a trace), a native CPU kernel (ops/_logits_cpu.py, the same arithmetic in PyTorch; Triton's
+interpreter instead with CEPO_KERNELS_CPU=interpreter, `_common.cpu_backend`), a fake implementation (output
+shapes, dtypes and strides: FakeTensorMode, meta tensors, torch.compile) and, for the differentiable ones,
+registered autograd. docs/kernels.md, "Operators".
 """
 
 import torch
 
 from cepo_kernels._params import LossParams
-from cepo_kernels.ops import _logits_launch
+from cepo_kernels.ops import _common, _logits_cpu, _logits_launch
 
 
 def _launchers():
@@ -29,8 +31,15 @@ def _rows(logits):
                          schema=_LP_SCHEMA + " -> (Tensor, Tensor, Tensor)")
 def _token_logprobs_op(logits, targets, temperature, with_entropy, inplace):
     """(logp, lse, entropy) [B*T] fp32 of [B, T, V] logits; entropy is [0] without with_entropy."""
-    lp, lse, ent = _launchers().logprobs_fwd(logits, targets, temperature, with_entropy)
+    return _token_logprobs(_launchers(), logits, targets, temperature, with_entropy, inplace)
+
+
+def _token_logprobs(launch, logits, targets, temperature, with_entropy, inplace):
+    lp, lse, ent = launch.logprobs_fwd(logits, targets, temperature, with_entropy)
     return lp, lse, lse.new_empty(0) if ent is None else ent
+
+
+_common.register_cpu(_token_logprobs_op, _token_logprobs, _launchers, _logits_cpu)
 
 
 @_token_logprobs_op.register_fake
@@ -43,7 +52,14 @@ def _(logits, targets, temperature, with_entropy, inplace):
 @torch.library.custom_op("cepo_kernels::logprobs_bwd", mutates_args=(),
                          schema=f"(Tensor logits, {_BWD_ARGS}) -> Tensor")
 def _logprobs_bwd_op(logits, targets, lse, ent, grad_lp, grad_ent, temperature):
-    return _launchers().logprobs_bwd(logits, targets, lse, ent, grad_lp, grad_ent, temperature)
+    return _logprobs_bwd(_launchers(), logits, targets, lse, ent, grad_lp, grad_ent, temperature)
+
+
+def _logprobs_bwd(launch, logits, targets, lse, ent, grad_lp, grad_ent, temperature, inplace=False):
+    return launch.logprobs_bwd(logits, targets, lse, ent, grad_lp, grad_ent, temperature, inplace=inplace)
+
+
+_common.register_cpu(_logprobs_bwd_op, _logprobs_bwd, _launchers, _logits_cpu)
 
 
 @_logprobs_bwd_op.register_fake
@@ -56,7 +72,14 @@ def _(logits, targets, lse, ent, grad_lp, grad_ent, temperature):
 def _logprobs_bwd_inplace_op(logits, targets, lse, ent, grad_lp, grad_ent, temperature):
     """The in-place backward: dlogits overwrite the logits (the op bumps their version counter, so a later
     reader of the saved logits gets autograd's "modified by an inplace operation" error)."""
-    _launchers().logprobs_bwd(logits, targets, lse, ent, grad_lp, grad_ent, temperature, inplace=True)
+    _logprobs_bwd_inplace(_launchers(), logits, targets, lse, ent, grad_lp, grad_ent, temperature)
+
+
+def _logprobs_bwd_inplace(launch, logits, targets, lse, ent, grad_lp, grad_ent, temperature):
+    launch.logprobs_bwd(logits, targets, lse, ent, grad_lp, grad_ent, temperature, inplace=True)
+
+
+_common.register_cpu(_logprobs_bwd_inplace_op, _logprobs_bwd_inplace, _launchers, _logits_cpu)
 
 
 @_logprobs_bwd_inplace_op.register_fake
@@ -105,12 +128,21 @@ def _cepo_fwd_op(logits, targets, adv, mask, old_logp, pos_logits, neg_logits, p
                  temperature, lam, eps_w, eps_low, eps_high, clip_dual, inplace):
     """(per-token loss, logp, lse, A_hat, coef, Delta) [B*T] fp32; Delta is [0] without teachers; logp and lse
     are 0 at masked rows (not read)."""
+    return _cepo_fwd(_launchers(), logits, targets, adv, mask, old_logp, pos_logits, neg_logits, pos_logp,
+                     neg_logp, temperature, lam, eps_w, eps_low, eps_high, clip_dual, inplace)
+
+
+def _cepo_fwd(launch, logits, targets, adv, mask, old_logp, pos_logits, neg_logits, pos_logp, neg_logp,
+              temperature, lam, eps_w, eps_low, eps_high, clip_dual, inplace):
     params = LossParams(lam=lam, eps_w=eps_w, eps_low=eps_low, eps_high=eps_high, clip_dual=clip_dual,
                         temperature=temperature)
-    lp, lse, a_hat, loss, coef, delta = _launchers().cepo_fwd(
+    lp, lse, a_hat, loss, coef, delta = launch.cepo_fwd(
         logits, targets, adv, mask, params, old_logp=old_logp, pos_logits=pos_logits, neg_logits=neg_logits,
         pos_logp=pos_logp, neg_logp=neg_logp)
     return loss, lp, lse, a_hat, coef, lse.new_empty(0) if delta is None else delta
+
+
+_common.register_cpu(_cepo_fwd_op, _cepo_fwd, _launchers, _logits_cpu)
 
 
 @_cepo_fwd_op.register_fake
@@ -148,7 +180,14 @@ _cepo_fwd_op.register_autograd(_cepo_backward, setup_context=_cepo_setup)
                          schema="(Tensor adv, Tensor pos_logp, Tensor neg_logp, Tensor mask, float lam, "
                                 "float eps_w) -> Tensor")
 def _cepo_advantages_op(adv, pos_logp, neg_logp, mask, lam, eps_w):
-    return _launchers().cepo_advantages_fwd(adv, pos_logp, neg_logp, mask, lam, eps_w)
+    return _cepo_advantages(_launchers(), adv, pos_logp, neg_logp, mask, lam, eps_w)
+
+
+def _cepo_advantages(launch, adv, pos_logp, neg_logp, mask, lam, eps_w):
+    return launch.cepo_advantages_fwd(adv, pos_logp, neg_logp, mask, lam, eps_w)
+
+
+_common.register_cpu(_cepo_advantages_op, _cepo_advantages, _launchers, _logits_cpu)
 
 
 @_cepo_advantages_op.register_fake

@@ -1,22 +1,15 @@
 """Fused linear path: log-probs and the CEPO/GRPO loss from hidden states + lm_head, logits never stored.
 
-Forward: `_linear_fwd_kernel` tiles z = hidden @ weight^T with the rows (tokens) on the MMA's M axis and the
-vocabulary on N, so the online logsumexp of a row reduces within a warp; the target logit is the dot
-hidden . weight[y]. Up to three row sources (policy, positive and negative teacher) run in one launch as
-separate 128-row blocks, the blocks of the same rows adjacent in a grouped (L2-aware) program order so they
-read each weight tile while it is in L2. Teacher rows are scored only where needed (a device-side list and
-count: no host sync). Each vocabulary split writes partial (max, sum, entropy sum) stats and
-`_linear_combine_kernel` combines them in a fixed order; `_linear_token_fwd_kernel` then applies `cepo_token`.
-The kernels: ops/_linear_kernels.py. Backward (linear_bwd.py) recomputes the logits from the saved fp32 lse,
-only on rows with a non-zero gradient.
+Here: the public functions. They call the operators torch.ops.cepo_kernels.linear_scores / token_loss /
+linear_bwd (ops/_linear_ops.py: fake implementations, autograd, the native CPU kernels), which run the
+launchers (ops/_linear_launch.py: the forward scores 1-3 row sources against the weight in one launch, the
+backward recomputes the logits from the saved fp32 lse, only on rows with a non-zero gradient) of the Triton
+kernels (ops/_linear_kernels.py).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
-import triton
 
 from cepo_kernels._params import (
     LossParams,
@@ -27,183 +20,9 @@ from cepo_kernels._params import (
     check_tensor,
     resolve_lam,
 )
-from cepo_kernels.ops import _common
-from cepo_kernels.ops._common import check_metrics_option, interpreted, loss_output
-from cepo_kernels.ops._linear_kernels import (
-    _linear_combine_kernel,
-    _linear_fwd_kernel,
-    _linear_token_fwd_kernel,
-)
-from cepo_kernels.ops.linear_bwd import active_rows, dot_precision, upcast_dot
-
-# per operand width: 16-bit dots run on the tensor cores (wgmma m64n128); fp32 IEEE dots run on the FMA
-# units, whose operand fragments need smaller tiles to stay spill-free (docs/compile/linear-sm90.md)
-_FWD_CONFIG = {
-    16: dict(BLOCK_M=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
-    32: dict(BLOCK_M=128, BLOCK_V=64, BLOCK_H=32, num_warps=8, num_stages=2),
-}
-_FWD_PROGRAMS = 1024  # split the vocabulary until about this many programs run (small batches fill the GPU)
-_INTERPRET_SPLITS = 2  # on a CPU (interpreter) programs cost time, not parallelism; 2 splits still combine
-_GROUP = 16  # row blocks per group of the L2-aware order (the sources of the same rows are adjacent)
-_COMBINE_BLOCK = 256
-_TOKEN_BLOCK = 1024
-
-
-class Scored(NamedTuple):
-    """Per-row results of linear_fwd, each [S, N] fp32 (S row sources); 0 at rows a source did not score."""
-
-    lse: torch.Tensor
-    logp: torch.Tensor
-    entropy: torch.Tensor
-
-
-def linear_fwd(sources, weight, bias, targets, rows=None, count=None, *, rows_from=0, temperature=1.0):
-    """Scored(lse, logp, entropy), the [3, S, N] result of linear_scores unbound."""
-    return Scored(*linear_scores(sources, weight, bias, targets, rows, count, rows_from=rows_from,
-                                 temperature=temperature))
-
-
-def linear_scores(sources, weight, bias, targets, rows=None, count=None, *, rows_from=0, temperature=1.0):
-    """Scores rows of 1-3 hidden-state sources against one weight in one launch; no autograd.
-
-    sources: [N, H] tensors (last dim contiguous, the weight's dtype); weight [V, H] (last dim contiguous);
-    bias [V] or None; targets [N] integer. rows: None (every row of every source), or int64 row ids [P]
-    scored, for sources >= rows_from, at positions < count ([1] int32 on the device: no host sync); the
-    sources before rows_from score every row. Returns [3, S, N] fp32: (lse, logp, entropy) of the scaled
-    logits z / T; logp is 0 for a negative target and NaN for one >= V.
-    """
-    S = len(sources)
-    N, H = sources[0].shape
-    V = weight.shape[0]
-    dev = weight.device
-    P = N if rows is None else rows.numel()
-    if rows is not None and rows_from == 0:
-        out = torch.zeros(3, S, N, dtype=torch.float32, device=dev)
-    else:
-        out = _common.alloc((3, S, N), torch.float32, dev)
-        if rows is not None:
-            out[:, rows_from:].zero_()
-    if P == 0 or N == 0:
-        return out
-    _common.require_backend(dev)
-    cfg = _FWD_CONFIG[32 if weight.dtype == torch.float32 else 16]
-    n_vrb, n_split, tiles_per_split = _splits(S, P, V, cfg, interpreted())
-    stats = _common.alloc((S, 3, n_split, P), torch.float32, dev)
-    tgt = _common.alloc((S, P), torch.float32, dev)
-    h = list(sources) + [sources[0]] * (3 - S)
-    _linear_fwd_kernel[(n_vrb * n_split,)](
-        h[0], h[1], h[2], weight, bias, targets, rows, count, stats, tgt, P, V, H, n_split, tiles_per_split,
-        1.0 / temperature, h[0].stride(0), h[1].stride(0), h[2].stride(0), weight.stride(0),
-        0 if bias is None else bias.stride(0), targets.stride(0), *stats.stride()[:3], N_SRC=S,
-        ROWS_FROM=rows_from, UPCAST_DOT=upcast_dot(weight.dtype), PRECISION=dot_precision(weight.dtype),
-        GROUP=_GROUP, **cfg)
-    _linear_combine_kernel[(triton.cdiv(P, _COMBINE_BLOCK), S)](
-        stats, tgt, targets, rows, count, out[0], out[1], out[2], P, V, n_split, targets.stride(0),
-        *stats.stride()[:3], out.stride(1), ROWS_FROM=rows_from, BLOCK=_COMBINE_BLOCK)
-    return out
-
-
-def _splits(S, P, V, cfg, interpreter):
-    """(row blocks, vocabulary splits, tiles per split) of the forward grid."""
-    n_vrb = S * triton.cdiv(P, cfg["BLOCK_M"])
-    n_tiles = triton.cdiv(V, cfg["BLOCK_V"])
-    want = _INTERPRET_SPLITS if interpreter else triton.cdiv(_FWD_PROGRAMS, n_vrb)
-    tiles_per_split = triton.cdiv(n_tiles, min(n_tiles, max(1, want)))
-    return n_vrb, triton.cdiv(n_tiles, tiles_per_split), tiles_per_split
-
-
-def token_fwd(logp, old, adv, pos, neg, mask, params):
-    """(a_hat, loss, coef, delta) [N] fp32 from contiguous [N] inputs (old, pos/neg may be None)."""
-    N = logp.numel()
-    a_hat, loss, coef, delta = (_common.alloc(logp.shape, torch.float32, logp.device) for _ in range(4))
-    if N:
-        _common.require_backend(logp.device)
-        dual = params.clip_dual is not None
-        _linear_token_fwd_kernel[(triton.cdiv(N, _TOKEN_BLOCK),)](
-            logp, old, adv, pos, neg, mask, a_hat, loss, coef, delta, N, params.lam, params.eps_w,
-            params.eps_low, params.eps_high, params.clip_dual if dual else 0.0, HAS_DUAL=dual,
-            BLOCK=_TOKEN_BLOCK)
-    return a_hat, loss, coef, delta
-
-
-# ---- the custom operators torch.ops.cepo_kernels.linear_scores / token_loss (linear_bwd: in linear_bwd.py):
-# the launchers as real implementation, fake output shapes, the autograd formulas. docs/kernels.md, Operators.
-@torch.library.custom_op(
-    "cepo_kernels::linear_scores", mutates_args=(),
-    schema="(Tensor hidden, Tensor[] teachers, Tensor weight, Tensor? bias, Tensor targets, Tensor? rows, "
-           "Tensor? count, int rows_from, float temperature, bool entropy_grad) -> Tensor")
-def _linear_scores_op(hidden, teachers, weight, bias, targets, rows, count, rows_from, temperature,
-                      entropy_grad):
-    """[3, S, N] (lse, logp, entropy) of the sources [hidden, *teachers]; differentiable through source 0's
-    logp (and its entropy with entropy_grad) w.r.t. hidden, weight and bias."""
-    return linear_scores([hidden, *teachers], weight, bias, targets, rows, count, rows_from=rows_from,
-                         temperature=temperature)
-
-
-@_linear_scores_op.register_fake
-def _(hidden, teachers, weight, bias, targets, rows, count, rows_from, temperature, entropy_grad):
-    S, N, V = 1 + len(teachers), hidden.shape[0], weight.shape[0]
-    P = N if rows is None else rows.shape[0]
-    if all(isinstance(d, int) for d in (N, V, P)) and P:  # the split stats and target logits, on a GPU
-        _, n_split, _ = _splits(S, P, V, _FWD_CONFIG[32 if weight.dtype == torch.float32 else 16], False)
-        _common.report_workspace(4 * S * P * (3 * n_split + 1))
-    return hidden.new_empty((3, S, N), dtype=torch.float32)
-
-
-def _scores_setup(ctx, inputs, output):
-    hidden, _, weight, bias, targets, _, _, _, temperature, entropy_grad = inputs
-    ctx.save_for_backward(hidden, weight, bias, targets, output[0, 0], output[2, 0])
-    ctx.temperature, ctx.entropy_grad, ctx.n_teachers = temperature, entropy_grad, len(inputs[1])
-    ctx.set_materialize_grads(False)
-
-
-def _scores_backward(ctx, grad):
-    hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    none_t = [None] * ctx.n_teachers  # the teachers are constants
-    if grad is None or not (needs[0] or needs[2] or needs[3]):
-        return (None, none_t) + (None,) * 8
-    g_ent = grad[2, 0].float().contiguous() if ctx.entropy_grad else None
-    dh, dw, db = torch.ops.cepo_kernels.linear_bwd(
-        hidden, weight, bias, targets, lse, grad[1, 0].float().contiguous(),
-        ent if ctx.entropy_grad else None, g_ent, ctx.temperature, needs[0], needs[2],
-        needs[3] and bias is not None)
-    return (dh if needs[0] else None, none_t, dw if needs[2] else None,
-            db if needs[3] and bias is not None else None) + (None,) * 6
-
-
-_linear_scores_op.register_autograd(_scores_backward, setup_context=_scores_setup)
-
-
-@torch.library.custom_op(
-    "cepo_kernels::token_loss", mutates_args=(),
-    schema="(Tensor logp, Tensor? old, Tensor adv, Tensor? pos, Tensor? neg, Tensor mask, float lam, "
-           "float eps_w, float eps_low, float eps_high, float? clip_dual) "
-           "-> (Tensor, Tensor, Tensor, Tensor)")
-def _token_loss_op(logp, old, adv, pos, neg, mask, lam, eps_w, eps_low, eps_high, clip_dual):
-    """(per-token loss, A_hat, coef = dL_t/dlogp, Delta) [N] fp32 from per-token log-probs."""
-    params = LossParams(lam=lam, eps_w=eps_w, eps_low=eps_low, eps_high=eps_high, clip_dual=clip_dual)
-    a_hat, loss, coef, delta = token_fwd(logp, old, adv, pos, neg, mask, params)
-    return loss, a_hat, coef, delta
-
-
-@_token_loss_op.register_fake
-def _(logp, *args):
-    return tuple(logp.new_empty(logp.shape, dtype=torch.float32) for _ in range(4))
-
-
-def _token_loss_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[2])
-    ctx.set_materialize_grads(False)
-
-
-def _token_loss_backward(ctx, grad_loss, *_):
-    """dL/dlogp = dL/dL_t * coef; A_hat, coef and Delta are constants, the teachers' log-probs get none."""
-    (coef,) = ctx.saved_tensors
-    return (None if grad_loss is None else grad_loss.float() * coef,) + (None,) * 10
-
-
-_token_loss_op.register_autograd(_token_loss_backward, setup_context=_token_loss_setup)
+from cepo_kernels.ops import _linear_ops  # noqa: F401  (registers torch.ops.cepo_kernels.linear_*)
+from cepo_kernels.ops._common import check_metrics_option, loss_output
+from cepo_kernels.ops._linear_launch import Scored, active_rows
 
 
 def _scores(sources, weight, bias, targets, rows=None, count=None, *, rows_from=0, temperature=1.0,

@@ -28,15 +28,8 @@ from cepo_kernels._params import (
     check_temperature,
     check_tensor,
 )
-from cepo_kernels.ops import _common, _logits_ops, configs  # noqa: F401  (_logits_ops: torch.ops.cepo_kernels.*)
+from cepo_kernels.ops import _logits_ops  # noqa: F401  (registers torch.ops.cepo_kernels.*)
 from cepo_kernels.ops._common import check_metrics_option, loss_output
-from cepo_kernels.ops._logits_launch import (  # noqa: F401  (the launchers, re-exported for bench/)
-    cepo_advantages_fwd,
-    cepo_bwd,
-    cepo_fwd,
-    logprobs_bwd,
-    logprobs_fwd,
-)
 
 
 def _as_btv(x):

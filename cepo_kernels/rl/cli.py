@@ -1,32 +1,25 @@
 """`cepo-train` (also `python -m cepo_kernels.rl.cli`): RLVR training with CEPO / RLSD / GRPO.
 
 With no arguments it trains the embedded tiny model on the embedded arithmetic task. Without a GPU the
-Triton kernels run through Triton's interpreter, which must be switched on before triton is imported:
-importing this module already imports cepo_kernels (and triton), so main() re-executes the process with
-TRITON_INTERPRET=1 when it is missing.
+operators run their native CPU kernels; CEPO_KERNELS_CPU=interpreter with TRITON_INTERPRET=1 (set before the
+command starts) runs the Triton kernels through Triton's interpreter instead.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import warnings
 
 
-def _ensure_interpreter(argv: list[str]):
-    import torch
+def _kernels(device) -> str:
+    """Which kernels the operators run on `device` (checks CEPO_KERNELS_CPU on a CPU)."""
+    if str(device).startswith("cuda"):
+        return "GPU kernels"
+    from cepo_kernels.ops._common import cpu_backend
 
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-        return
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    if "triton" not in sys.modules:  # nothing imported triton yet: setting the variable is enough
-        os.environ.update(env)
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "cepo_kernels.rl.cli", *argv], env)
+    return "Triton interpreter" if cpu_backend() == "interpreter" else "native CPU kernels"
 
 
 def _quiet_libraries():
@@ -43,7 +36,6 @@ def main(argv=None) -> int:
     """Exit codes: 0 done, 2 bad input or an unusable run directory, 3 the training diverged (NaN),
     130 stopped by Ctrl-C / SIGTERM (resumable)."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    _ensure_interpreter(argv)
     from cepo_kernels.rl.errors import NaNLossError, RewardFunctionError
     from cepo_kernels.rl.options import parse_args
     from cepo_kernels.rl.trainer import Trainer
@@ -62,11 +54,12 @@ def main(argv=None) -> int:
             _quiet_libraries()
         trainer = Trainer(cfg)
         cfg = trainer.cfg
+        kernels = _kernels(trainer.device)
         what = cfg.model or "embedded tiny Qwen2 (random init + supervised warm-up)"
         data = cfg.data or "embedded arithmetic task"
         print(
             f"cepo-train: algo={cfg.algo} model={what} data={data} device={trainer.device} "
-            f"({'Triton interpreter' if os.environ.get('TRITON_INTERPRET') == '1' else 'GPU kernels'})"
+            f"({kernels})"
         )
         print(
             f"cepo-train: {len(trainer.train_set)} training / {len(trainer.eval_set)} held-out problems, "
