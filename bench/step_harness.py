@@ -44,7 +44,8 @@ def make_batch(vocab: int, n_groups: int, group_size: int, prompt_len: int, resp
                *, zero_groups: int = 0, ragged: bool = False, seed: int = 0, device="cpu") -> RolloutBatch:
     """A RolloutBatch of random token ids in [1, vocab) (PAD = 0 is never a real token): n_groups groups of
     group_size responses. ragged: response lengths spread over [resp_len // 2, resp_len] (else all
-    resp_len); the first zero_groups groups get A = 0. r+ and r- are answer_len token ids per group (extra)."""
+    resp_len); the first zero_groups groups get A = 0. r+ and r- are answer_len token ids per group
+    (batch.extra)."""
     g = torch.Generator().manual_seed(seed)
     ids = lambda n: torch.randint(1, vocab, (n,), generator=g).tolist()  # noqa: E731
     B = n_groups * group_size
@@ -172,8 +173,8 @@ def teacher_logprobs(model, batch: RolloutBatch, path: str, old: torch.Tensor, d
         model.train(was)
 
 
-def step(model, batch: RolloutBatch, *, algo: str, path: str, old: torch.Tensor, lam: float = 0.5, device="cpu",
-         backward: bool = True) -> dict:
+def step(model, batch: RolloutBatch, *, algo: str, path: str, old: torch.Tensor, lam: float = 0.5,
+         device="cpu", backward: bool = True) -> dict:
     """One update step's passes: teachers (cepo, lam > 0) then the policy's loss and its backward.
 
     Returns dict(loss (detached), pos_logp, neg_logp). The gradient accumulates into the parameters' .grad

@@ -213,7 +213,8 @@ def test_cpu_shared_prefix_runs_fewer_tokens(kind):
     ctx = [len(context(batch, kind, r)) for r in rows]
     lens = [len(r) for r in batch.responses]
     R = max(lens)
-    distinct = sum(len(context(batch, kind, g * batch.group_size)) for g in range(len(batch.extra["pos_answers"])))
+    n_groups = len(batch.extra["pos_answers"])
+    distinct = sum(len(context(batch, kind, g * batch.group_size)) for g in range(n_groups))
     assert ran["plain"] == sum(ctx) + sum(lens)
     assert ran["shared"] == distinct + sum(min(n, R - 1) for n in lens)
     assert ran["plain"] - ran["shared"] == (sum(ctx) - distinct) + sum(n == R for n in lens)

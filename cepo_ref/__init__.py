@@ -2,6 +2,7 @@
 
 from cepo_ref.reference import (
     CEPOOutput,
+    LossParams,
     cepo_advantages,
     cepo_loss,
     group_advantages,
@@ -9,10 +10,11 @@ from cepo_ref.reference import (
     linear_cepo_loss,
     linear_grpo_loss,
     linear_logprobs,
+    linear_teacher_logprobs,
     token_logprobs,
 )
 
 __all__ = [
-    "token_logprobs", "linear_logprobs", "group_advantages", "cepo_advantages", "cepo_loss",
-    "grpo_loss", "linear_cepo_loss", "linear_grpo_loss", "CEPOOutput",
+    "token_logprobs", "linear_logprobs", "linear_teacher_logprobs", "group_advantages", "cepo_advantages",
+    "cepo_loss", "grpo_loss", "linear_cepo_loss", "linear_grpo_loss", "CEPOOutput", "LossParams",
 ]

@@ -13,8 +13,8 @@ from cepo_kernels.step import (
     Algorithm,
     CEPOOptions,
     RolloutBatch,
+    delta_metrics,
     encode,
-    evidence_stats,
     register_algorithm,
     reweight,
 )
@@ -56,10 +56,12 @@ def test_cepo_reweight_by_hand():
     out = reweight(batch, scorer, opts, 2, tokenizer=tok)
     lam = 0.5 * (1 - 2 / 10)
     assert out.lam == pytest.approx(lam) and out.scored and out.rows == [0, 1, 2]
-    assert [(n.answer, n.index, n.how) for n in out.negatives] == [("4", 1, "answer"), ("2", None, "all-correct")]
+    negatives = [(n.answer, n.index, n.how) for n in out.negatives]
+    assert negatives == [("4", 1, "answer"), ("2", None, "all-correct")]
     (rows, teachers, ctx), = scorer.calls
     assert rows == [0, 1, 2] and teachers == ("pos", "neg")
-    assert ctx.pos_prefixes[0] == [1, 2] + encode(tok, " 5") and ctx.neg_prefixes[0] == [1, 2] + encode(tok, " 4")
+    assert ctx.pos_prefixes[0] == [1, 2] + encode(tok, " 5")
+    assert ctx.neg_prefixes[0] == [1, 2] + encode(tok, " 4")
     pos, neg = batch.old_logp.clone(), batch.old_logp.clone()  # rows without teachers keep the old ones
     pos[:3], neg[:3] = scorer.pos[:3], scorer.neg[:3]
     assert torch.equal(out.pos_logp, pos) and torch.equal(out.neg_logp, neg)
@@ -69,10 +71,10 @@ def test_cepo_reweight_by_hand():
     w = torch.exp(torch.sign(batch.advantages)[:, None] * (pos - neg)).clamp(0.8, 1.2)
     w = torch.where(batch.mask & (batch.advantages != 0)[:, None], w, torch.ones_like(w))
     torch.testing.assert_close(out.weights, w, rtol=2 * torch.finfo(torch.float32).eps, atol=0)
-    assert out.evidence == evidence_stats(pos - neg, batch.advantages, batch.mask)
+    assert out.delta_metrics == delta_metrics(pos - neg, batch.advantages, batch.mask)
     # teacher contexts run in full, whatever lambda: 3 rows x 2 teachers x (context + response)
-    plain = sum(len(p) + len(batch.responses[r]) for p, r in zip(ctx.pos_prefixes + ctx.neg_prefixes, rows * 2,
-                                                                 strict=True))
+    prefixes = ctx.pos_prefixes + ctx.neg_prefixes
+    plain = sum(len(p) + len(batch.responses[r]) for p, r in zip(prefixes, rows * 2, strict=True))
     assert out.teacher_tokens_plain(batch.responses) == plain
 
 
@@ -83,12 +85,13 @@ def test_lambda_zero_runs_no_teacher_and_a_hat_is_a():
     assert out.negatives is not None and out.rows == [0, 1, 2]  # r- is still chosen (diagnostics read it)
     b = _batch()
     assert torch.equal(out.a_hat, b.advantages[:, None] * b.mask)
-    assert all(v == 0.0 for v in out.evidence.values())
+    assert all(v == 0.0 for v in out.delta_metrics.values())
 
 
 def test_rlsd_scores_the_positive_teacher_against_the_old_log_probs_and_grpo_none():
     batch, scorer = _batch(), Scorer()
-    out = reweight(batch, scorer, CEPOOptions(algo="rlsd", lam0=1.0, t_warm=4), 0, tokenizer=build_tokenizer())
+    opts = CEPOOptions(algo="rlsd", lam0=1.0, t_warm=4)
+    out = reweight(batch, scorer, opts, 0, tokenizer=build_tokenizer())
     assert [c[1] for c in scorer.calls] == [("pos",)]
     assert torch.equal(out.neg_logp, batch.old_logp) and torch.equal(out.pos_logp[:3], scorer.pos[:3])
     with pytest.raises(ValueError, match="old_logp: rlsd needs"):
@@ -102,7 +105,8 @@ def test_a_new_algorithm_is_one_entry():
     register_algorithm(entry)
     try:
         scorer = Scorer()
-        out = reweight(_batch(), scorer, CEPOOptions(algo="posonly", lam0=1.0), 0, tokenizer=build_tokenizer())
+        opts = CEPOOptions(algo="posonly", lam0=1.0)
+        out = reweight(_batch(), scorer, opts, 0, tokenizer=build_tokenizer())
         assert scorer.calls[0][1] == ("pos",) and out.algorithm is entry
         with pytest.raises(ValueError, match="registered already"):
             register_algorithm(dataclasses.replace(entry, teachers=("pos", "neg"), baseline="neg"))
@@ -165,7 +169,8 @@ def test_options_one_validator(kw, error, match):
 
 
 def test_every_front_end_refuses_an_unknown_placeholder(tmp_path):
-    """cepo-train, TRL's CEPOConfig and verl's settings refuse `{oops}` with the same message (one validator)."""
+    """cepo-train, TRL's CEPOConfig and verl's settings refuse `{oops}` with the same message (one
+    validator)."""
     from cepo_kernels.rl.config import TrainConfig
 
     match = r"teacher_template: unknown placeholder \{oops\} in ' \{oops\}'"

@@ -5,9 +5,9 @@ Every `credit_every` steps (and at step 1) the trainer hands the tensors of the 
 `credit_samples` groups of the rollout batch, each with its question, r+ and r-, and for every response
 its text, reward, advantage A and, token by token, the token string, Delta = log P_T+ - log P_T-, the
 weight w = clip(exp(sign(A) Delta), 1 - eps_w, 1 + eps_w) and A_hat, as the step's reweight phase
-(cepo_kernels.step.reweight) computed them. A file is under 1 kB on the embedded task (it grows linearly with the saved tokens:
-a string and three numbers each), so they are kept by default. `cepo-viz` (cepo_kernels.analysis.viz) renders
-them.
+(cepo_kernels.step.reweight) computed them. A file is under 1 kB on the embedded task (it grows linearly
+with the saved tokens: a string and three numbers each), so they are kept by default. `cepo-viz`
+(cepo_kernels.analysis.viz) renders them.
 
 GRPO runs no teacher (Delta = 0, w = 1, A_hat = A); RLSD's Delta is log P_T+ - log P_old.
 
@@ -81,8 +81,8 @@ def credit_record(*, step: int, algo: str, tokenizer, questions: list[str], batc
             "r_minus_how": negatives[g].how if negatives is not None else None,
             "responses": resp,
         })  # fmt: skip
-    return {"version": FORMAT_VERSION, "step": step, "algo": algo, "lambda": result.lam, "eps_w": result.eps_w,
-            "group_size": G, "groups": groups}  # fmt: skip
+    return {"version": FORMAT_VERSION, "step": step, "algo": algo, "lambda": result.lam,
+            "eps_w": result.eps_w, "group_size": G, "groups": groups}  # fmt: skip
 
 
 def write_credit(out_dir: str | Path, record: dict) -> Path:

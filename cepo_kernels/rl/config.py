@@ -43,7 +43,8 @@ class TrainConfig:
     t_warm, eps_w, teacher_template, r_minus, cot_*) are step.options.CEPOOptions' (`cfg.options`)."""
 
     # model
-    model: str | None = opt(None, "a local Hugging Face causal-LM directory; none: the embedded tiny Qwen2 model")
+    model: str | None = opt(None, "a local Hugging Face causal-LM directory; none: the embedded tiny Qwen2 "
+                            "model")
     lora_rank: int = opt(0, "LoRA rank; 0: full fine-tuning")
     lora_alpha: float = opt(32.0, "LoRA alpha (the adapter's scale is alpha / rank)")
     lora_dropout: float = opt(0.0, "dropout of the LoRA adapters, in [0, 1)")
@@ -62,14 +63,15 @@ class TrainConfig:
     prompt_key: str = opt("prompt", "the JSONL key of each problem's prompt")
     answer_key: str = opt("answer", "the JSONL key of each problem's reference answer (r+)")
     system_prompt: str | None = opt(None, "system message of the chat template (none: no system message)")
-    prompt_suffix: str = opt("", "appended to every prompt (e.g. an instruction to put the answer in \\boxed{})")
+    prompt_suffix: str = opt("", "appended to every prompt (e.g. an instruction to put the answer in "
+                             "\\boxed{})")
     eval_size: int = opt(64, "held-out problems taken from the data when --eval-data is not given")
     reward_fn: str | None = opt(None, "'module:function' or 'path/to/file.py:function', called as "
                                 "fn(response_text, reference) -> float; none: the --reward grader")
     format_bonus: float = opt(0.0, "the authors' format bonus b: reward = (1 - b) accuracy + b (an answer in "
                               "\\boxed{}); 0.1 in their runs")
-    reward: str = opt("boxed", "grader without --reward-fn: boxed (built in), official (the authors' mathruler, "
-                      "extra [official]) or math-verify (extra [math-verify])")
+    reward: str = opt("boxed", "grader without --reward-fn: boxed (built in), official (the authors' "
+                      "mathruler, extra [official]) or math-verify (extra [math-verify])")
 
     # rollouts
     prompts_per_step: int = opt(16, "prompts per rollout batch (each gets --group-size responses)")
@@ -92,7 +94,8 @@ class TrainConfig:
     clip_dual: float = opt(3.0, "dual-clip constant for A < 0 (> 1 + eps_high); <= 0 disables it")
     reduction: str = opt("token-mean", "loss reduction: token-mean, seq-mean-token-mean, "
                          "seq-mean-token-sum-norm or sum")
-    adv_scale: str = opt("group", "advantage scale: group (group std), batch (batch std) or none (centred only)")
+    adv_scale: str = opt("group", "advantage scale: group (group std), batch (batch std) or none "
+                         "(centred only)")
     teacher_template: str = option_field("teacher_template")
     r_minus: str = option_field("r_minus")
     cot_teacher: bool = option_field("cot_teacher")
@@ -107,7 +110,8 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay")
     adam_beta1: float = opt(0.9, "AdamW beta1")
     adam_beta2: float = opt(0.999, "AdamW beta2")
-    max_grad_norm: float = opt(1.0, "gradient clipping by global norm; 0: no clipping (the norm is still logged)")
+    max_grad_norm: float = opt(1.0, "gradient clipping by global norm; 0: no clipping (the norm is still "
+                               "logged)")
     mini_batch_prompts: int = opt(4, "prompts per optimizer update (groups stay whole); 0: the whole rollout "
                                   "batch in one update")
     micro_batch_size: int = opt(64, "sequences per forward / backward pass")
@@ -117,17 +121,20 @@ class TrainConfig:
     max_nan_steps: int = opt(3, "consecutive steps with a NaN/inf loss tolerated before the run aborts")
 
     # embedded task only: the supervised warm-up
-    sft_steps: int = opt(150, "embedded task: supervised warm-up steps on the answer format before RL (0: none)")
+    sft_steps: int = opt(150, "embedded task: supervised warm-up steps on the answer format before RL "
+                         "(0: none)")
     sft_lr: float = opt(3e-3, "embedded task: learning rate of the warm-up")
     sft_batch_size: int = opt(64, "embedded task: demonstrations per warm-up step")
     sft_noise: float = opt(0.3, "embedded task: fraction of deliberately wrong warm-up demonstrations")
-    sft_hints: bool = opt(True, "embedded task: also show each warm-up demonstration in the teachers' context")
+    sft_hints: bool = opt(True, "embedded task: also show each warm-up demonstration in the teachers' "
+                          "context")
 
     # the run
-    out_dir: str | None = opt(None, "run directory, new or empty; none: runs/<algo>-<time> (with --resume: the "
-                              "resumed run's)")
+    out_dir: str | None = opt(None, "run directory, new or empty; none: runs/<algo>-<time> (with --resume: "
+                              "the resumed run's)")
     seed: int = opt(0, "seed of the model's initialisation, the prompt order and the sampling")
-    eval_every: int = opt(10, "greedy held-out evaluation before step 1, every N steps and after the last (0: none)")
+    eval_every: int = opt(10, "greedy held-out evaluation before step 1, every N steps and after the last "
+                          "(0: none)")
     save_every: int = opt(10, "checkpoint every N steps (0: only at the end)")
     keep_last: int = opt(2, "checkpoints kept")
     resume: str | None = opt(None, "continue a run: its directory, its checkpoints/ folder or one checkpoint "

@@ -121,8 +121,8 @@ def check_given(cfg: TrainConfig, given) -> None:
     """Options given (flags or --config) that this run would ignore: ValueError, one line."""
     for name in ("cot_prefix_len", "cot_suffix"):
         if name in given and not cfg.cot_teacher:
-            raise ValueError(f"{name}: applies to the chain-of-thought teacher only; add --cot-teacher or drop "
-                             f"--{name.replace('_', '-')}")
+            raise ValueError(f"{name}: applies to the chain-of-thought teacher only; add --cot-teacher or "
+                             f"drop --{name.replace('_', '-')}")
 
 
 # options that fix the shape of the trained parameters: a resumed run cannot change them

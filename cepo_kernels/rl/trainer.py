@@ -44,6 +44,7 @@ from cepo_kernels.step import (
     SharedPrefixUnsupported,
     context_hidden,
     encode,
+    group_advantages,
     lm_head,
     micro_batches,
     policy_logprobs,
@@ -51,7 +52,6 @@ from cepo_kernels.step import (
     response_targets,
     reweight,
     safe_rewards,
-    sequence_advantages,
     teacher_logprobs,
 )
 from cepo_kernels.step.graders import grader
@@ -252,7 +252,7 @@ class Trainer:
         refs = [p.answer for p in problems]
         per_row = lambda xs: [x for x in xs for _ in range(G)]  # noqa: E731 (one entry per group -> per row)
         rewards, reward_errors = self.rewards(texts, per_row(refs))
-        adv = sequence_advantages(rewards, G, scale=cfg.adv_scale, device=self.device)
+        adv = group_advantages(rewards, G, scale=cfg.adv_scale, device=self.device)
         t1 = time.perf_counter()
 
         lengths = [len(r) for r in responses]
@@ -261,8 +261,9 @@ class Trainer:
         _, mask = response_targets(responses, max(lengths + [1]), pad, self.device)
         weight, bias = lm_head(self.model)
         self.model.eval()
+        questions = [self.question(p) for p in problems]
         batch = RolloutBatch(per_row(prompts), responses, adv, mask, G, texts=texts, rewards=rewards,
-                             references=per_row(refs), questions=per_row([self.question(p) for p in problems]),
+                             references=per_row(refs), questions=per_row(questions),
                              system_prompt=cfg.system_prompt)
         old = policy_logprobs(self.forward, weight, bias, batch.prompt_ids, responses, batches, pad_id=pad,
                               device=self.device, temperature=cfg.temperature)
@@ -286,8 +287,7 @@ class Trainer:
                        if rewards[i] < 0.5 else None for i in range(len(responses))]
         credit = first_wrong_credit(first_wrong, adv, rw.a_hat if lam > 0 else None, mask)
         # the credit maps (cepo-viz), before the update changes the weights
-        self.credit.record(step=s + 1, batch=batch, result=rw, questions=[self.question(p) for p in problems],
-                           first_wrong=first_wrong)
+        self.credit.record(step=s + 1, batch=batch, result=rw, questions=questions, first_wrong=first_wrong)
 
         upd, update_tokens = self.update(batch.prompt_ids, responses, mask, adv, old.logp, rw.pos_logp,
                                          rw.neg_logp, lam)
@@ -305,7 +305,7 @@ class Trainer:
             "reward_mean": float(np.mean(rewards)),
             "accuracy": float(np.mean([r >= 0.5 for r in rewards])),
             "reward_errors": reward_errors,
-            **rw.evidence,
+            **rw.delta_metrics,
             "entropy": float(old.entropy[mask].mean()) if n_tok else 0.0,
             "response_len_mean": n_tok / mask.shape[0],
             "teacher_rows": len(rw.rows) if lam > 0 else 0,

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 __all__ = ["Algorithm", "ALGORITHMS", "register_algorithm", "get_algorithm", "TEACHERS", "BASELINES"]
 
 TEACHERS = ("pos", "neg")  # the teacher contexts: prompt + r+ and prompt + r- (docs/method.md §2)
-BASELINES = ("neg", "old")  # what Delta subtracts from the positive teacher: the negative teacher, the rollout policy
+# what Delta subtracts from the positive teacher: the negative teacher's or the rollout policy's log-probs
+BASELINES = ("neg", "old")
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,11 @@ class Algorithm:
         if not isinstance(self.name, str) or not self.name.isidentifier():
             raise ValueError(f"name: expected an identifier, got {self.name!r}")
         if tuple(t for t in TEACHERS if t in self.teachers) != tuple(self.teachers):
-            raise ValueError(f"teachers: expected a subset of {TEACHERS} in that order, got {self.teachers!r}")
+            raise ValueError(f"teachers: expected a subset of {TEACHERS} in that order, "
+                             f"got {self.teachers!r}")
         if self.teachers and "pos" not in self.teachers:
-            raise ValueError(f"teachers: every weighted algorithm runs the positive teacher, got {self.teachers!r}")
+            raise ValueError(f"teachers: every weighted algorithm runs the positive teacher, "
+                             f"got {self.teachers!r}")
         expected = None if not self.teachers else ("neg" if "neg" in self.teachers else "old")
         if self.baseline != expected:
             raise ValueError(f"baseline: expected {expected!r} with teachers {self.teachers!r}, "

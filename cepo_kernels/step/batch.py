@@ -61,7 +61,8 @@ class RolloutBatch:
             raise ValueError(f"mask: expected a tensor of shape ({n}, R), got "
                              f"{getattr(self.mask, 'shape', type(self.mask).__name__)}")
         if self.old_logp is not None and self.old_logp.shape != self.mask.shape:
-            raise ValueError(f"old_logp: expected shape {tuple(self.mask.shape)}, got {tuple(self.old_logp.shape)}")
+            raise ValueError(f"old_logp: expected shape {tuple(self.mask.shape)}, "
+                             f"got {tuple(self.old_logp.shape)}")
         gs = self.group_size
         if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or gs < 1):
             raise ValueError(f"group_size: expected a positive int or None, got {gs!r}")
@@ -69,8 +70,8 @@ class RolloutBatch:
             return
         total = len(self.texts)
         if len(self.rewards or ()) != total or len(self.references or ()) != total:
-            raise ValueError(f"texts, rewards, references: expected one entry per row of the whole batch, got "
-                             f"{total}, {len(self.rewards or ())} and {len(self.references or ())}")
+            raise ValueError(f"texts, rewards, references: expected one entry per row of the whole batch, "
+                             f"got {total}, {len(self.rewards or ())} and {len(self.references or ())}")
         if not 0 <= self.offset <= total - n:
             raise ValueError(f"offset: expected this process's {n} rows inside the whole batch of {total}, "
                              f"got offset {self.offset}")

@@ -5,7 +5,7 @@
 Every front end runs this one function; each supplies only its scorer (how it runs its model on the
 teacher contexts) and its conversion to and from a `RolloutBatch`. A_hat is computed here once per
 rollout batch; the result also holds what the diagnostics read (Delta, w, r-, the teacher rows, the
-evidence statistics), so nothing downstream recomputes them.
+statistics of Delta), so nothing downstream recomputes them.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from functools import cached_property
 
 import torch
 
-from cepo_kernels.step.advantages import evidence_stats, token_advantages
+from cepo_kernels.step.advantages import cepo_advantages, delta_metrics
 from cepo_kernels.step.algorithms import Algorithm
 from cepo_kernels.step.batch import RolloutBatch
 from cepo_kernels.step.contexts import TeacherContexts, cot_answers, teacher_contexts, teacher_rows
@@ -40,8 +40,8 @@ class Reweighted:
     old log-probs, or 0, in both: Delta = 0 there); negatives: r- of every group of the whole batch (None
     when the batch has no texts or the algorithm no teacher); rows: this process's teacher rows (A != 0
     with a valid token); contexts: their teacher contexts (None when not built); scored: whether the
-    teachers ran (lambda > 0). `delta`, `weights` (w) and `evidence` (the statistics of Delta) are read
-    off on demand.
+    teachers ran (lambda > 0). `delta`, `weights` (w) and `delta_metrics` (the statistics of Delta) are
+    read off on demand.
     """
 
     lam: float
@@ -56,7 +56,7 @@ class Reweighted:
     rows: list[int]
     contexts: TeacherContexts | None
     scored: bool
-    evidence_over: Callable | None = None
+    gather: Callable | None = None
 
     @property
     def delta(self) -> torch.Tensor:
@@ -68,27 +68,28 @@ class Reweighted:
         """w = clip(exp(sign(A) Delta), 1 - eps_w, 1 + eps_w) [n, R] at valid tokens of rows with A != 0, 1
         elsewhere: the kernel's own w (A_hat at lambda = 1 of sign(A), whose magnitude is w exactly)."""
         sign = torch.sign(self.advantages)
-        w = token_advantages(sign, self.pos_logp, self.neg_logp, self.mask, lam=1.0, eps_w=self.eps_w).abs()
+        w = cepo_advantages(sign, self.pos_logp, self.neg_logp, self.mask, lam=1.0, eps_w=self.eps_w).abs()
         used = self.mask.bool() & (sign != 0)[:, None]
         return torch.where(used, w, torch.ones_like(w))
 
     @cached_property
-    def evidence(self) -> dict[str, float]:
-        """evidence_stats of Delta over the valid tokens with A != 0, of the whole batch when the phase was
-        given `evidence_over` (every process's rows), else of this process's."""
+    def delta_metrics(self) -> dict[str, float]:
+        """delta_metrics of Delta over the valid tokens with A != 0, of the whole batch when the phase was
+        given `gather` (every process's rows), else of this process's."""
         tensors = (self.delta, self.advantages, self.mask.bool())
-        if self.evidence_over is not None:
-            tensors = self.evidence_over(*tensors)
-        return evidence_stats(*tensors)
+        if self.gather is not None:
+            tensors = self.gather(*tensors)
+        return delta_metrics(*tensors)
 
     def teacher_tokens_plain(self, responses) -> int:
         """Tokens the teacher passes run when every teacher context runs in full (no sharing), whatever
         lambda: the plain path's count."""
         if self.contexts is None:
             return 0
+        rows = self.contexts.rows
         return sum(len(pre) + len(responses[r])
                    for name in self.algorithm.teachers
-                   for pre, r in zip(getattr(self.contexts, f"{name}_prefixes"), self.contexts.rows, strict=True))
+                   for pre, r in zip(getattr(self.contexts, f"{name}_prefixes"), rows, strict=True))
 
 
 def _negatives(batch: RolloutBatch, mode: str, extract) -> list[Negative]:
@@ -101,14 +102,14 @@ def _negatives(batch: RolloutBatch, mode: str, extract) -> list[Negative]:
 
 @torch.no_grad()
 def reweight(batch: RolloutBatch, scorer: Scorer, options: CEPOOptions, step: int, *, tokenizer,
-             extract=extract_boxed, evidence_over: Callable | None = None) -> Reweighted:
+             extract=extract_boxed, gather: Callable | None = None) -> Reweighted:
     """A_hat of `batch` at the 0-based rollout batch `step` (see the module docstring).
 
     With texts in the batch and an algorithm with teachers (options.algo), r- is chosen per group
     (options.r_minus, `extract` reads a rollout's answer) and the teacher contexts of this process's rows
     with A != 0 are built (options.teacher_template, or the chain-of-thought teacher); the scorer runs
     them only while lambda(step) > 0. A_hat = A ((1 - lambda) + lambda w) (the kernel `cepo_advantages`).
-    `evidence_over(delta, adv, mask)` may return the tensors of every process (for the statistics).
+    `gather(delta, adv, mask)` may return the tensors of every process (for the statistics).
     """
     if not isinstance(batch, RolloutBatch):
         raise TypeError(f"batch: expected a RolloutBatch, got {type(batch).__name__}")
@@ -131,7 +132,8 @@ def reweight(batch: RolloutBatch, scorer: Scorer, options: CEPOOptions, step: in
         neg_answers = {i: negatives[batch.group_of(i)].answer for i in rows}
         if options.cot_teacher:  # the authors' chain-of-thought teacher: rollout tokens as r+ / r-
             if not batch.whole or batch.group_size is None:
-                raise ValueError("cot_teacher: needs the whole batch in this process, in groups of group_size")
+                raise ValueError("cot_teacher: needs the whole batch in this process, in groups of "
+                                 "group_size")
             pos_answers, neg_answers = cot_answers(batch.responses, batch.rewards, negatives,
                                                    [batch.group(g)[2] for g in range(len(negatives))],
                                                    batch.group_size, options.cot_prefix_len,
@@ -149,6 +151,6 @@ def reweight(batch: RolloutBatch, scorer: Scorer, options: CEPOOptions, step: in
                     raise RuntimeError(f"scorer: returned no log-probs for the {name!r} teacher")
                 t = logp[name]
                 dst[rows, : t.shape[1]] = t.to(dst.device, torch.float32)
-    a_hat = token_advantages(adv, pos, neg, mask, lam=lam, eps_w=options.eps_w)
+    a_hat = cepo_advantages(adv, pos, neg, mask, lam=lam, eps_w=options.eps_w)
     return Reweighted(lam, algo, options.eps_w, adv, mask, a_hat, pos, neg, negatives, rows, ctx, scored,
-                      evidence_over)
+                      gather)

@@ -129,7 +129,7 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
         record = {"step": step, "lam": options.lam(step), "neg_answers": [], "neg_how": [], "neg_index": [],
                   "teacher_rows_local": 0, "teacher_rows": 0, "teacher_forwards": 0}
         result = reweight(batch, self._cepo_scorer(output, record), options, step, tokenizer=self._tokenizer,
-                          extract=self.answer_extractor, evidence_over=self._cepo_gathered)
+                          extract=self.answer_extractor, gather=self._cepo_gathered)
         if result.negatives is not None:
             negatives = result.negatives
             record.update(neg_answers=[n.answer for n in negatives], neg_how=[n.how for n in negatives],
@@ -157,14 +157,16 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
             rewards = rewards.masked_fill(torch.isnan(rewards_per_func).all(dim=1), float("nan")).tolist()
             if any(self.args.answer_column not in x for x in inputs):
                 raise ValueError(f"answer_column: expected every example to have a column "
-                                 f"{self.args.answer_column!r} (reference answers), got keys {sorted(inputs[0])}")
+                                 f"{self.args.answer_column!r} (reference answers), got keys "
+                                 f"{sorted(inputs[0])}")
             texts = gather_object([_completion_text(c) for c in completions])
             references = gather_object([str(x[self.args.answer_column]) for x in inputs])
             if len(texts) != len(rewards) or len(texts) % G:
                 raise RuntimeError(
                     f"CEPOTrainer: {len(texts)} gathered completions, {len(rewards)} rewards, group size {G}"
                 )
-        return RolloutBatch(prompts, responses, adv, mask, G, texts=texts, rewards=rewards, references=references,
+        return RolloutBatch(prompts, responses, adv, mask, G, texts=texts, rewards=rewards,
+                            references=references,
                             offset=self.accelerator.process_index * B if with_texts else 0)
 
     def _cepo_scorer(self, output, record):
@@ -172,7 +174,8 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
         forwards as the busiest one (sharded models, FSDP or ZeRO-3, need all ranks in each forward)."""
 
         def score(ctx, teachers):
-            counts = self.accelerator.gather(torch.tensor([len(ctx.rows)], device=output["completion_mask"].device))
+            device = output["completion_mask"].device
+            counts = self.accelerator.gather(torch.tensor([len(ctx.rows)], device=device))
             record["teacher_rows"] = int(counts.sum().item())
             if int(counts.max()) == 0:
                 return {}
@@ -185,7 +188,7 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
         return score
 
     def _cepo_gathered(self, delta, adv, mask):
-        """Every process's Delta, A and mask (the evidence statistics are those of the whole batch)."""
+        """Every process's Delta, A and mask (the statistics of Delta are those of the whole batch)."""
         pad = self.accelerator.pad_across_processes
         d = self.accelerator.gather(pad(delta.contiguous(), dim=1))
         m = self.accelerator.gather(pad(mask.to(torch.int32).contiguous(), dim=1)).bool()
@@ -244,7 +247,7 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
         metrics["cepo/r_minus_fallbacks"].append(float(sum(h == "fallback" for h in record["neg_how"])))
         if record["teacher_rows"] == 0:  # no evidence this batch: nothing to average
             return
-        for name, value in result.evidence.items():  # over every process's tokens (_cepo_gathered)
+        for name, value in result.delta_metrics.items():  # over every process's tokens (_cepo_gathered)
             metrics[f"cepo/{name}"].append(value)
 
 

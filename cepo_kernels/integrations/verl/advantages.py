@@ -70,8 +70,9 @@ class CEPOSettings(CEPOOptions):
     def __post_init__(self):
         super().__post_init__()
         if "{question}" in self.teacher_template:
-            raise ValueError("algorithm.cepo.teacher_template: expected a string containing {answer} (inserted "
-                             f"after verl's rendered prompt; no {{question}}), got {self.teacher_template!r}")
+            raise ValueError("algorithm.cepo.teacher_template: expected a string containing {answer} "
+                             "(inserted after verl's rendered prompt; no {question}), got "
+                             f"{self.teacher_template!r}")
         if not isinstance(self.answer_key, str) or not self.answer_key:
             raise ValueError(f"algorithm.cepo.answer_key: expected a non-empty key, got {self.answer_key!r}")
 
@@ -190,7 +191,8 @@ def rollout_batch(data, tokenizer, settings: CEPOSettings, algo: str) -> Rollout
         old_logp=b["old_log_probs"].float() if "old_log_probs" in b.keys() else None)
 
 
-def dataproto_scorer(scorer: Callable, tokenizer, responses: list[list[int]], resp_len: int, device) -> Callable:
+def dataproto_scorer(scorer: Callable, tokenizer, responses: list[list[int]], resp_len: int,
+                     device) -> Callable:
     """The reweight phase's scorer from a DataProto scorer (`worker_group_scorer`): every teacher's rows in
     one verl batch (`teacher_batch`), one call."""
 
@@ -234,7 +236,7 @@ def cepo_reweight(data, tokenizer, scorer: Callable, settings: CEPOSettings, ste
     if "returns" in b.keys():
         b["returns"] = b["advantages"].clone()  # as verl's outcome estimators: returns = advantages
     if result.rows:
-        metrics.update({f"cepo/{k}": v for k, v in result.evidence.items()})
+        metrics.update({f"cepo/{k}": v for k, v in result.delta_metrics.items()})
     return metrics
 
 
