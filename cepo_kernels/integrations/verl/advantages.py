@@ -29,8 +29,8 @@ from cepo_kernels.step import (
     reweight,
 )
 
-__all__ = ["ALGOS", "CEPOSettings", "cepo_active", "sequence_advantage", "negatives_by_uid", "teacher_batch",
-           "worker_group_scorer", "cepo_reweight"]
+__all__ = ["ALGOS", "CEPOSettings", "cepo_active", "sequence_advantage", "uid_groups", "negatives_by_uid",
+           "teacher_batch", "rollout_batch", "dataproto_scorer", "worker_group_scorer", "cepo_reweight"]
 
 ALGOS = tuple(name for name, a in ALGORITHMS.items() if a.weighted)  # verl runs its own GRPO
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("cepo_verl_active", default=False)
