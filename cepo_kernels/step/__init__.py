@@ -26,7 +26,7 @@ bench/step_harness.py times the same phases.
 
 from cepo_kernels.step.advantages import cepo_advantages, delta_metrics, group_advantages, lam_at
 from cepo_kernels.step.algorithms import ALGORITHMS, Algorithm, get_algorithm, register_algorithm
-from cepo_kernels.step.batch import RolloutBatch  # noqa: I001 (after the phases it composes)
+from cepo_kernels.step.batch import RolloutBatch
 from cepo_kernels.step.contexts import (
     Packed,
     TeacherContexts,
