@@ -23,39 +23,29 @@ import torch
 
 import cepo_kernels.step as phases
 import cepo_ref
-from cepo_kernels.step import TeacherContexts, context_hidden, lm_head, pack, response_targets
+from cepo_kernels.step import RolloutBatch, TeacherContexts, context_hidden, lm_head, pack, response_targets
 from cepo_kernels.step.forward import base_model
 
 PATHS = ("shared", "plain", "naive")
 
 
-@dataclass
-class StepBatch:
-    """Token ids of a rollout batch: n_groups groups of group_size responses (groups contiguous)."""
+PAD = 0  # the pad id of make_batch's token ids (never a real token)
 
-    prompts: list[list[int]]  # one per group
-    pos_answers: list[list[int]]  # r+ tokens (the answer inserted after the prompt), one per group
-    neg_answers: list[list[int]]  # r- tokens, one per group
-    responses: list[list[int]]  # n_groups * group_size
-    advantages: torch.Tensor  # [B] fp32
-    group_size: int
-    pad_id: int = 0
 
-    def group(self, row: int) -> int:
-        return row // self.group_size
-
-    def context(self, kind: str, row: int) -> list[int]:
-        g = self.group(row)
-        if kind == "policy":
-            return self.prompts[g]
-        answer = self.pos_answers[g] if kind == "pos" else self.neg_answers[g]
-        return self.prompts[g] + answer
+def context(batch: RolloutBatch, kind: str, row: int) -> list[int]:
+    """The context a row is scored after: its prompt ("policy"), prompt + r+ ("pos") or prompt + r- ("neg");
+    r+ and r- are token ids per group in batch.extra["pos_answers"] / ["neg_answers"]."""
+    if kind == "policy":
+        return batch.prompt_ids[row]
+    return batch.prompt_ids[row] + batch.extra[f"{kind}_answers"][row // batch.group_size]
 
 
 def make_batch(vocab: int, n_groups: int, group_size: int, prompt_len: int, resp_len: int, answer_len: int,
-               *, zero_groups: int = 0, ragged: bool = False, seed: int = 0, device="cpu") -> StepBatch:
-    """Random token ids in [1, vocab) (0 is the pad id, never a real token). ragged: response lengths spread
-    over [resp_len // 2, resp_len] (else all resp_len); the first zero_groups groups get A = 0."""
+               *, zero_groups: int = 0, ragged: bool = False, seed: int = 0, device="cpu") -> RolloutBatch:
+    """A RolloutBatch of random token ids in [1, vocab) (PAD = 0 is never a real token): n_groups groups of
+    group_size responses. ragged: response lengths spread over [resp_len // 2, resp_len] (else all
+    resp_len); the first zero_groups groups get A = 0. r+ and r- are answer_len token ids per group
+    (batch.extra)."""
     g = torch.Generator().manual_seed(seed)
     ids = lambda n: torch.randint(1, vocab, (n,), generator=g).tolist()  # noqa: E731
     B = n_groups * group_size
@@ -64,10 +54,13 @@ def make_batch(vocab: int, n_groups: int, group_size: int, prompt_len: int, resp
         lens = torch.randint(max(resp_len // 2, 1), resp_len + 1, (B,), generator=g).tolist()
     adv = torch.randn(B, generator=g)
     adv[: zero_groups * group_size] = 0.0
-    return StepBatch(prompts=[ids(prompt_len) for _ in range(n_groups)],
-                     pos_answers=[ids(answer_len) for _ in range(n_groups)],
-                     neg_answers=[ids(answer_len) for _ in range(n_groups)],
-                     responses=[ids(n) for n in lens], advantages=adv.to(device), group_size=group_size)
+    prompts = [ids(prompt_len) for _ in range(n_groups)]
+    extra = {"pos_answers": [ids(answer_len) for _ in range(n_groups)],
+             "neg_answers": [ids(answer_len) for _ in range(n_groups)]}
+    responses = [ids(n) for n in lens]
+    _, mask = response_targets(responses, max(lens), PAD, device)
+    return RolloutBatch([prompts[r // group_size] for r in range(B)], responses, adv.to(device), mask,
+                        group_size, extra=extra)
 
 
 @dataclass
@@ -94,8 +87,8 @@ class TokenCounter:
         self.handle.remove()
 
 
-def targets_mask(batch: StepBatch, rows: list[int], R: int, device):
-    return response_targets([batch.responses[r] for r in rows], R, batch.pad_id, device)
+def targets_mask(batch: RolloutBatch, rows: list[int], R: int, device):
+    return response_targets([batch.responses[r] for r in rows], R, PAD, device)
 
 
 def _checkpointing(model) -> bool:
@@ -106,13 +99,13 @@ def _checkpointing(model) -> bool:
     return False
 
 
-def forward_of(model, batch: StepBatch, path: str, device):
+def forward_of(model, batch: RolloutBatch, path: str, device):
     """The phases' forward(contexts, responses) -> (hidden [n, R, H], tokens, plain tokens): shared or
     plain as the trainer chooses (step.context_hidden; plain under gradient checkpointing with gradients)."""
 
     def forward(contexts, responses):
         shared = path == "shared" and not (torch.is_grad_enabled() and _checkpointing(model))
-        return context_hidden(model, contexts, responses, pad_id=batch.pad_id, device=device, share=shared)
+        return context_hidden(model, contexts, responses, pad_id=PAD, device=device, share=shared)
 
     return forward
 
@@ -123,7 +116,7 @@ def one_batch(rows):
 
 def _naive_logits(model, batch, kind, rows, device):
     """HF logits [n, R, V] at the positions predicting the responses (the plain, padded layout)."""
-    packed = pack([batch.context(kind, r) for r in rows], [batch.responses[r] for r in rows], batch.pad_id,
+    packed = pack([context(batch, kind, r) for r in rows], [batch.responses[r] for r in rows], PAD,
                   device)
     logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
                    position_ids=packed.position_ids, use_cache=False).logits
@@ -132,7 +125,7 @@ def _naive_logits(model, batch, kind, rows, device):
 
 
 @torch.no_grad()
-def old_logprobs(model, batch: StepBatch, path: str, device) -> torch.Tensor:
+def old_logprobs(model, batch: RolloutBatch, path: str, device) -> torch.Tensor:
     """The policy's log-probs [B, R] of every response (the old log-probs of the update)."""
     was = model.training
     model.eval()
@@ -143,28 +136,28 @@ def old_logprobs(model, batch: StepBatch, path: str, device) -> torch.Tensor:
             targets, _ = targets_mask(batch, rows, logits.shape[1], device)
             return cepo_ref.token_logprobs(logits, targets)
         weight, bias = lm_head(model)
-        contexts = [batch.context("policy", r) for r in rows]
+        contexts = [context(batch, "policy", r) for r in rows]
         forward = forward_of(model, batch, path, device)
         return phases.policy_logprobs(forward, weight, bias, contexts, batch.responses, one_batch,
-                                      pad_id=batch.pad_id, device=device).logp
+                                      pad_id=PAD, device=device).logp
     finally:
         model.train(was)
 
 
 @torch.no_grad()
-def teacher_logprobs(model, batch: StepBatch, path: str, old: torch.Tensor, device):
+def teacher_logprobs(model, batch: RolloutBatch, path: str, old: torch.Tensor, device):
     """(pos_logp, neg_logp) [B, R]: both teachers on the rows with A != 0; other rows keep pos = neg = old."""
     was = model.training
     model.eval()
     rows = phases.teacher_rows(batch.advantages)
     try:
         if path != "naive":
-            ctx = TeacherContexts(rows, [batch.context("pos", r) for r in rows],
-                                  [batch.context("neg", r) for r in rows])
+            ctx = TeacherContexts(rows, [context(batch, "pos", r) for r in rows],
+                                  [context(batch, "neg", r) for r in rows])
             weight, bias = lm_head(model)
             forward = forward_of(model, batch, path, device)
             scored = phases.teacher_logprobs(forward, weight, bias, ctx, batch.responses, one_batch,
-                                             default=old, lam=1.0, pad_id=batch.pad_id)
+                                             default=old, lam=1.0, pad_id=PAD)
             return scored.pos, scored.neg
         pos, neg = old.clone(), old.clone()
         if not rows:
@@ -180,8 +173,8 @@ def teacher_logprobs(model, batch: StepBatch, path: str, old: torch.Tensor, devi
         model.train(was)
 
 
-def step(model, batch: StepBatch, *, algo: str, path: str, old: torch.Tensor, lam: float = 0.5, device="cpu",
-         backward: bool = True) -> dict:
+def step(model, batch: RolloutBatch, *, algo: str, path: str, old: torch.Tensor, lam: float = 0.5,
+         device="cpu", backward: bool = True) -> dict:
     """One update step's passes: teachers (cepo, lam > 0) then the policy's loss and its backward.
 
     Returns dict(loss (detached), pos_logp, neg_logp). The gradient accumulates into the parameters' .grad
@@ -202,7 +195,7 @@ def step(model, batch: StepBatch, *, algo: str, path: str, old: torch.Tensor, la
         targets, mask = targets_mask(batch, rows, logits.shape[1], device)
         out = cepo_ref.cepo_loss(logits, targets, batch.advantages, mask, old_logp=old, **teachers)
     else:
-        contexts = [batch.context("policy", r) for r in rows]
+        contexts = [context(batch, "policy", r) for r in rows]
         h, _, _ = forward_of(model, batch, path, device)(contexts, batch.responses)
         targets, mask = targets_mask(batch, rows, h.shape[1], device)
         weight, bias = lm_head(model)

@@ -21,7 +21,16 @@ import time
 
 import pytest
 import torch
-from step_harness import TokenCounter, forward_of, make_batch, old_logprobs, step, teacher_logprobs
+from step_harness import (
+    PAD,
+    TokenCounter,
+    context,
+    forward_of,
+    make_batch,
+    old_logprobs,
+    step,
+    teacher_logprobs,
+)
 
 GIB = 2**30
 ON_GPU = torch.cuda.is_available()
@@ -100,7 +109,7 @@ def measure_step(model, batch, algo, path, old):
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    counter = TokenCounter(batch.pad_id).attach(model)
+    counter = TokenCounter(PAD).attach(model)
     try:
         step(model, batch, algo=algo, path=path, old=old, device="cuda")
     finally:
@@ -195,16 +204,17 @@ def test_cpu_shared_prefix_runs_fewer_tokens(kind):
     rows = list(range(len(batch.responses)))
     ran = {}
     for path in ("shared", "plain"):
-        counter = TokenCounter(batch.pad_id).attach(model)
+        counter = TokenCounter(PAD).attach(model)
         with torch.no_grad():
-            forward_of(model, batch, path, "cpu")([batch.context(kind, r) for r in rows],
+            forward_of(model, batch, path, "cpu")([context(batch, kind, r) for r in rows],
                                                   [batch.responses[r] for r in rows])
         counter.detach()
         ran[path] = counter.tokens
-    ctx = [len(batch.context(kind, r)) for r in rows]
+    ctx = [len(context(batch, kind, r)) for r in rows]
     lens = [len(r) for r in batch.responses]
     R = max(lens)
-    distinct = sum(len(batch.context(kind, g * batch.group_size)) for g in range(len(batch.prompts)))
+    n_groups = len(batch.extra["pos_answers"])
+    distinct = sum(len(context(batch, kind, g * batch.group_size)) for g in range(n_groups))
     assert ran["plain"] == sum(ctx) + sum(lens)
     assert ran["shared"] == distinct + sum(min(n, R - 1) for n in lens)
     assert ran["plain"] - ran["shared"] == (sum(ctx) - distinct) + sum(n == R for n in lens)

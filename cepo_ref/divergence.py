@@ -18,6 +18,7 @@ from cepo_kernels._params import (
     check_tensor,
     token_mean_scale,
 )
+from cepo_kernels.ops._common import check_metrics_option
 from cepo_kernels.ops.divergence import check_divergence_inputs
 
 
@@ -58,13 +59,28 @@ def _buckets(lp_s, lp_t, z_s, z_t, p):
     return out
 
 
+def _reduce(per_token, m, reduction, num_tokens, flat):
+    """The CEPO losses' reductions of a [B, T] per-token loss (m: the valid tokens as 0/1)."""
+    B, T = per_token.shape
+    if reduction == "none":
+        return per_token.reshape(-1) if flat else per_token
+    if reduction == "sum":
+        return per_token.sum()
+    if reduction == "token-mean":
+        return per_token.sum() * token_mean_scale(num_tokens, m.sum(), per_token.dtype)
+    if reduction == "seq-mean-token-mean":
+        return (per_token.sum(1) / m.sum(1).clamp_min(1)).sum() / max(B, 1)
+    return per_token.sum() / max(B * T, 1)  # seq-mean-token-sum-norm
+
+
 def divergence_loss(logits, teacher_logits, mask, *, beta=0.5, temperature=1.0, topk=None,
                     topk_from="student",
                     add_tail=True, targets=None, old_logp=None, is_clip=None, reduction="token-mean",
-                    num_tokens=None):
+                    num_tokens=None, metrics=True):
     """D_t = JSD_beta(p_T, p_S) per token (optionally over top-k buckets), times SDPO's importance weight
     min(exp(sg(logp_S(target) - old_logp)), is_clip) when old_logp and is_clip are given; masked tokens
     (mask off or a negative target) give 0. Computed in fp32 (fp64 for fp64 logits), gradient to `logits`."""
+    check_metrics_option(metrics)
     p = DivergenceParams(beta=beta, temperature=temperature, topk=topk, topk_from=topk_from,
                          add_tail=add_tail,
                          is_clip=is_clip, reduction=reduction)
@@ -92,30 +108,27 @@ def divergence_loss(logits, teacher_logits, mask, *, beta=0.5, temperature=1.0, 
     zero = torch.zeros_like(div)
     per_token = torch.where(valid, div * weight, zero)
     m = valid.to(dt)
-    if p.reduction == "none":
-        loss = per_token.reshape(-1) if batch.flat else per_token
-    elif p.reduction == "sum":
-        loss = per_token.sum()
-    elif p.reduction == "token-mean":
-        loss = per_token.sum() * token_mean_scale(num_tokens, m.sum(), dt)
-    elif p.reduction == "seq-mean-token-mean":
-        loss = (per_token.sum(1) / m.sum(1).clamp_min(1)).sum() / max(B, 1)
-    else:
-        loss = per_token.sum() / max(B * T, 1)
+    loss = _reduce(per_token, m, p.reduction, num_tokens, batch.flat)
     n = m.sum()
 
     def mean(x):
         return float(torch.where(valid, x.detach(), zero).sum() / n.clamp_min(1))
 
     clipped = (weight >= p.is_clip) if p.is_clip is not None else torch.zeros_like(valid)
-    metrics = {"num_tokens": float(n), "divergence_mean": mean(div), "is_weight_mean": mean(weight),
-               "is_clip_frac": mean(clipped.to(dt))}
+    values = {"num_tokens": float(n), "divergence_mean": mean(div), "is_weight_mean": mean(weight),
+              "is_clip_frac": mean(clipped.to(dt))}
+    if metrics is False:
+        values = {}
+    elif metrics == "tensor":
+        values = {k: torch.tensor(v) for k, v in values.items()}
     shape = (-1,) if batch.flat else (B, T)
-    return DivergenceOutput(loss, per_token.detach().float().reshape(shape), metrics)
+    return DivergenceOutput(loss, per_token.detach().float().reshape(shape), values)
 
 
 def linear_divergence_loss(hidden, teacher_hidden, weight, mask, *, bias=None, teacher_weight=None,
-                           teacher_bias=None, **options):
+                           teacher_bias=None, beta=0.5, temperature=1.0, topk=None, topk_from="student",
+                           add_tail=True, targets=None, old_logp=None, is_clip=None, reduction="token-mean",
+                           num_tokens=None, metrics=True):
     """divergence_loss(hidden @ weight.T + bias, teacher_hidden @ W_T.T + b_T, mask, **options) with the
     teacher's head (W_T, b_T) = (teacher_weight, teacher_bias) when teacher_weight is given, else (weight,
     bias): here the logits are materialised (in the inputs' dtype, as eager torch code computes an
@@ -129,4 +142,28 @@ def linear_divergence_loss(hidden, teacher_hidden, weight, mask, *, bias=None, t
     t_logits = teacher_hidden.detach().to(weight.dtype) @ t_w.detach().T
     if t_b is not None:
         t_logits = t_logits + t_b.detach()
-    return divergence_loss(logits, t_logits, mask, **options)
+    return divergence_loss(logits, t_logits, mask, beta=beta, temperature=temperature, topk=topk,
+                           topk_from=topk_from, add_tail=add_tail, targets=targets, old_logp=old_logp,
+                           is_clip=is_clip, reduction=reduction, num_tokens=num_tokens, metrics=metrics)
+
+
+def sampled_token_kl_loss(logp, teacher_logp, mask, *, reduction="token-mean", num_tokens=None):
+    """The sampled-token surrogate of OPSD/SDPO: L_t = sg(logp_S - logp_T) * logp_S at the sampled token;
+    per_token is the KL estimate logp_S - logp_T (0 at masked tokens)."""
+    p = DivergenceParams(reduction=reduction)
+    check_tensor("logp", logp, dtypes="float")
+    check_tensor("teacher_logp", teacher_logp, dtypes="float", shape=logp.shape, device=logp.device)
+    batch = check_divergence_inputs(logp.shape, logp.device, 1, mask, None, None, p, num_tokens)
+    dt = torch.promote_types(logp.dtype, torch.float32)
+    lp = logp.to(dt).reshape(batch.B, batch.T)
+    est = (lp - teacher_logp.to(dt).reshape(lp.shape)).detach()
+    zero = torch.zeros_like(lp)
+    per_token = torch.where(batch.mask, est * lp, zero)
+    m = batch.mask.to(dt)
+    loss = _reduce(per_token, m, p.reduction, num_tokens, batch.flat)
+    n = m.sum()
+    est = torch.where(batch.mask, est, zero)
+    metrics = {"num_tokens": float(n), "divergence_mean": float(est.sum() / n.clamp_min(1)),
+               "is_weight_mean": 1.0 if n > 0 else 0.0, "is_clip_frac": 0.0}
+    shape = (-1,) if batch.flat else (batch.B, batch.T)
+    return DivergenceOutput(loss, est.float().reshape(shape), metrics)

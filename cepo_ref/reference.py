@@ -22,11 +22,15 @@ from cepo_kernels._params import (
     check_tensor,
     token_mean_scale,
 )
+from cepo_kernels.ops._common import check_metrics_option
 from cepo_kernels.ops.advantages import check_group_inputs
 
 
-def token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False):
+def token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False, inplace=False):
     """logp = log_softmax(logits / temperature)[target], in fp32 (fp64 for fp64 logits).
+
+    inplace: the kernels' memory option (their backward reuses the logits' storage); the reference never
+    writes into its inputs, so it only checks the value.
 
     entropy = -sum_v p_v log p_v of the same tempered distribution. A negative target (Hugging Face's
     -100) gives logp = 0 with no gradient (the entropy is computed as usual); a target >= V gives a NaN
@@ -34,6 +38,7 @@ def token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False):
     """
     check_logits_and_targets(logits, targets)
     check_temperature(temperature)
+    _check_inplace(inplace)
     z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     logsm = torch.log_softmax(z, dim=-1)
     V = logits.shape[-1]
@@ -50,6 +55,11 @@ def token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False):
     return logp, entropy
 
 
+def _check_inplace(inplace):
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace: expected a bool, got {inplace!r}")
+
+
 def _linear_logits(hidden, weight, bias):
     """hidden @ weight.T + bias in the inputs' dtype, as torch eager code computes an lm_head."""
     logits = hidden @ weight.T
@@ -62,6 +72,33 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retu
     check_tensor("targets", targets, dtypes="int", shape=hidden.shape[:-1], device=hidden.device)
     return token_logprobs(_linear_logits(hidden, weight, bias), targets, temperature=temperature,
                           return_entropy=return_entropy)
+
+
+@torch.no_grad()
+def linear_teacher_logprobs(pos_hidden, neg_hidden, weight, targets, *, bias=None, temperature=1.0,
+                            rows=None):
+    """(linear_logprobs(pos_hidden, ...), linear_logprobs(neg_hidden, ...)) without gradient; None for a
+    teacher given as None. rows (a bool mask shaped like targets, or 1-D indices into the flattened rows)
+    selects the rows scored; the others are 0.0, so Delta = pos - neg is 0 there."""
+    if pos_hidden is None and neg_hidden is None:
+        raise ValueError("pos_hidden and neg_hidden: expected at least one tensor, got None for both")
+    keep = None
+    if rows is not None:
+        keep = torch.zeros(targets.numel(), dtype=torch.bool, device=targets.device)
+        if rows.dtype == torch.bool:
+            keep = rows.reshape(-1).to(targets.device)
+        else:
+            keep[rows.reshape(-1).long()] = True
+        keep = keep.reshape(targets.shape)
+    out = []
+    for hidden in (pos_hidden, neg_hidden):
+        if hidden is None:
+            out.append(None)
+            continue
+        logp = linear_logprobs(hidden.to(weight.dtype), weight, targets, bias=bias, temperature=temperature)
+        logp = logp.float()
+        out.append(logp if keep is None else torch.where(keep, logp, torch.zeros_like(logp)))
+    return tuple(out)
 
 
 @torch.no_grad()
@@ -122,7 +159,8 @@ def _teacher_logp(logits, given_logp, targets, temperature):
 
 def cepo_loss(logits, targets, advantages, mask, *, old_logp=None, pos_logits=None, neg_logits=None,
               pos_logp=None, neg_logp=None, lam=None, eps_w=0.2, eps_low=0.2, eps_high=0.28,
-              clip_dual=3.0, temperature=1.0, reduction="token-mean", num_tokens=None):
+              clip_dual=3.0, temperature=1.0, reduction="token-mean", num_tokens=None, inplace=False,
+              metrics=True):
     """The CEPO policy loss (PPO-clip on the reweighted advantage A_hat).
 
     lp_t = log_softmax(logits_t / T)[y_t]; teachers give pos_t, neg_t the same way (no gradient);
@@ -131,7 +169,10 @@ def cepo_loss(logits, targets, advantages, mask, *, old_logp=None, pos_logits=No
     L_t = max(-rho_t A_hat_t, -clip(rho_t, 1 - eps_low, 1 + eps_high) A_hat_t);
     for A_hat_t < 0 (dual clip): L_t = min(L_t, -clip_dual * A_hat_t).
     No teachers: A_hat = A (GRPO). Reductions: see cepo_kernels._params.reduction_weights.
+    metrics: True (floats), "tensor" (0-dim tensors) or False (none); inplace: as token_logprobs.
     """
+    _check_inplace(inplace)
+    check_metrics_option(metrics)
     p, batch = check_logits_loss(
         logits, targets, advantages, mask, old_logp=old_logp, pos_logits=pos_logits, neg_logits=neg_logits,
         pos_logp=pos_logp, neg_logp=neg_logp, num_tokens=num_tokens,
@@ -148,10 +189,10 @@ def cepo_loss(logits, targets, advantages, mask, *, old_logp=None, pos_logits=No
     else:
         delta = torch.zeros_like(lp.detach())
         a_hat = torch.where(batch.mask, batch.advantages, torch.zeros_like(batch.advantages))
-    return _ppo_loss(lp, a_hat, delta, batch, p, num_tokens)
+    return _ppo_loss(lp, a_hat, delta, batch, p, num_tokens, metrics)
 
 
-def _ppo_loss(lp, a_hat, delta, batch, p, num_tokens):
+def _ppo_loss(lp, a_hat, delta, batch, p, num_tokens, metrics):
     mask = batch.mask
     old = lp.detach() if batch.old_logp is None else batch.old_logp
     ratio = torch.exp((lp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
@@ -177,7 +218,11 @@ def _ppo_loss(lp, a_hat, delta, batch, p, num_tokens):
     if batch.flat and p.reduction == "none":
         loss = loss.reshape(-1)
 
-    metrics = _metrics(lp.detach(), ratio.detach(), batch.advantages, a_hat, delta, mask, p)
+    if metrics:
+        values = _metrics(lp.detach(), ratio.detach(), batch.advantages, a_hat, delta, mask, p)
+        metrics = {k: torch.tensor(v) for k, v in values.items()} if metrics == "tensor" else values
+    else:
+        metrics = {}
     shape = (-1,) if batch.flat else (B, T)
     return CEPOOutput(loss, lp.detach().reshape(shape), a_hat.detach().reshape(shape), metrics)
 
@@ -217,17 +262,18 @@ def _metrics(lp, ratio, adv, a_hat, delta, mask, p):
 
 
 def grpo_loss(logits, targets, advantages, mask, *, old_logp=None, eps_low=0.2, eps_high=0.28,
-              clip_dual=3.0, temperature=1.0, reduction="token-mean", num_tokens=None):
+              clip_dual=3.0, temperature=1.0, reduction="token-mean", num_tokens=None, inplace=False,
+              metrics=True):
     """cepo_loss without teachers: the PPO-clip GRPO loss with A_hat = A."""
     return cepo_loss(logits, targets, advantages, mask, old_logp=old_logp, eps_low=eps_low,
                      eps_high=eps_high, clip_dual=clip_dual, temperature=temperature,
-                     reduction=reduction, num_tokens=num_tokens)
+                     reduction=reduction, num_tokens=num_tokens, inplace=inplace, metrics=metrics)
 
 
 def linear_cepo_loss(hidden, weight, targets, advantages, mask, *, old_logp=None, pos_hidden=None,
                      neg_hidden=None, pos_logp=None, neg_logp=None, bias=None, lam=None, eps_w=0.2,
                      eps_low=0.2, eps_high=0.28, clip_dual=3.0, temperature=1.0,
-                     reduction="token-mean", num_tokens=None):
+                     reduction="token-mean", num_tokens=None, metrics=True):
     """cepo_loss(hidden @ weight.T + bias, ...): teachers' hidden states share the (detached) weight.
 
     The reference materialises the logits; the gradient reaches hidden, weight and bias.
@@ -250,19 +296,20 @@ def linear_cepo_loss(hidden, weight, targets, advantages, mask, *, old_logp=None
     return cepo_loss(logits, targets, advantages, mask, old_logp=old_logp, pos_logp=pos_logp,
                      neg_logp=neg_logp, lam=lam, eps_w=eps_w, eps_low=eps_low, eps_high=eps_high,
                      clip_dual=clip_dual, temperature=temperature, reduction=reduction,
-                     num_tokens=num_tokens, **teachers)
+                     num_tokens=num_tokens, metrics=metrics, **teachers)
 
 
 def linear_grpo_loss(hidden, weight, targets, advantages, mask, *, old_logp=None, bias=None,
                      eps_low=0.2, eps_high=0.28, clip_dual=3.0, temperature=1.0,
-                     reduction="token-mean", num_tokens=None):
+                     reduction="token-mean", num_tokens=None, metrics=True):
     """linear_cepo_loss without teachers."""
     return linear_cepo_loss(hidden, weight, targets, advantages, mask, old_logp=old_logp, bias=bias,
                             eps_low=eps_low, eps_high=eps_high, clip_dual=clip_dual,
-                            temperature=temperature, reduction=reduction, num_tokens=num_tokens)
+                            temperature=temperature, reduction=reduction, num_tokens=num_tokens,
+                            metrics=metrics)
 
 
 __all__ = [
-    "token_logprobs", "linear_logprobs", "group_advantages", "cepo_advantages", "cepo_loss",
-    "grpo_loss", "linear_cepo_loss", "linear_grpo_loss", "CEPOOutput",
+    "token_logprobs", "linear_logprobs", "linear_teacher_logprobs", "group_advantages", "cepo_advantages",
+    "cepo_loss", "grpo_loss", "linear_cepo_loss", "linear_grpo_loss", "CEPOOutput", "LossParams",
 ]

@@ -25,6 +25,7 @@ from cepo_kernels.analysis.plots import PANELS, RunDataError, plot_curves
 from cepo_kernels.rl.config import TrainConfig
 from cepo_kernels.rl.task import build_tokenizer
 from cepo_kernels.runfiles import write_json_gz
+from cepo_kernels.step import CEPOOptions, RolloutBatch, reweight
 from cepo_kernels.step.rewards import boxed_reward, with_format_bonus
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -110,10 +111,16 @@ def test_credit_record_matches_the_method():
     adv = cepo_ref.group_advantages(torch.tensor(rewards), G)
     responses = [[10, 11, 12, 13, 14]] * (2 * G)
     responses[1] = [10, 11, 12]
-    rec = credit_record(step=3, algo="cepo", lam=0.3, eps_w=0.2, tokenizer=tok, questions=["1+2=", "2+2="],
-                        references=["3", "4"], responses=responses, texts=["t"] * (2 * G), rewards=rewards,
-                        adv=adv, pos_logp=pos, neg_logp=neg, mask=mask, group_size=G, n_groups=1)
-    assert len(rec["groups"]) == 1 and rec["groups"][0]["r_minus"] is None
+    batch = RolloutBatch([[5, 6]] * (2 * G), responses, adv, mask, G, texts=["t"] * (2 * G), rewards=rewards,
+                         references=["3"] * G + ["4"] * G)
+    # the reweight phase at lambda 0.3, its scorer handing back the given log-probs of the teacher rows
+    result = reweight(batch, lambda ctx, teachers: {"pos": pos[ctx.rows], "neg": neg[ctx.rows]},
+                      CEPOOptions(lam0=0.3, t_warm=10**6), 0, tokenizer=tok)
+    rec = credit_record(step=3, algo="cepo", tokenizer=tok, questions=["1+2=", "2+2="], batch=batch,
+                        result=result, n_groups=1)
+    assert rec["lambda"] == 0.3 and rec["eps_w"] == 0.2 and rec["groups"][0]["r_plus"] == "3"
+    assert rec["groups"][0]["r_minus"] == "t"  # no boxed answer: the rejected rollout's first characters
+    assert len(rec["groups"]) == 1
     resp = rec["groups"][0]["responses"]
     a_hat = cepo_ref.cepo_advantages(adv[:G], pos[:G], neg[:G], mask[:G], lam=0.3, eps_w=0.2)
     for i, r in enumerate(resp):

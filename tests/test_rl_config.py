@@ -1,6 +1,7 @@
 """Configuration, command-line parsing, schedules and bad input (data files, config keys, values)."""
 
 import json
+import re
 
 import pytest
 
@@ -132,3 +133,43 @@ def test_embedded_task_is_deterministic_and_boxed():
     assert a == b and len(a) == 64 + 36
     assert {p.prompt[-1] for p in a} == {"="}
     assert all(str(eval(p.prompt[:-1])) == p.answer for p in a)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--task", "digits", "--data", "train.jsonl", "--max-new-tokens", "24"],
+     "task: --task digits is an embedded task and --data 'train.jsonl' a data file; give one of them"),
+    (["--cot-prefix-len", "64"], "cot_prefix_len: applies to the chain-of-thought teacher only"),
+    (["--cot-suffix"], "cot_suffix: applies to the chain-of-thought teacher only"),
+    (["--teacher-template", " {oops}"], r"teacher_template: unknown placeholder \{oops\}"),
+])
+def test_ignored_or_unknown_options_are_refused_in_one_line(argv, match, capsys):
+    """Options the run would silently ignore (or a template it would use literally) stop cepo-train with exit
+    code 2 and one line on stderr, before any work."""
+    with pytest.raises(ValueError, match=match):
+        parse_args(argv)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cepo-train: error: ") and re.search(match, err[0])
+
+
+def test_cot_options_with_the_cot_teacher_and_a_dumped_config_are_accepted(tmp_path):
+    assert parse_args(["--cot-teacher", "--cot-prefix-len", "64", "--cot-suffix"]).cot_prefix_len == 64
+    dumped = tmp_path / "all.json"  # a dumped config (every key, defaults included): nothing is "given"
+    dumped.write_text(json.dumps(TrainConfig().to_dict()))
+    assert parse_args(["--config", str(dumped)]).cot_prefix_len == 512
+
+
+def test_every_option_has_a_one_line_help():
+    """Flag help is data (each field's metadata["help"]), shown by --help for every option."""
+    from dataclasses import fields
+
+    from cepo_kernels.rl.options import build_parser
+
+    helps = {f.name: f.metadata.get("help", "") for f in fields(TrainConfig)}
+    missing = [n for n, h in helps.items() if not h.strip() or "\n" in h]
+    assert not missing, f"options without a one-line help: {missing}"
+    actions = {a.dest: a.help for a in build_parser()._actions if a.dest in helps}
+    assert set(actions) == set(helps)
+    for name, text in actions.items():
+        assert text.startswith(helps[name]) and "(default: " in text
+    assert "rollout batch" in actions["prompts_per_step"] and "cepo" in actions["algo"]

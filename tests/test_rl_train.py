@@ -21,10 +21,10 @@ from cepo_kernels.rl.task import Problem, build_tiny_model, build_tokenizer
 from cepo_kernels.rl.trainer import NaNLossError, Trainer
 from cepo_kernels.step import (
     choose_negatives,
+    group_advantages,
     lam_at,
     micro_batches,
     policy_logprobs,
-    sequence_advantages,
     teacher_contexts,
     teacher_logprobs,
     teacher_rows,
@@ -204,7 +204,7 @@ def test_teacher_logprobs_match_the_model_on_the_context(tmp_path):
     responses = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
     responses[2] = responses[2][:-1]  # one truncated response: shorter, no eos
     rewards = [1.0, 0.0, 0.0, 1.0]
-    adv = sequence_advantages(rewards, 2)
+    adv = group_advantages(rewards, 2)
     negatives = choose_negatives(texts, rewards, refs, 2)
     assert [n.answer for n in negatives] == ["6", "77"]
     per_row = lambda xs: [x for x in xs for _ in range(2)]  # noqa: E731

@@ -9,10 +9,10 @@ from cepo_kernels.step import (
     Negative,
     choose_negatives,
     encode,
+    group_advantages,
     negative_answer,
     pack,
     render_prompt,
-    sequence_advantages,
     teacher_contexts,
     teacher_prefix,
     teacher_rows,
@@ -113,7 +113,7 @@ def test_phases_skip_zero_advantage_rows_and_pair_contexts(tok):
         "\\boxed{3}", "oops", "\\boxed{1}", "\\boxed{1}",  # all wrong: A = 0, skipped
     ]
     rewards = [1.0, 0.0, 1.0, 0.0] + [1.0] * 4 + [0.0] * 4
-    adv = sequence_advantages(rewards, 4)
+    adv = group_advantages(rewards, 4)
     assert adv.tolist()[:4] == pytest.approx([0.866, -0.866, 0.866, -0.866], abs=1e-3)
     assert adv.tolist()[4:] == [0.0] * 8
     negatives = choose_negatives(texts, rewards, refs, 4)

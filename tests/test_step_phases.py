@@ -9,7 +9,7 @@ from helpers import assert_close
 
 import cepo_ref
 from cepo_kernels import linear_cepo_loss
-from cepo_kernels.step import evidence_stats, lam_at, micro_batches, policy_loss, token_advantages
+from cepo_kernels.step import cepo_advantages, delta_metrics, lam_at, micro_batches, policy_loss
 
 
 def _inputs(seed=0, B=4, T=5, H=12, V=37):
@@ -27,7 +27,7 @@ def _inputs(seed=0, B=4, T=5, H=12, V=37):
 
 def test_token_advantages_equal_the_reference_and_keep_the_sign():
     _, _, _, mask, adv, pos, neg, _ = _inputs()
-    got = token_advantages(adv, pos, neg, mask, lam=0.5, eps_w=0.2)
+    got = cepo_advantages(adv, pos, neg, mask, lam=0.5, eps_w=0.2)
     ref64 = cepo_ref.cepo_advantages(adv.double(), pos.double(), neg.double(), mask, lam=0.5, eps_w=0.2)
     ref32 = cepo_ref.cepo_advantages(adv, pos, neg, mask, lam=0.5, eps_w=0.2)
     assert_close(got, ref64, ref32, atol=1e-7, name="A_hat")
@@ -42,7 +42,7 @@ def test_evidence_stats_by_hand():
     delta = torch.tensor([[0.5, -0.2, 9.0], [-1.0, 0.3, 0.0], [7.0, 7.0, 7.0]])
     adv = torch.tensor([1.0, -2.0, 0.0])  # the last row (A = 0) does not count
     mask = torch.tensor([[True, True, False], [True, True, True], [True, True, True]])
-    stats = evidence_stats(delta, adv, mask)
+    stats = delta_metrics(delta, adv, mask)
     used = [0.5, -0.2, -1.0, 0.3, 0.0]
     mean = sum(used) / 5
     assert stats["delta_mean"] == pytest.approx(mean)

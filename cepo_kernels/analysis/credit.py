@@ -4,10 +4,10 @@ Every `credit_every` steps (and at step 1) the trainer hands the tensors of the 
 `CreditRecorder.record`, which writes `credit/step_NNNNNN.json.gz` into the run directory: the first
 `credit_samples` groups of the rollout batch, each with its question, r+ and r-, and for every response
 its text, reward, advantage A and, token by token, the token string, Delta = log P_T+ - log P_T-, the
-weight w = clip(exp(sign(A) Delta), 1 - eps_w, 1 + eps_w) and A_hat (cepo_kernels.cepo_advantages with
-the step's lambda). A file is under 1 kB on the embedded task (it grows linearly with the saved tokens:
-a string and three numbers each), so they are kept by default. `cepo-viz` (cepo_kernels.analysis.viz) renders
-them.
+weight w = clip(exp(sign(A) Delta), 1 - eps_w, 1 + eps_w) and A_hat, as the step's reweight phase
+(cepo_kernels.step.reweight) computed them. A file is under 1 kB on the embedded task (it grows linearly
+with the saved tokens: a string and three numbers each), so they are kept by default. `cepo-viz`
+(cepo_kernels.analysis.viz) renders them.
 
 GRPO runs no teacher (Delta = 0, w = 1, A_hat = A); RLSD's Delta is log P_T+ - log P_old.
 
@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 from cepo_kernels.runfiles import write_json_gz, writing
-from cepo_kernels.step.advantages import token_advantages
 
 CREDIT_DIR = "credit"
 FORMAT_VERSION = 1
@@ -40,58 +39,31 @@ def should_save(step: int, every: int) -> bool:
     return every > 0 and (step == 1 or step % every == 0)
 
 
-def token_weights(adv: torch.Tensor, pos_logp: torch.Tensor, neg_logp: torch.Tensor, mask: torch.Tensor,
-                  eps_w: float) -> torch.Tensor:
-    """w [B, T] = clip(exp(sign(A) Delta), 1 - eps_w, 1 + eps_w) (docs/method.md §3), read off the kernels'
-    A_hat at lam = 1 (A_hat = A w); 1 on rows with A = 0 (sign(A) = 0)."""
-    a_hat = token_advantages(adv, pos_logp, neg_logp, mask, lam=1.0, eps_w=eps_w)
-    a = adv[:, None].expand_as(a_hat)
-    return torch.where(a != 0, a_hat / torch.where(a != 0, a, torch.ones_like(a)), torch.ones_like(a_hat))
-
-
 def _r4(values) -> list[float]:
     return [round(float(v), 4) for v in values]
 
 
-def credit_record(
-    *,
-    step: int,
-    algo: str,
-    lam: float,
-    eps_w: float,
-    tokenizer,
-    questions: list[str],
-    references: list[str],
-    responses: list[list[int]],
-    texts: list[str],
-    rewards: list[float],
-    adv: torch.Tensor,
-    pos_logp: torch.Tensor,
-    neg_logp: torch.Tensor,
-    mask: torch.Tensor,
-    group_size: int,
-    n_groups: int,
-    negatives=None,
-    first_wrong=None,
-) -> dict:
-    """The JSON-able record of the first n_groups groups of a step (see the module docstring)."""
-    n = min(n_groups, len(questions)) * group_size
-    adv_n = adv[:n].detach().float()
-    delta = (pos_logp[:n] - neg_logp[:n]).detach().float()
-    m = mask[:n]
-    delta = torch.where(m, delta, torch.zeros_like(delta))
-    pos_n, neg_n = pos_logp[:n].detach().float().contiguous(), neg_logp[:n].detach().float().contiguous()
-    w = torch.where(m, token_weights(adv_n, pos_n, neg_n, m, eps_w), torch.ones_like(delta))
-    a_hat = token_advantages(adv_n, pos_n, neg_n, m, lam=lam, eps_w=eps_w)
-    delta, w, a_hat, adv_l = delta.cpu(), w.cpu(), a_hat.cpu(), adv_n.cpu().tolist()
+def credit_record(*, step: int, algo: str, tokenizer, questions: list[str], batch, result, n_groups: int,
+                  first_wrong=None) -> dict:
+    """The JSON-able record of the first n_groups groups of a step (see the module docstring): `batch` is
+    the step's RolloutBatch (the whole batch, groups of group_size), `result` its reweight phase
+    (step.reweight: Delta, w and A_hat are read off it, not recomputed)."""
+    G = batch.group_size
+    n = min(n_groups, len(questions)) * G
+    m = result.mask[:n]
+    zero = torch.zeros_like(result.a_hat[:n])
+    delta = torch.where(m, result.delta[:n].float(), zero).cpu()
+    w = torch.where(m, result.weights[:n], torch.ones_like(zero)).cpu()
+    a_hat, adv_l = result.a_hat[:n].cpu(), result.advantages[:n].cpu().tolist()
+    negatives, rewards = result.negatives, batch.rewards
     groups = []
-    for g in range(n // group_size):
+    for g in range(n // G):
         resp = []
-        for i in range(g * group_size, (g + 1) * group_size):
-            ids = responses[i][: delta.shape[1]]
+        for i in range(g * G, (g + 1) * G):
+            ids = batch.responses[i][: delta.shape[1]]
             k = len(ids)
             resp.append({
-                "text": texts[i],
+                "text": batch.texts[i],
                 "reward": round(float(rewards[i]), 4),
                 "adv": round(adv_l[i], 4),
                 "tokens": [tokenizer.decode([t]) for t in ids],
@@ -104,13 +76,13 @@ def credit_record(
                 resp[-1]["first_wrong"], resp[-1]["first_wrong_end"] = span if span else (None, None)
         groups.append({
             "question": questions[g],
-            "r_plus": references[g],
+            "r_plus": batch.references[g * G],
             "r_minus": negatives[g].answer if negatives is not None else None,
             "r_minus_how": negatives[g].how if negatives is not None else None,
             "responses": resp,
         })  # fmt: skip
-    return {"version": FORMAT_VERSION, "step": step, "algo": algo, "lambda": lam, "eps_w": eps_w,
-            "group_size": group_size, "groups": groups}  # fmt: skip
+    return {"version": FORMAT_VERSION, "step": step, "algo": algo, "lambda": result.lam,
+            "eps_w": result.eps_w, "group_size": G, "groups": groups}  # fmt: skip
 
 
 def write_credit(out_dir: str | Path, record: dict) -> Path:
@@ -125,24 +97,19 @@ class CreditRecorder:
     """The training loop's one hook into the analysis tools: `record(...)` writes
     credit/step_NNNNNN.json.gz into the run directory when the (1-based) step is due, else does nothing."""
 
-    def __init__(self, out_dir: str | Path, *, every: int, samples: int, algo: str, eps_w: float,
-                 group_size: int, tokenizer):
+    def __init__(self, out_dir: str | Path, *, every: int, samples: int, algo: str, tokenizer):
         self.out_dir, self.every, self.samples = Path(out_dir), every, samples
-        self.algo, self.eps_w, self.group_size, self.tokenizer = algo, eps_w, group_size, tokenizer
+        self.algo, self.tokenizer = algo, tokenizer
 
     def due(self, step: int) -> bool:
         return self.samples > 0 and should_save(step, self.every)
 
-    def record(self, *, step, questions, references, negatives, responses, texts, rewards, adv, pos_logp,
-               neg_logp, mask, lam, first_wrong=None) -> Path | None:
+    def record(self, *, step, batch, result, questions, first_wrong=None) -> Path | None:
+        """`batch`: the step's RolloutBatch; `result`: its reweight phase (step.reweight)."""
         if not self.due(step):
             return None
-        rec = credit_record(
-            step=step, algo=self.algo, lam=lam, eps_w=self.eps_w, tokenizer=self.tokenizer,
-            questions=questions, references=references, responses=responses, texts=texts, rewards=rewards,
-            adv=adv, pos_logp=pos_logp, neg_logp=neg_logp, mask=mask, group_size=self.group_size,
-            n_groups=self.samples, negatives=negatives, first_wrong=first_wrong,
-        )  # fmt: skip
+        rec = credit_record(step=step, algo=self.algo, tokenizer=self.tokenizer, questions=questions,
+                            batch=batch, result=result, n_groups=self.samples, first_wrong=first_wrong)
         return write_credit(self.out_dir, rec)
 
 

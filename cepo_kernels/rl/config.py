@@ -14,147 +14,140 @@ import math
 import re
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from cepo_kernels._params import REDUCTIONS, LossParams
 from cepo_kernels.rl.task import DIGITS_MAX_TOKENS, TASKS
-from cepo_kernels.step.contexts import check_template
+from cepo_kernels.step.algorithms import ALGORITHMS
+from cepo_kernels.step.negatives import NEGATIVE_MODES
+from cepo_kernels.step.options import CEPOOptions, option_field, options_of
 
-ALGOS = ("cepo", "rlsd", "grpo")
+ALGOS = tuple(ALGORITHMS)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ADV_SCALES = ("group", "batch", "none")
 # training needs a scalar loss: every reduction but "none"
 TRAIN_REDUCTIONS = tuple(r for r in REDUCTIONS if r != "none")
 REWARDS = ("boxed", "official", "math-verify")  # cepo_kernels.step.graders.GRADERS
 CHOICES = {"algo": ALGOS, "dtype": DTYPES, "adv_scale": ADV_SCALES, "reduction": TRAIN_REDUCTIONS,
-           "task": TASKS, "reward": REWARDS, "r_minus": ("ours", "official")}
+           "task": TASKS, "reward": REWARDS, "r_minus": NEGATIVE_MODES}
+
+
+def opt(default, help: str):
+    """A TrainConfig field: its default and its flag's one-line help (`cepo-train --help`)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
-    """All options of a run. Field comments are the flags' help text."""
+    """All options of a run; each field's metadata["help"] is its flag's help. The CEPO options (algo, lam0,
+    t_warm, eps_w, teacher_template, r_minus, cot_*) are step.options.CEPOOptions' (`cfg.options`)."""
 
-    # model: a local Hugging Face causal-LM directory; None -> the embedded tiny Qwen2 model
-    model: str | None = None
-    # LoRA rank; 0 -> full fine-tuning
-    lora_rank: int = 0
-    lora_alpha: float = 32.0
-    # in [0, 1)
-    lora_dropout: float = 0.0
-    # comma-separated module names LoRA adapts
-    lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    gradient_checkpointing: bool = False
-    # auto -> bfloat16 on a GPU, float32 on a CPU
-    dtype: str = "auto"
-    # auto -> cuda when available, else cpu; or cpu, cuda, cuda:N
-    device: str = "auto"
+    # model
+    model: str | None = opt(None, "a local Hugging Face causal-LM directory; none: the embedded tiny Qwen2 "
+                            "model")
+    lora_rank: int = opt(0, "LoRA rank; 0: full fine-tuning")
+    lora_alpha: float = opt(32.0, "LoRA alpha (the adapter's scale is alpha / rank)")
+    lora_dropout: float = opt(0.0, "dropout of the LoRA adapters, in [0, 1)")
+    lora_target_modules: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                                   "comma-separated names of the modules LoRA adapts")
+    gradient_checkpointing: bool = opt(False, "recompute the decoder's activations in the backward pass")
+    dtype: str = opt("auto", "model dtype; auto: bfloat16 on a GPU, float32 on a CPU")
+    device: str = opt("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N")
 
-    # data: a JSONL file with one problem per line; None -> the embedded arithmetic task
-    data: str | None = None
-    # the embedded task when data is None: arith (a+b, a-b of one digit; the answer is one token) or digits
-    # (operands up to 99, a digit-by-digit worked solution before the boxed answer; 256 held-out problems,
-    # whatever eval_size; needs max_new_tokens >= 24; the README's runs add --sft-steps 400 --lr 3e-5)
-    task: str = "arith"
-    # held-out JSONL for the greedy evaluation; None -> the last eval_size problems of the data
-    eval_data: str | None = None
-    prompt_key: str = "prompt"
-    answer_key: str = "answer"
-    system_prompt: str | None = None
-    # appended to every prompt (e.g. an instruction to put the answer in \boxed{})
-    prompt_suffix: str = ""
-    eval_size: int = 64
-    # "module:function" or "path/to/file.py:function", called as fn(response_text, reference_answer) ->
-    # float; a module is looked up in the current directory first. None -> \boxed{} match
-    reward_fn: str | None = None
-    # the authors' format bonus: reward = (1 - b) x accuracy + b x (an answer in \boxed{}); 0.1 in their runs
-    format_bonus: float = 0.0
-    # the grader when reward_fn is None: boxed (built in), official (the authors' mathruler grade_answer,
-    # 0.9 x accuracy + 0.1 x format; extra [official]) or math-verify (Hugging Face; extra [math-verify])
-    reward: str = "boxed"
+    # data
+    data: str | None = opt(None, "a JSONL file with one problem per line; none: the embedded task (--task)")
+    task: str = opt("arith", "the embedded task, without --data: arith (one-digit a+b, a-b) or digits "
+                    "(operands up to 99, worked solution; needs --max-new-tokens 24)")
+    eval_data: str | None = opt(None, "held-out JSONL for the greedy evaluation; none: the last --eval-size "
+                                "problems of the data")
+    prompt_key: str = opt("prompt", "the JSONL key of each problem's prompt")
+    answer_key: str = opt("answer", "the JSONL key of each problem's reference answer (r+)")
+    system_prompt: str | None = opt(None, "system message of the chat template (none: no system message)")
+    prompt_suffix: str = opt("", "appended to every prompt (e.g. an instruction to put the answer in "
+                             "\\boxed{})")
+    eval_size: int = opt(64, "held-out problems taken from the data when --eval-data is not given")
+    reward_fn: str | None = opt(None, "'module:function' or 'path/to/file.py:function', called as "
+                                "fn(response_text, reference) -> float; none: the --reward grader")
+    format_bonus: float = opt(0.0, "the authors' format bonus b: reward = (1 - b) accuracy + b (an answer in "
+                              "\\boxed{}); 0.1 in their runs")
+    reward: str = opt("boxed", "grader without --reward-fn: boxed (built in), official (the authors' "
+                      "mathruler, extra [official]) or math-verify (extra [math-verify])")
 
     # rollouts
-    prompts_per_step: int = 16
-    group_size: int = 8
-    max_new_tokens: int = 8
-    max_prompt_tokens: int = 1024
-    # drop the problems whose templated prompt is longer than max_prompt_tokens (verl's filter of overlong
-    # prompts, as the authors run); off: such a prompt is cut to its last max_prompt_tokens tokens
-    filter_long_prompts: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
+    prompts_per_step: int = opt(16, "prompts per rollout batch (each gets --group-size responses)")
+    group_size: int = opt(8, "sampled responses per prompt (at least 2)")
+    max_new_tokens: int = opt(8, "longest response, in tokens")
+    max_prompt_tokens: int = opt(1024, "longest prompt, in tokens (longer ones are cut to their last tokens, "
+                                 "or dropped with --filter-long-prompts)")
+    filter_long_prompts: bool = opt(False, "drop problems whose templated prompt is longer than "
+                                    "--max-prompt-tokens (verl's filter, as the authors run)")
+    temperature: float = opt(1.0, "sampling temperature (also of every log-prob)")
+    top_p: float = opt(1.0, "nucleus sampling threshold, in (0, 1]")
 
-    # docs/method.md §7: lambda(step) = max(0, lam0 * (1 - step / t_warm))
-    algo: str = "cepo"
-    lam0: float = 0.5
-    t_warm: int = 25
-    eps_w: float = 0.2
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    # dual-clip constant; <= 0 disables it
-    clip_dual: float = 3.0
-    reduction: str = "token-mean"
-    adv_scale: str = "group"
-    # text inserted between the templated prompt and the response in the teacher contexts; "{answer}" is
-    # replaced by r+ or r-. With "{question}" in it, it replaces the user message instead (re-templated).
-    # Any other {name} is refused (braces right after a letter or backslash, as in \boxed{x}, are text).
-    teacher_template: str = " {answer}"
-    # r- of a group: ours (the lowest-reward rejected rollout with an extractable answer, else its first 50
-    # characters) or official (the authors': the first lowest-reward one; "None" when its last box is not
-    # closed); see cepo_kernels/step/negatives.py
-    r_minus: str = "ours"
-    # the authors' chain-of-thought teacher: r+ and r- are the first cot_prefix_len tokens of the group's best
-    # correct and of its r- rollout (the reference answer when no rollout is correct) instead of answers
-    cot_teacher: bool = False
-    cot_prefix_len: int = 512
-    # take the last cot_prefix_len tokens instead (their CEPO_IS_PREFIX=0, as in their geometry scripts)
-    cot_suffix: bool = False
+    # the algorithm (docs/method.md): lambda(step) = max(0, lam0 (1 - step / t_warm))
+    algo: str = option_field("algo")
+    lam0: float = option_field("lam0")
+    t_warm: int = option_field("t_warm")
+    eps_w: float = option_field("eps_w")
+    eps_low: float = opt(0.2, "PPO clip below: the ratio is clipped to [1 - eps_low, 1 + eps_high]")
+    eps_high: float = opt(0.28, "PPO clip above (clip-higher)")
+    clip_dual: float = opt(3.0, "dual-clip constant for A < 0 (> 1 + eps_high); <= 0 disables it")
+    reduction: str = opt("token-mean", "loss reduction: token-mean, seq-mean-token-mean, "
+                         "seq-mean-token-sum-norm or sum")
+    adv_scale: str = opt("group", "advantage scale: group (group std), batch (batch std) or none "
+                         "(centred only)")
+    teacher_template: str = option_field("teacher_template")
+    r_minus: str = option_field("r_minus")
+    cot_teacher: bool = option_field("cot_teacher")
+    cot_prefix_len: int = option_field("cot_prefix_len")
+    cot_suffix: bool = option_field("cot_suffix")
 
     # optimisation: one optimizer update per mini-batch, gradient accumulation over micro-batches
-    steps: int = 40
-    lr: float = 3e-4
-    # linear warm-up of the learning rate (steps), then cosine decay to min_lr_ratio * lr
-    lr_warmup_steps: int = 2
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    # gradient clipping by global norm; 0 -> no clipping (the norm is still logged)
-    max_grad_norm: float = 1.0
-    # prompts per optimizer update (their groups stay whole); 0 -> the whole rollout batch (one update)
-    mini_batch_prompts: int = 4
-    # sequences per forward/backward pass
-    micro_batch_size: int = 64
-    ppo_epochs: int = 1
-    # run a context shared by a group's responses (prompt, prompt + r+, prompt + r-) once and reuse its
-    # key/value cache (falls back to full contexts, with a warning, where the model's cache cannot be reused)
-    share_prefix: bool = True
-    # consecutive steps with a NaN/inf loss tolerated before the run aborts
-    max_nan_steps: int = 3
+    steps: int = opt(40, "rollout batches (training steps)")
+    lr: float = opt(3e-4, "peak learning rate (AdamW)")
+    lr_warmup_steps: int = opt(2, "steps of linear learning-rate warm-up, then cosine decay")
+    min_lr_ratio: float = opt(0.1, "the cosine decay ends at min_lr_ratio x lr, in [0, 1]")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    max_grad_norm: float = opt(1.0, "gradient clipping by global norm; 0: no clipping (the norm is still "
+                               "logged)")
+    mini_batch_prompts: int = opt(4, "prompts per optimizer update (groups stay whole); 0: the whole rollout "
+                                  "batch in one update")
+    micro_batch_size: int = opt(64, "sequences per forward / backward pass")
+    ppo_epochs: int = opt(1, "passes over each rollout batch")
+    share_prefix: bool = opt(True, "run a context shared by a group's responses once and reuse its key/value "
+                             "cache (falls back to full contexts where the model cannot)")
+    max_nan_steps: int = opt(3, "consecutive steps with a NaN/inf loss tolerated before the run aborts")
 
-    # embedded task only: supervised warm-up steps on the answer format before RL (0 -> none)
-    sft_steps: int = 150
-    sft_lr: float = 3e-3
-    sft_batch_size: int = 64
-    # fraction of deliberately wrong warm-up demonstrations (unboxed or off by one)
-    sft_noise: float = 0.3
-    # also show every warm-up demonstration in the teachers' context (prompt + answer), see rl/sft.py
-    sft_hints: bool = True
+    # embedded task only: the supervised warm-up
+    sft_steps: int = opt(150, "embedded task: supervised warm-up steps on the answer format before RL "
+                         "(0: none)")
+    sft_lr: float = opt(3e-3, "embedded task: learning rate of the warm-up")
+    sft_batch_size: int = opt(64, "embedded task: demonstrations per warm-up step")
+    sft_noise: float = opt(0.3, "embedded task: fraction of deliberately wrong warm-up demonstrations")
+    sft_hints: bool = opt(True, "embedded task: also show each warm-up demonstration in the teachers' "
+                          "context")
 
-    # run: out_dir must be new or empty (a run directory belongs to one run); None -> runs/<algo>-<time>.
-    # With --resume, the run continues in the resumed run's directory.
-    out_dir: str | None = None
-    seed: int = 0
-    eval_every: int = 10
-    save_every: int = 10
-    keep_last: int = 2
-    # continue a run: its run directory (newest checkpoint), its checkpoints/ folder or one checkpoint; the
-    # options saved in the checkpoint are the defaults, flags given now override them
-    resume: str | None = None
-    progress: bool = True
-    # credit maps (cepo-viz): save per-token Delta, w, A_hat at step 1 and every credit_every steps (0: never)
-    credit_every: int = 10
-    # groups (prompts, with all their responses) saved per credit file
-    credit_samples: int = 4
+    # the run
+    out_dir: str | None = opt(None, "run directory, new or empty; none: runs/<algo>-<time> (with --resume: "
+                              "the resumed run's)")
+    seed: int = opt(0, "seed of the model's initialisation, the prompt order and the sampling")
+    eval_every: int = opt(10, "greedy held-out evaluation before step 1, every N steps and after the last "
+                          "(0: none)")
+    save_every: int = opt(10, "checkpoint every N steps (0: only at the end)")
+    keep_last: int = opt(2, "checkpoints kept")
+    resume: str | None = opt(None, "continue a run: its directory, its checkpoints/ folder or one checkpoint "
+                             "(its options are the defaults)")
+    progress: bool = opt(True, "a progress bar (--no-progress: none, and quiet model libraries)")
+    credit_every: int = opt(10, "credit maps (cepo-viz): save Delta, w, A_hat at step 1 and every N steps "
+                            "(0: never)")
+    credit_samples: int = opt(4, "groups (prompts with all their responses) saved per credit file")
+
+    @property
+    def options(self) -> CEPOOptions:
+        """The reweight phase's options (checked)."""
+        return options_of(self)
 
     def __post_init__(self):
         check_config(self)
@@ -225,7 +218,6 @@ def check_config(cfg: TrainConfig):
         "lr",
         "keep_last",
         "eval_size",
-        "cot_prefix_len",
     )
     _positive(
         cfg,
@@ -236,7 +228,6 @@ def check_config(cfg: TrainConfig):
         "mini_batch_prompts",
         "sft_steps",
         "sft_lr",
-        "t_warm",
         "eval_every",
         "save_every",
         "credit_every",
@@ -249,11 +240,8 @@ def check_config(cfg: TrainConfig):
         raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
     if not 0.0 < cfg.top_p <= 1.0:
         raise ValueError(f"top_p: expected a value in (0, 1], got {cfg.top_p}")
-    if not 0.0 <= cfg.lam0 <= 1.0:
-        raise ValueError(f"lam0: expected a value in [0, 1], got {cfg.lam0}")
-    for name in ("eps_w", "eps_low"):
-        if not 0.0 <= getattr(cfg, name) < 1.0:
-            raise ValueError(f"{name}: expected a value in [0, 1), got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.eps_low < 1.0:
+        raise ValueError(f"eps_low: expected a value in [0, 1), got {cfg.eps_low}")
     if not 0.0 <= cfg.sft_noise <= 1.0:
         raise ValueError(f"sft_noise: expected a value in [0, 1], got {cfg.sft_noise}")
     if not 0.0 <= cfg.format_bonus <= 1.0:
@@ -266,7 +254,10 @@ def check_config(cfg: TrainConfig):
             f"expected >= {DIGITS_MAX_TOKENS} with task='digits', got {cfg.max_new_tokens} (the README's "
             f"digits runs: --max-new-tokens 24 --sft-steps 400 --lr 3e-5)"
         )
-    check_template(cfg.teacher_template)
+    cfg.options  # noqa: B018 (the CEPO options' one validator: step.options.CEPOOptions)
+    if cfg.task != "arith" and cfg.data is not None:
+        raise ValueError(f"task: --task {cfg.task} is an embedded task and --data {cfg.data!r} a data file; "
+                         "give one of them")
     clip_dual = cfg.clip_dual if cfg.clip_dual > 0 else None  # the loss's own checks, before the run starts
     LossParams(lam=cfg.lam0, eps_w=cfg.eps_w, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
                temperature=cfg.temperature, clip_dual=clip_dual, reduction=cfg.reduction)

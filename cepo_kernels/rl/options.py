@@ -43,23 +43,6 @@ def load_config_file(path: str | Path) -> dict:
     return {} if data is None else data
 
 
-def _field_help() -> dict[str, str]:
-    """The comment lines above each field in this file, as help text."""
-    import inspect
-
-    helps, pending = {}, []
-    for line in inspect.getsource(TrainConfig).splitlines():
-        s = line.strip()
-        if s.startswith("#"):
-            pending.append(s.lstrip("# "))
-        elif ":" in s and not s.startswith(("def", '"""', "@")):
-            helps[s.split(":")[0]] = " ".join(pending)
-            pending = []
-        else:
-            pending = []
-    return helps
-
-
 class _Parser(argparse.ArgumentParser):
     """Exact option names only (no silent abbreviations), and a suggestion for a mistyped one."""
 
@@ -90,11 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved options as JSON and exit without training")
     hints = typing.get_type_hints(TrainConfig)
-    helps = _field_help()
     for f in fields(TrainConfig):
         base, _ = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
-        text = f"{helps.get(f.name, '')} (default: {f.default!r})".strip()
+        text = f"{f.metadata['help']} (default: {f.default!r})"
         if base is bool:
             parser.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text
@@ -115,7 +97,11 @@ def parse_args(argv=None) -> TrainConfig:
     if path:
         config_from_dict(values, source=f"config file {path}")  # reject unknown keys before merging
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    defaults = TrainConfig()
+    # what the user chose: the flags, and a file's values other than the defaults (a dumped config has all)
+    given = {k for k, v in values.items() if getattr(defaults, k, None) != v}
     values.update({k: v for k, v in args.items() if v is not None})
+    given |= {k for k, v in args.items() if v is not None}
     if values.get("resume"):
         from cepo_kernels.rl.checkpoint import STATE, read_state, resolve_checkpoint
 
@@ -126,7 +112,17 @@ def parse_args(argv=None) -> TrainConfig:
         except (ValueError, TypeError) as e:
             raise ValueError(f"resume: {ckpt / STATE}: saved config: {e}") from None
         values = merge_resumed(saved, values)
-    return config_from_dict(values)
+    cfg = config_from_dict(values)
+    check_given(cfg, given)
+    return cfg
+
+
+def check_given(cfg: TrainConfig, given) -> None:
+    """Options given (flags or --config) that this run would ignore: ValueError, one line."""
+    for name in ("cot_prefix_len", "cot_suffix"):
+        if name in given and not cfg.cot_teacher:
+            raise ValueError(f"{name}: applies to the chain-of-thought teacher only; add --cot-teacher or "
+                             f"drop --{name.replace('_', '-')}")
 
 
 # options that fix the shape of the trained parameters: a resumed run cannot change them
@@ -149,4 +145,4 @@ def merge_resumed(saved: dict, given: dict) -> dict:
     return {**kept, **given}
 
 
-__all__ = ["build_parser", "load_config_file", "merge_resumed", "parse_args"]
+__all__ = ["build_parser", "check_given", "load_config_file", "merge_resumed", "parse_args"]

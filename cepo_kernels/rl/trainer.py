@@ -40,25 +40,20 @@ from cepo_kernels.rl.task import drop_long_prompts, first_wrong_credit, first_wr
 from cepo_kernels.rl.update import ppo_update
 from cepo_kernels.runfiles import MetricsError, read_metrics, write_jsonl
 from cepo_kernels.step import (
+    RolloutBatch,
     SharedPrefixUnsupported,
-    choose_negatives,
     context_hidden,
     encode,
-    evidence_stats,
-    lam_at,
+    group_advantages,
     lm_head,
     micro_batches,
     policy_logprobs,
     render_prompt,
     response_targets,
+    reweight,
     safe_rewards,
-    sequence_advantages,
-    teacher_contexts,
     teacher_logprobs,
-    teacher_rows,
-    token_advantages,
 )
-from cepo_kernels.step.contexts import cot_answers
 from cepo_kernels.step.graders import grader
 from cepo_kernels.step.rewards import answers_match, extract_boxed, with_format_bonus
 
@@ -133,9 +128,9 @@ class Trainer:
         self.stop_requested = False
         self.unsaved_metrics = []  # the records since the last checkpoint (saved in the next one)
         self.prompts_cut = 0  # prompts longer than max_prompt_tokens so far (cut to their last tokens)
+        self.options = cfg.options  # the reweight phase's options (step.options.CEPOOptions)
         self.credit = CreditRecorder(self.out, every=cfg.credit_every, samples=cfg.credit_samples,
-                                     algo=cfg.algo, eps_w=cfg.eps_w, group_size=cfg.group_size,
-                                     tokenizer=self.tok)
+                                     algo=cfg.algo, tokenizer=self.tok)
         self._t_start = time.perf_counter()
         if self.resume_from is not None:
             state = ckpt.load_checkpoint(
@@ -249,7 +244,6 @@ class Trainer:
     def step(self) -> dict:
         """One rollout batch and its updates; returns the metrics record (also appended to metrics.jsonl)."""
         cfg, s, G = self.cfg, self.step_idx, self.cfg.group_size
-        lam = lam_at(s, cfg.lam0, cfg.t_warm) if cfg.algo != "grpo" else 0.0
         t0 = time.perf_counter()
         problems = self.batch_problems(s)
         prompts = [self.prompt_ids(p) for p in problems]
@@ -258,55 +252,45 @@ class Trainer:
         refs = [p.answer for p in problems]
         per_row = lambda xs: [x for x in xs for _ in range(G)]  # noqa: E731 (one entry per group -> per row)
         rewards, reward_errors = self.rewards(texts, per_row(refs))
-        adv = sequence_advantages(rewards, G, scale=cfg.adv_scale, device=self.device)
+        adv = group_advantages(rewards, G, scale=cfg.adv_scale, device=self.device)
         t1 = time.perf_counter()
 
-        row_prompts = per_row(prompts)
         lengths = [len(r) for r in responses]
         batches = lambda rows: micro_batches(rows, lengths, G, cfg.micro_batch_size)  # noqa: E731
         pad = self.tok.pad_token_id
         _, mask = response_targets(responses, max(lengths + [1]), pad, self.device)
         weight, bias = lm_head(self.model)
         self.model.eval()
-        old = policy_logprobs(self.forward, weight, bias, row_prompts, responses, batches, pad_id=pad,
+        questions = [self.question(p) for p in problems]
+        batch = RolloutBatch(per_row(prompts), responses, adv, mask, G, texts=texts, rewards=rewards,
+                             references=per_row(refs), questions=per_row(questions),
+                             system_prompt=cfg.system_prompt)
+        old = policy_logprobs(self.forward, weight, bias, batch.prompt_ids, responses, batches, pad_id=pad,
                               device=self.device, temperature=cfg.temperature)
+        batch.old_logp = old.logp
         t_old = time.perf_counter()
-        negatives, rows, teacher_naive = None, [], 0
-        pos_logp = neg_logp = old.logp
         teacher_tokens = 0
-        if cfg.algo != "grpo":
-            questions = [self.question(p) for p in problems]
-            negatives = choose_negatives(texts, rewards, refs, G, self.extract, mode=cfg.r_minus)
-            rows = teacher_rows(adv)
-            pos_answers, neg_answers = per_row(refs), per_row([n.answer for n in negatives])
-            if cfg.cot_teacher:  # the authors' chain-of-thought teacher: rollout tokens as r+ / r-
-                pos_answers, neg_answers = cot_answers(responses, rewards, negatives, refs, G,
-                                                       cfg.cot_prefix_len, suffix=cfg.cot_suffix)
-            ctx = teacher_contexts(self.tok, rows, prompt_ids=row_prompts, pos_answers=pos_answers,
-                                   neg_answers=neg_answers,
-                                   questions=per_row(questions), template=cfg.teacher_template,
-                                   system_prompt=cfg.system_prompt)
-            # what the plain path ran: every teacher context in full, whatever lambda
-            prefixes = (ctx.pos_prefixes, ctx.neg_prefixes) if cfg.algo == "cepo" else (ctx.pos_prefixes,)
-            for pre in prefixes:
-                teacher_naive += sum(len(pre[k]) + len(responses[r]) for k, r in enumerate(rows))
-            scored = teacher_logprobs(self.forward, weight, bias, ctx, responses, batches, default=old.logp,
-                                      lam=lam, pad_id=pad, temperature=cfg.temperature,
-                                      negative="teacher" if cfg.algo == "cepo" else "old")
-            pos_logp, neg_logp, teacher_tokens = scored
+
+        def scorer(ctx, teachers):  # this loop's model on the teacher contexts (shared prefixes or plain)
+            nonlocal teacher_tokens  # (the phase calls it only at lambda > 0: lam=1.0 just means "run")
+            out = teacher_logprobs(self.forward, weight, bias, ctx, responses, batches, default=old.logp,
+                                   lam=1.0, pad_id=pad, temperature=cfg.temperature,
+                                   negative="teacher" if "neg" in teachers else "old")
+            teacher_tokens = out.tokens
+            return {"pos": out.pos[ctx.rows], "neg": out.neg[ctx.rows]}
+
+        rw = reweight(batch, scorer, self.options, s, tokenizer=self.tok, extract=self.extract)
+        lam = rw.lam
         t2 = time.perf_counter()
         # the credit diagnostic (rl/task.first_wrong_credit): the first wrong step of each wrong response
         first_wrong = [first_wrong_tokens(self.tok, problems[i // G], responses[i], texts[i])
                        if rewards[i] < 0.5 else None for i in range(len(responses))]
-        a_hat = (token_advantages(adv, pos_logp, neg_logp, mask, lam=lam, eps_w=cfg.eps_w)
-                 if lam > 0 and any(first_wrong) else None)
-        credit = first_wrong_credit(first_wrong, adv, a_hat, mask)
+        credit = first_wrong_credit(first_wrong, adv, rw.a_hat if lam > 0 else None, mask)
         # the credit maps (cepo-viz), before the update changes the weights
-        self.credit.record(step=s + 1, questions=[self.question(p) for p in problems], references=refs,
-                           negatives=negatives, responses=responses, texts=texts, rewards=rewards, adv=adv,
-                           pos_logp=pos_logp, neg_logp=neg_logp, mask=mask, lam=lam, first_wrong=first_wrong)
+        self.credit.record(step=s + 1, batch=batch, result=rw, questions=questions, first_wrong=first_wrong)
 
-        upd, update_tokens = self.update(row_prompts, responses, mask, adv, old.logp, pos_logp, neg_logp, lam)
+        upd, update_tokens = self.update(batch.prompt_ids, responses, mask, adv, old.logp, rw.pos_logp,
+                                         rw.neg_logp, lam)
         lr_used = self.optimizer.param_groups[0]["lr"]  # this step's rate, read before the schedule moves
         with warnings.catch_warnings():  # when every update was skipped (NaN), the schedule still advances
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
@@ -321,15 +305,15 @@ class Trainer:
             "reward_mean": float(np.mean(rewards)),
             "accuracy": float(np.mean([r >= 0.5 for r in rewards])),
             "reward_errors": reward_errors,
-            **evidence_stats(pos_logp - neg_logp, adv, mask),
+            **rw.delta_metrics,
             "entropy": float(old.entropy[mask].mean()) if n_tok else 0.0,
             "response_len_mean": n_tok / mask.shape[0],
-            "teacher_rows": len(rows) if lam > 0 else 0,
+            "teacher_rows": len(rw.rows) if lam > 0 else 0,
             "teacher_tokens": teacher_tokens,
-            "teacher_tokens_naive": teacher_naive,
+            "teacher_tokens_naive": rw.teacher_tokens_plain(responses),
             "policy_tokens": old.tokens + update_tokens,
             "policy_tokens_naive": old.tokens_plain * (1 + cfg.ppo_epochs),
-            "r_minus_fallbacks": sum(n.how == "fallback" for n in negatives) if negatives else 0,
+            "r_minus_fallbacks": sum(n.how == "fallback" for n in rw.negatives) if rw.negatives else 0,
             **credit,
             **upd,
             "tokens_per_s": n_tok / max(t3 - t0, 1e-9),

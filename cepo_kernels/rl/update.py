@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from cepo_kernels.rl.model import trainable_parameters
+from cepo_kernels.step.algorithms import get_algorithm
 from cepo_kernels.step.contexts import response_targets, to_device
 from cepo_kernels.step.forward import lm_head
 from cepo_kernels.step.loss import policy_loss
@@ -29,7 +30,8 @@ def ppo_update(model, optimizer, forward, cfg, *, pad_id: int, prompts, response
     B = adv.shape[0]
     mini = min(cfg.mini_batch_prompts or cfg.prompts_per_step, cfg.prompts_per_step) * G
     weight, bias = lm_head(model)
-    teachers = {} if cfg.algo == "grpo" else {"pos_logp": pos_logp, "neg_logp": neg_logp}
+    # the algorithm's entry (step.algorithms): with no teacher the loss gets none (plain GRPO)
+    teachers = {"pos_logp": pos_logp, "neg_logp": neg_logp} if get_algorithm(cfg.algo).weighted else {}
     opts = dict(bias=bias, lam=lam if teachers else 0.0, eps_w=cfg.eps_w, eps_low=cfg.eps_low,
                 eps_high=cfg.eps_high, clip_dual=cfg.clip_dual if cfg.clip_dual > 0 else None,
                 temperature=cfg.temperature, reduction=cfg.reduction)

@@ -11,12 +11,12 @@ What changes against GRPO, after TRL has generated and scored a batch (docs/meth
 2. For the local rows with a non-zero advantage, and only while lambda > 0, both teachers run without gradient
    on [prompt | template(answer) | completion] (positions renumbered over the non-pad tokens), through the
    same fused log-prob head and temperature TRL uses for the policy.
-3. The (B, T) advantages `step.token_advantages(A, pos_logp, neg_logp, mask, lam, eps_w)` replace TRL's (B,)
+3. The (B, T) advantages `step.cepo_advantages(A, pos_logp, neg_logp, mask, lam, eps_w)` replace TRL's (B,)
    ones;
    TRL's loss (every `loss_type`) accepts per-token advantages. lambda = max(0, lam0 (1 - step / t_warm)) with
    step = the trainer's `state.global_step` when the batch was generated.
 4. `cepo/lambda`, `cepo/teacher_rows`, `cepo/r_minus_fallbacks` and the Delta statistics of
-   `step.evidence_stats` (`cepo/delta_mean`, `cepo/delta_std`, `cepo/delta_mean_pos`, `cepo/delta_mean_neg`,
+   `step.delta_metrics` (`cepo/delta_mean`, `cepo/delta_std`, `cepo/delta_mean_pos`, `cepo/delta_mean_neg`,
    `cepo/frac_wrong_dir`, over all processes' tokens with A != 0) go into TRL's metrics.
 
 Supported TRL: >= 1.16, < 1.17 (the hooks used are GRPOTrainer's `_calculate_rewards` and

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from cepo_kernels._params import check_number
+from cepo_kernels.step.options import CEPOOptions, option_field, options_of
 
 __all__ = ["CEPOConfig"]
 
@@ -32,13 +32,13 @@ class CEPOConfig(GRPOConfig):
         model (beta > 0) keeps TRL's head.
     """
 
-    lam0: float = field(default=0.5, metadata={"help": "CEPO: initial lambda, in [0, 1]."})
-    t_warm: int = field(default=25, metadata={"help": "CEPO: steps over which lambda decays linearly to 0."})
-    eps_w: float = field(default=0.2, metadata={"help": "CEPO: token weight clip, in [0, 1)."})
-    teacher_template: str = field(
-        default=" {answer}",
-        metadata={"help": "CEPO: inserted after the prompt in the teachers' context; {answer} = r+ or r-."},
-    )
+    # the CEPO options: defaults, help and checks are step.options.CEPOOptions' (`self.options`)
+    lam0: float = option_field("lam0")
+    t_warm: int = option_field("t_warm")
+    eps_w: float = option_field("eps_w")
+    teacher_template: str = option_field("teacher_template", help=(
+        "text inserted after the prompt in the teachers' context, {answer} = r+ or r-; any other {name} is "
+        "refused ({question} too: TRL renders the prompt)"))
     answer_column: str = field(
         default="answer", metadata={"help": "CEPO: dataset column with the reference answer of each prompt."}
     )
@@ -53,14 +53,7 @@ class CEPOConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_number("lam0", self.lam0, lo=0.0, hi=1.0)
-        check_number("eps_w", self.eps_w, lo=0.0, hi=1.0, hi_open=True)
-        if isinstance(self.t_warm, bool) or not isinstance(self.t_warm, int) or self.t_warm < 0:
-            raise ValueError(f"t_warm: expected an int >= 0, got {self.t_warm!r}")
-        if not isinstance(self.teacher_template, str) or "{answer}" not in self.teacher_template:
-            raise ValueError(
-                f"teacher_template: expected a string containing {{answer}}, got {self.teacher_template!r}"
-            )
+        self.options  # noqa: B018 (the one validator of the CEPO options)
         if not isinstance(self.cepo_kernel_logprobs, bool):
             raise TypeError(f"cepo_kernel_logprobs: expected a bool, got {self.cepo_kernel_logprobs!r}")
         if "{question}" in self.teacher_template:
@@ -80,3 +73,7 @@ class CEPOConfig(GRPOConfig):
                 f"teacher_batch_size: expected None or an int >= 1, got {self.teacher_batch_size!r}"
             )
 
+    @property
+    def options(self) -> CEPOOptions:
+        """The reweight phase's options (algorithm cepo; checked)."""
+        return options_of(self)

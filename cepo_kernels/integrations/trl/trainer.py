@@ -12,16 +12,7 @@ from trl.trainer.utils import get_config_model_id
 
 from cepo_kernels.integrations.trl.config import CEPOConfig
 from cepo_kernels.integrations.trl.head import KernelHead
-from cepo_kernels.step import (
-    choose_negatives,
-    evidence_stats,
-    extract_boxed,
-    lam_at,
-    pack,
-    teacher_contexts,
-    teacher_rows,
-    token_advantages,
-)
+from cepo_kernels.step import RolloutBatch, extract_boxed, pack, reweight
 
 __all__ = ["CEPOTrainer"]
 
@@ -100,7 +91,7 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
     def cepo_lambda(self, step: int | None = None) -> float:
         """lambda at a 0-based generation batch (default: the current one, `cepo_generation()`)."""
         step = self.cepo_generation() if step is None else step
-        return lam_at(step, self.args.lam0, self.args.t_warm)
+        return self.args.options.lam(step)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -122,67 +113,86 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
 
     @torch.no_grad()
     def _cepo_advantages(self, output, inputs, completions, rewards_per_func):
-        """A_hat [B, T] of this process's rows: r- from the gathered batch, both teachers on the local rows
-        with A != 0 (while lambda > 0), then step.token_advantages."""
+        """A_hat [B, T] of this process's rows: TRL's batch as a RolloutBatch (r- read from the gathered
+        batch), the reweight phase with this trainer's scorer (both teachers on the local rows with A != 0,
+        while lambda > 0)."""
         mode = "train" if self.model.training else "eval"
         args = self.args
-        adv = output["advantages"].float()  # [B] this process's rows
         mask = output["completion_mask"].bool()
         if "tool_mask" in output:
             mask = mask & output["tool_mask"].bool()
         step = self.cepo_generation()
-        lam = self.cepo_lambda(step)
+        options = args.options
         G = self.num_generations if mode == "train" else self.num_generations_eval
-        B, R = mask.shape
-        pos_logp = torch.zeros(B, R, dtype=torch.float32, device=mask.device)
-        neg_logp = torch.zeros_like(pos_logp)
-        record = {"step": step, "lam": lam, "neg_answers": [], "neg_how": [], "neg_index": [],
+        batch = self._cepo_batch(output, inputs, completions, rewards_per_func, mask, G,
+                                 with_texts=options.lam(step) > 0.0)
+        record = {"step": step, "lam": options.lam(step), "neg_answers": [], "neg_how": [], "neg_index": [],
                   "teacher_rows_local": 0, "teacher_rows": 0, "teacher_forwards": 0}
-        rows = []
-        if lam > 0.0:
+        result = reweight(batch, self._cepo_scorer(output, record), options, step, tokenizer=self._tokenizer,
+                          extract=self.answer_extractor, gather=self._cepo_gathered)
+        if result.negatives is not None:
+            negatives = result.negatives
+            record.update(neg_answers=[n.answer for n in negatives], neg_how=[n.how for n in negatives],
+                          neg_index=[n.index for n in negatives], teacher_rows_local=len(result.rows))
+        self._cepo_log(mode, record, result)
+        self.cepo_last = record
+        if self.cepo_observer is not None:
+            self.cepo_observer(dict(record), {"advantages": result.advantages, "a_hat": result.a_hat,
+                                              "mask": mask, "rows": result.rows, "pos_logp": result.pos_logp,
+                                              "neg_logp": result.neg_logp})
+        return result.a_hat
+
+    def _cepo_batch(self, output, inputs, completions, rewards_per_func, mask, G, with_texts) -> RolloutBatch:
+        """This process's rows as a RolloutBatch; with_texts: the texts, rewards and references of the batch
+        gathered over all processes (for r-), else none (no r- is chosen)."""
+        adv = output["advantages"].float()  # [B] this process's rows
+        B = adv.shape[0]
+        prompt_ids, prompt_mask = output["prompt_ids"].cpu(), output["prompt_mask"].bool().cpu()
+        prompts = _LazyRows(lambda i: prompt_ids[i][prompt_mask[i]].tolist())  # only teacher rows are read
+        host_ids, host_lengths = output["completion_ids"].cpu(), output["completion_mask"].sum(1).tolist()
+        responses = _LazyRows(lambda i: host_ids[i, : host_lengths[i]].tolist(), B)
+        texts = rewards = references = None
+        if with_texts:
             rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
             rewards = rewards.masked_fill(torch.isnan(rewards_per_func).all(dim=1), float("nan")).tolist()
-            if any(args.answer_column not in x for x in inputs):
+            if any(self.args.answer_column not in x for x in inputs):
                 raise ValueError(f"answer_column: expected every example to have a column "
-                                 f"{args.answer_column!r} (reference answers), got keys {sorted(inputs[0])}")
+                                 f"{self.args.answer_column!r} (reference answers), got keys "
+                                 f"{sorted(inputs[0])}")
             texts = gather_object([_completion_text(c) for c in completions])
-            references = gather_object([str(x[args.answer_column]) for x in inputs])
+            references = gather_object([str(x[self.args.answer_column]) for x in inputs])
             if len(texts) != len(rewards) or len(texts) % G:
                 raise RuntimeError(
                     f"CEPOTrainer: {len(texts)} gathered completions, {len(rewards)} rewards, group size {G}"
                 )
-            negatives = choose_negatives(texts, rewards, references[::G], G, self.answer_extractor)
-            record.update(neg_answers=[n.answer for n in negatives], neg_how=[n.how for n in negatives],
-                          neg_index=[n.index for n in negatives])
-            rows = teacher_rows(adv, mask)
-            counts = self.accelerator.gather(torch.tensor([len(rows)], device=mask.device))
-            record["teacher_rows_local"] = len(rows)
+        return RolloutBatch(prompts, responses, adv, mask, G, texts=texts, rewards=rewards,
+                            references=references,
+                            offset=self.accelerator.process_index * B if with_texts else 0)
+
+    def _cepo_scorer(self, output, record):
+        """The reweight phase's scorer: both teachers through TRL's model, every rank running as many teacher
+        forwards as the busiest one (sharded models, FSDP or ZeRO-3, need all ranks in each forward)."""
+
+        def score(ctx, teachers):
+            device = output["completion_mask"].device
+            counts = self.accelerator.gather(torch.tensor([len(ctx.rows)], device=device))
             record["teacher_rows"] = int(counts.sum().item())
-            if int(counts.max()) > 0:
-                # every rank runs as many teacher forwards as the busiest one: sharded models (FSDP, ZeRO-3)
-                # need all ranks in each forward
-                chunk = self.args.teacher_batch_size or 2 * self.args.per_device_train_batch_size
-                n_chunks = -(-2 * int(counts.max()) // chunk)
-                offset = self.accelerator.process_index * B
-                # one device-to-host copy each, then per-row lists
-                prompt_ids, prompt_mask = output["prompt_ids"].cpu(), output["prompt_mask"].bool().cpu()
-                ctx = teacher_contexts(
-                    self._tokenizer, rows,
-                    prompt_ids={i: prompt_ids[i][prompt_mask[i]].tolist() for i in rows},
-                    pos_answers={i: references[offset + i] for i in rows},
-                    neg_answers={i: negatives[(offset + i) // G].answer for i in rows},
-                    template=args.teacher_template)
-                pos, neg = self._cepo_teacher_logprobs(output, ctx, n_chunks)
-                record["teacher_forwards"] = n_chunks
-                if rows:
-                    pos_logp[rows], neg_logp[rows] = pos, neg
-        a_hat = token_advantages(adv, pos_logp, neg_logp, mask, lam=lam, eps_w=args.eps_w)
-        self._cepo_log(mode, record, pos_logp - neg_logp, adv, mask)
-        self.cepo_last = record
-        if self.cepo_observer is not None:
-            self.cepo_observer(dict(record), {"advantages": adv, "a_hat": a_hat, "mask": mask, "rows": rows,
-                                              "pos_logp": pos_logp, "neg_logp": neg_logp})
-        return a_hat
+            if int(counts.max()) == 0:
+                return {}
+            chunk = self.args.teacher_batch_size or 2 * self.args.per_device_train_batch_size
+            n_chunks = -(-2 * int(counts.max()) // chunk)
+            record["teacher_forwards"] = n_chunks
+            pos, neg = self._cepo_teacher_logprobs(output, ctx, n_chunks)
+            return {} if pos is None else {"pos": pos, "neg": neg}
+
+        return score
+
+    def _cepo_gathered(self, delta, adv, mask):
+        """Every process's Delta, A and mask (the statistics of Delta are those of the whole batch)."""
+        pad = self.accelerator.pad_across_processes
+        d = self.accelerator.gather(pad(delta.contiguous(), dim=1))
+        m = self.accelerator.gather(pad(mask.to(torch.int32).contiguous(), dim=1)).bool()
+        return d, self.accelerator.gather(adv.contiguous()), m
 
     def _cepo_teacher_logprobs(self, output, ctx, n_chunks):
         """Both teachers' log-probs [len(ctx.rows), R] of the completions of the local rows ctx.rows, in
@@ -228,7 +238,7 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
         logp = torch.cat(out, dim=0)
         return logp[:n], logp[n:]
 
-    def _cepo_log(self, mode, record, delta, adv, mask):
+    def _cepo_log(self, mode, record, result):
         metrics = self._metrics[mode]
         metrics["cepo/lambda"].append(record["lam"])
         metrics["cepo/teacher_rows"].append(float(record["teacher_rows"]))
@@ -237,10 +247,20 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
         metrics["cepo/r_minus_fallbacks"].append(float(sum(h == "fallback" for h in record["neg_how"])))
         if record["teacher_rows"] == 0:  # no evidence this batch: nothing to average
             return
-        # gather every process's tokens, so the statistics are those of the whole batch
-        pad = self.accelerator.pad_across_processes
-        d = self.accelerator.gather(pad(delta.contiguous(), dim=1))
-        m = self.accelerator.gather(pad(mask.to(torch.int32).contiguous(), dim=1)).bool()
-        a = self.accelerator.gather(adv.contiguous())
-        for name, value in evidence_stats(d, a, m).items():
+        for name, value in result.delta_metrics.items():  # over every process's tokens (_cepo_gathered)
             metrics[f"cepo/{name}"].append(value)
+
+
+class _LazyRows:
+    """Per-row values made on first use (row i -> make(i)): host lists only for the rows read."""
+
+    def __init__(self, make, n: int | None = None):
+        self.make, self.n, self.cache = make, n, {}
+
+    def __getitem__(self, i):
+        if i not in self.cache:
+            self.cache[i] = self.make(i)
+        return self.cache[i]
+
+    def __len__(self):
+        return self.n

@@ -13,25 +13,26 @@ import contextlib
 import contextvars
 import dataclasses
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 
-from cepo_kernels._params import check_number, check_temperature
+from cepo_kernels._params import check_temperature
 from cepo_kernels.step import (
+    ALGORITHMS,
+    CEPOOptions,
+    RolloutBatch,
     choose_negatives,
-    evidence_stats,
     extract_boxed,
-    lam_at,
+    get_algorithm,
     pack,
-    teacher_contexts,
-    teacher_rows,
-    token_advantages,
+    reweight,
 )
 
-__all__ = ["ALGOS", "CEPOSettings", "cepo_active", "sequence_advantage", "negatives_by_uid", "teacher_batch",
-           "worker_group_scorer", "cepo_reweight"]
+__all__ = ["ALGOS", "CEPOSettings", "cepo_active", "sequence_advantage", "uid_groups", "negatives_by_uid",
+           "teacher_batch", "rollout_batch", "dataproto_scorer", "worker_group_scorer", "cepo_reweight"]
 
-ALGOS = ("cepo", "rlsd")
+ALGOS = tuple(name for name, a in ALGORITHMS.items() if a.weighted)  # verl runs its own GRPO
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("cepo_verl_active", default=False)
 
 
@@ -49,32 +50,29 @@ def is_active() -> bool:
     return _ACTIVE.get()
 
 
-@dataclasses.dataclass(frozen=True)
-class CEPOSettings:
-    """`algorithm.cepo` of verl's configuration (every key optional).
+# options of CEPOOptions that algorithm.cepo does not take: the algorithm is algorithm.adv_estimator, and
+# the chain-of-thought teacher needs the whole batch in one process (cepo-train's)
+NOT_SETTABLE = {"algo", "cot_teacher", "cot_prefix_len", "cot_suffix"}
 
-    lam0, t_warm: lambda(step) = max(0, lam0 (1 - step / t_warm)), step = rollout batches so far (0-based).
-    eps_w: clip of the token weight to [1 - eps_w, 1 + eps_w].
-    teacher_template: inserted after the prompt in the teachers' context, "{answer}" = r+ or r-.
-    answer_key: the key of `reward_model` (non_tensor_batch) holding r+.
+
+@dataclasses.dataclass(frozen=True)
+class CEPOSettings(CEPOOptions):
+    """`algorithm.cepo` of verl's configuration (every key optional): the CEPO options of
+    step.options.CEPOOptions (lam0, t_warm, eps_w, teacher_template, r_minus; checked there, named
+    "algorithm.cepo.NAME" in messages), plus answer_key, the key of `reward_model` (non_tensor_batch)
+    holding r+. lambda counts rollout batches (0-based). The algorithm comes from
+    `algorithm.adv_estimator` (`cepo_reweight`'s algo), not from here.
     """
 
-    lam0: float = 0.5
-    t_warm: int = 25
-    eps_w: float = 0.2
-    teacher_template: str = " {answer}"
+    where: ClassVar[str] = "algorithm.cepo."
     answer_key: str = "ground_truth"
 
     def __post_init__(self):
-        check_number("algorithm.cepo.lam0", self.lam0, lo=0.0, hi=1.0)
-        check_number("algorithm.cepo.eps_w", self.eps_w, lo=0.0, hi=1.0, hi_open=True)
-        if isinstance(self.t_warm, bool) or not isinstance(self.t_warm, int) or self.t_warm < 0:
-            raise ValueError(f"algorithm.cepo.t_warm: expected an int >= 0, got {self.t_warm!r}")
-        if not isinstance(self.teacher_template, str) or "{answer}" not in self.teacher_template \
-                or "{question}" in self.teacher_template:
+        super().__post_init__()
+        if "{question}" in self.teacher_template:
             raise ValueError("algorithm.cepo.teacher_template: expected a string containing {answer} "
-                             "(inserted "
-                             f"after verl's rendered prompt; no {{question}}), got {self.teacher_template!r}")
+                             "(inserted after verl's rendered prompt; no {question}), got "
+                             f"{self.teacher_template!r}")
         if not isinstance(self.answer_key, str) or not self.answer_key:
             raise ValueError(f"algorithm.cepo.answer_key: expected a non-empty key, got {self.answer_key!r}")
 
@@ -89,7 +87,7 @@ class CEPOSettings:
             raw = dict(raw.items())
         else:
             raise TypeError(f"algorithm.cepo: expected a mapping of CEPO options, got {type(raw).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} - NOT_SETTABLE
         unknown = sorted(set(raw) - names)
         if unknown:
             raise ValueError(f"algorithm.cepo: unknown option(s) {unknown}; expected some of {sorted(names)}")
@@ -105,17 +103,20 @@ def sequence_advantage(advantages: torch.Tensor, response_mask: torch.Tensor) ->
     return torch.where(mask.any(dim=1), advantages.gather(1, first).squeeze(1), zero)
 
 
-def negatives_by_uid(texts, rewards, uids, references, extract=extract_boxed) -> dict:
-    """r- of every group (`step.choose_negatives` on the rows sharing a uid, in batch order): uid -> Negative.
-    A group is whole in verl's driver batch, whatever order and data-parallel split its rows have."""
+def uid_groups(uids) -> list[list[int]]:
+    """The rows of each group (rows sharing a uid), groups in order of first appearance."""
     groups: dict = {}
     for i, u in enumerate(uids):
         groups.setdefault(u, []).append(i)
-    out = {}
-    for u, idx in groups.items():
-        out[u] = choose_negatives([texts[i] for i in idx], [rewards[i] for i in idx], [references[idx[0]]],
-                                  len(idx), extract)[0]
-    return out
+    return list(groups.values())
+
+
+def negatives_by_uid(texts, rewards, uids, references, extract=extract_boxed) -> dict:
+    """r- of every group (`step.choose_negatives` on the rows sharing a uid, in batch order): uid -> Negative.
+    A group is whole in verl's driver batch, whatever order and data-parallel split its rows have."""
+    return {uids[idx[0]]: choose_negatives([texts[i] for i in idx], [rewards[i] for i in idx],
+                                           [references[idx[0]]], len(idx), extract)[0]
+            for idx in uid_groups(uids)}
 
 
 def teacher_batch(prefixes: list[list[int]], responses: list[list[int]], pad_id: int, resp_len: int, device):
@@ -162,23 +163,9 @@ def _response_lengths(data) -> torch.Tensor:
     return data.batch["attention_mask"][:, P:].sum(dim=1)
 
 
-@torch.no_grad()
-def cepo_reweight(data, tokenizer, scorer: Callable, settings: CEPOSettings, step: int, algo: str = "cepo",
-                  extract=extract_boxed) -> dict[str, float]:
-    """Replaces `data.batch["advantages"]` (verl's A, [B, R]) by A_hat [B, R] and returns the CEPO metrics.
-
-    r- per uid group from the decoded responses and `token_level_rewards`; for the rows with A != 0, while
-    lambda(step) > 0, the teachers' contexts through `scorer` (CEPO: r+ and r- rows in one batch; RLSD: r+
-    only, against `old_log_probs`). At lambda = 0 the advantages are left exactly as verl computed them.
-    """
-    if algo not in ALGOS:
-        raise ValueError(f"algo: expected one of {ALGOS}, got {algo!r}")
-    if not isinstance(step, int) or step < 0:
-        raise ValueError(f"step: expected the 0-based number of rollout batches so far, got {step!r}")
-    lam = lam_at(step, settings.lam0, settings.t_warm)
-    metrics = {"cepo/lambda": lam, "cepo/teacher_rows": 0.0}
-    if lam <= 0.0:
-        return metrics
+def rollout_batch(data, tokenizer, settings: CEPOSettings, algo: str) -> RolloutBatch:
+    """verl's DataProto as a RolloutBatch: A from verl's advantages, r+ from reward_model[answer_key], the
+    groups by uid (in batch order), rewards from token_level_rewards, old_log_probs when present."""
     b, nt = data.batch, data.non_tensor_batch
     for key in ("prompts", "responses", "attention_mask", "response_mask", "advantages",
                 "token_level_rewards"):
@@ -189,46 +176,71 @@ def cepo_reweight(data, tokenizer, scorer: Callable, settings: CEPOSettings, ste
         raise KeyError("data: expected non_tensor_batch['uid'] (verl's group ids)")
     if b["position_ids"].dim() != 2:
         raise ValueError("data: multimodal (3-D) position ids are not supported by the CEPO teachers")
-    if algo == "rlsd" and "old_log_probs" not in b.keys():
-        raise KeyError("data: RLSD needs the batch field 'old_log_probs' (verl's recomputed old log-probs)")
+    if get_algorithm(algo).baseline == "old" and "old_log_probs" not in b.keys():
+        raise KeyError(f"data: {algo.upper()} needs the batch field 'old_log_probs' (verl's recomputed old "
+                       "log-probs)")
     mask = b["response_mask"].bool()
-    adv = sequence_advantage(b["advantages"], mask).float()
     lengths = _response_lengths(data).tolist()
     host_responses = b["responses"].cpu()  # one device-to-host copy, then per-row lists
     responses = [host_responses[i, : int(n)].tolist() for i, n in enumerate(lengths)]
     P = b["prompts"].shape[1]
-    references = [_reference(nt, i, settings.answer_key) for i in range(len(data))]
-    uids = list(nt["uid"])
-    rewards = b["token_level_rewards"].sum(dim=-1).tolist()
-    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-    negatives = negatives_by_uid(texts, rewards, uids, references, extract)
-    rows = teacher_rows(adv, mask)
-    metrics["cepo/teacher_rows"] = float(len(rows))
-    metrics["cepo/r_minus_fallbacks"] = float(sum(n.how == "fallback" for n in negatives.values()))
-    B, R = mask.shape
-    pos = torch.zeros(B, R, dtype=torch.float32, device=mask.device)
-    neg = b["old_log_probs"].float().clone() if algo == "rlsd" else torch.zeros_like(pos)
-    if rows:
-        prompt_valid, prompts = b["attention_mask"][:, :P].bool().cpu(), b["prompts"].cpu()
-        ctx = teacher_contexts(
-            tokenizer, rows, prompt_ids={i: prompts[i][prompt_valid[i]].tolist() for i in rows},
-            pos_answers={i: references[i] for i in rows},
-            neg_answers={i: negatives[uids[i]].answer for i in rows}, template=settings.teacher_template)
-        prefixes = ctx.pos_prefixes + (ctx.neg_prefixes if algo == "cepo" else [])
-        resp = [responses[i] for i in rows] * (2 if algo == "cepo" else 1)
-        logp = scorer(teacher_batch(prefixes, resp, _pad_id(tokenizer), R, mask.device)).to(mask.device)
-        pos[rows] = logp[: len(rows)]
-        if algo == "cepo":
-            neg[rows] = logp[len(rows):]
-    a_hat = token_advantages(adv, pos, neg, mask, lam=lam, eps_w=settings.eps_w)
-    b["advantages"] = a_hat.to(b["advantages"].dtype)
+    prompt_valid, prompts = b["attention_mask"][:, :P].bool().cpu(), b["prompts"].cpu()
+    return RolloutBatch(
+        [prompts[i][prompt_valid[i]].tolist() for i in range(len(data))], responses,
+        sequence_advantage(b["advantages"], mask).float(), mask, None,
+        texts=[tokenizer.decode(r, skip_special_tokens=True) for r in responses],
+        rewards=b["token_level_rewards"].sum(dim=-1).tolist(),
+        references=[_reference(nt, i, settings.answer_key) for i in range(len(data))],
+        groups=uid_groups(list(nt["uid"])),
+        old_logp=b["old_log_probs"].float() if "old_log_probs" in b.keys() else None)
+
+
+def dataproto_scorer(scorer: Callable, tokenizer, responses: list[list[int]], resp_len: int,
+                     device) -> Callable:
+    """The reweight phase's scorer from a DataProto scorer (`worker_group_scorer`): every teacher's rows in
+    one verl batch (`teacher_batch`), one call."""
+
+    def score(ctx, teachers):
+        if not ctx.rows:
+            return {}
+        prefixes = [p for name in teachers for p in getattr(ctx, f"{name}_prefixes")]
+        resp = [responses[r] for _ in teachers for r in ctx.rows]
+        logp = scorer(teacher_batch(prefixes, resp, _pad_id(tokenizer), resp_len, device)).to(device)
+        n = len(ctx.rows)
+        return {name: logp[k * n : (k + 1) * n] for k, name in enumerate(teachers)}
+
+    return score
+
+
+@torch.no_grad()
+def cepo_reweight(data, tokenizer, scorer: Callable, settings: CEPOSettings, step: int, algo: str = "cepo",
+                  extract=extract_boxed) -> dict[str, float]:
+    """Replaces `data.batch["advantages"]` (verl's A, [B, R]) by A_hat [B, R] and returns the CEPO metrics.
+
+    The batch as a RolloutBatch (`rollout_batch`), then the reweight phase (`step.reweight`) with the
+    scorer of verl batches `scorer` (CEPO: r+ and r- rows in one batch; RLSD: r+ only, against
+    `old_log_probs`). At lambda = 0 the advantages are left exactly as verl computed them.
+    """
+    if algo not in ALGOS:
+        raise ValueError(f"algo: expected one of {ALGOS}, got {algo!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step: expected the 0-based number of rollout batches so far, got {step!r}")
+    options = dataclasses.replace(settings, algo=algo)
+    lam = options.lam(step)
+    metrics = {"cepo/lambda": lam, "cepo/teacher_rows": 0.0}
+    if lam <= 0.0:
+        return metrics
+    batch = rollout_batch(data, tokenizer, settings, algo)
+    b, mask = data.batch, batch.mask
+    score = dataproto_scorer(scorer, tokenizer, batch.responses, mask.shape[1], mask.device)
+    result = reweight(batch, score, options, step, tokenizer=tokenizer, extract=extract)
+    metrics["cepo/teacher_rows"] = float(len(result.rows))
+    metrics["cepo/r_minus_fallbacks"] = float(sum(n.how == "fallback" for n in result.negatives))
+    b["advantages"] = result.a_hat.to(b["advantages"].dtype)
     if "returns" in b.keys():
         b["returns"] = b["advantages"].clone()  # as verl's outcome estimators: returns = advantages
-    if rows:
-        delta = (pos - neg).masked_fill(~mask, 0.0)
-        scored = set(rows)
-        delta[[i for i in range(B) if i not in scored]] = 0.0
-        metrics.update({f"cepo/{k}": v for k, v in evidence_stats(delta, adv, mask).items()})
+    if result.rows:
+        metrics.update({f"cepo/{k}": v for k, v in result.delta_metrics.items()})
     return metrics
 
 
