@@ -23,11 +23,11 @@ def assert_close(actual, ref64, torch_same_dtype, atol=1e-6, name="value"):
 
 
 def assert_within_order_noise(got, ref, variant, floor, factor=2.0, name="value"):
-    """err(got, ref) <= factor * err(variant, ref) + floor, for a computation `got` that should equal `ref` up to
-    the order of its fp32 reductions (another sharding, another batch split). `variant` is `ref`'s own
+    """err(got, ref) <= factor * err(variant, ref) + floor, for a computation `got` that should equal `ref`
+    up to the order of its fp32 reductions (another sharding, another batch split). `variant` is `ref`'s own
     computation with only its reduction order changed, so err(variant, ref) is the rounding that reordering
-    this very arithmetic makes (on this CPU, with these shapes); factor 2 allows `got` twice that. `floor` is the
-    resolution of the compared value itself (a few float32 ulps of its stored magnitude, which any two
+    this very arithmetic makes (on this CPU, with these shapes); factor 2 allows `got` twice that. `floor` is
+    the resolution of the compared value itself (a few float32 ulps of its stored magnitude, which any two
     orderings may round to neighbouring floats; exact by construction, not measured)."""
     got, ref, variant = (torch.as_tensor(v, dtype=torch.float64) for v in (got, ref, variant))
     e_got, e_var = err(got, ref), err(variant, ref)
@@ -38,7 +38,7 @@ def assert_within_order_noise(got, ref, variant, floor, factor=2.0, name="value"
 
 def ulps32(x, n=1.0):
     """n float32 ulps at the largest magnitude of x (an upper bound: eps * max|x|)."""
-    x = torch.as_tensor(x, dtype=torch.float64)
+    x = torch.as_tensor(x).detach().to(torch.float64)
     return n * torch.finfo(torch.float32).eps * (float(x.abs().max()) if x.numel() else 0.0)
 
 

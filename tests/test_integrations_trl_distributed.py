@@ -50,7 +50,8 @@ def test_a_rank_that_dies_ends_the_other_within_bounded_time(tmp_path):
     assert not list(tmp_path.glob("rank*.json"))
 
 
-_ONE_PROCESS = {}  # one process's results by (settings, per-device batch): the FSDP2 and ZeRO-3 tests share runs
+# one process's results by (settings, per-device batch): the FSDP2 and ZeRO-3 tests share these runs
+_ONE_PROCESS = {}
 KEYS = ("step", "lam", "neg_answers", "neg_how", "neg_index", "teacher_rows")
 
 
@@ -87,12 +88,13 @@ def assert_same_training(got, single, split, name=""):
     values' own float32 resolution: an ulp of the loss; per step, an ulp of the parameter an update is the
     difference of."""
     steps = len(single["losses"])
-    assert_within_order_noise(got["losses"], single["losses"], split["losses"], floor=ulps32(single["losses"]),
-                              name=f"{name} losses")
+    assert_within_order_noise(got["losses"], single["losses"], split["losses"],
+                              floor=ulps32(single["losses"]), name=f"{name} losses")
     assert any(max(map(abs, u)) > 0 for u in single["updates"].values())
     for n, u in single["updates"].items():
-        assert_within_order_noise(got["updates"][n], u, split["updates"][n],
-                                  floor=ulps32(single["param_absmax"][n], steps), name=f"{name} update of {n}")
+        floor = ulps32(single["param_absmax"][n], steps)
+        assert_within_order_noise(got["updates"][n], u, split["updates"][n], floor=floor,
+                                  name=f"{name} update of {n}")
 
 
 def test_two_processes_match_one(tmp_path):
@@ -158,8 +160,8 @@ def test_fsdp2_kernel_head_matches_one_process(tmp_path):
     assert two["dtensors"] and not one["dtensors"] and two["sharded_head"] > 0
     for mode in ("hf", "kernels", "kernels_gathered_first"):
         for name, ref in one[mode].items():
-            assert_within_order_noise(two[mode][name], ref, one[mode + "_reordered"][name], floor=ulps32(ref, 3),
-                                      name=f"{mode} {name}")
+            assert_within_order_noise(two[mode][name], ref, one[mode + "_reordered"][name],
+                                      floor=ulps32(ref, 3), name=f"{mode} {name}")
         assert max(map(abs, one[mode]["lm_head.weight"])) > 0
 
 
