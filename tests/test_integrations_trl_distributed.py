@@ -37,16 +37,12 @@ def _torchrun(out_dir, env, timeout, script_args=("4",), nproc=2):
 
 def test_a_rank_that_dies_ends_the_other_within_bounded_time(tmp_path):
     """Rank 1 raises at its first generation while rank 0 goes on into the gathers: the run ends (torchrun
-    stops the survivor; failing that, the 60 s ddp_timeout of the collective) with rank 1's error, well within
-    the subprocess limit, instead of hanging."""
-    import time
-
-    start = time.monotonic()
+    stops the survivor; failing that, the 60 s ddp_timeout of the collective) with rank 1's error, instead of
+    hanging: a hang ends in subprocess.TimeoutExpired at 4 x that timeout (no wall-clock assertion beyond it,
+    which load could move)."""
     proc = _torchrun(tmp_path, {"CEPO_TEST_DIE_RANK": "1"}, timeout=240)
-    elapsed = time.monotonic() - start
     assert proc.returncode != 0
     assert "rank 1 dies (test)" in proc.stderr
-    assert elapsed < 180, f"took {elapsed:.0f} s"
     assert not list(tmp_path.glob("rank*.json"))
 
 
