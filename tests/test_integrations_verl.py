@@ -3,7 +3,7 @@ CPU behind an in-process stand-in for the actor worker group (tests/verl_helpers
 
 import pytest
 
-pytest.importorskip("verl", reason="needs verl 0.9.x: pip install 'cepo_kernels[verl]' (see .ci/run)")
+pytest.importorskip("verl", reason="needs verl 0.9.x: pip install -e '.[verl]' (see .ci/run)")
 
 import copy  # noqa: E402
 
