@@ -1,9 +1,12 @@
 from setuptools import find_packages, setup
 
-TRAIN = ["transformers>=4.45", "peft>=0.12", "tqdm", "matplotlib", "pyyaml"]
-TRL = ["trl>=1.16,<1.17", "datasets", "accelerate"]
-# verl 0.9.x and the transformers it accepts (verl 0.9.1: >=5.5.3, !=5.6.0, <5.11; CI: 5.10.4); its GPU stack
-# (vLLM / SGLang, flash-attn, Megatron) is the user's own install
+# Ranges: the releases the test suite has run with (.ci/constraints.txt pins the exact set CI uses); widen a
+# range only after the suite passed at its new end. pillow: the vision-language images (rl/vision_task.py).
+TRAIN = ["transformers>=5.24,<5.26", "peft>=0.22,<0.23", "tqdm", "matplotlib", "pyyaml", "pillow"]
+TRL = ["trl>=1.16,<1.17", "datasets>=5.2,<6", "accelerate>=1.16,<1.17"]
+# verl 0.9.x and the transformers it accepts (verl 0.9.1: >=5.5.3, !=5.6.0, <5.11; CI: 5.10.4), in an
+# environment of its own (the [train] range is newer); its GPU stack (vLLM / SGLang, flash-attn, Megatron) is
+# the user's own install
 VERL = ["verl>=0.9,<0.10", "transformers>=5.5.3,!=5.6.0,<5.11"]
 # graders (cepo_kernels/step/graders.py): the authors' mathruler (it imports pylatexenc without declaring
 # it), Hugging Face's math-verify
@@ -31,7 +34,7 @@ setup(
         "official": OFFICIAL,
         "math-verify": MATH_VERIFY,
         # the whole test suite: the training-loop, TRL and grader tests need those extras too
-        "test": ["pytest>=7", "pytest-benchmark>=4", *TRAIN, *TRL, *OFFICIAL, *MATH_VERIFY],
+        "test": ["pytest>=9,<10", "pytest-benchmark>=5,<6", *TRAIN, *TRL, *OFFICIAL, *MATH_VERIFY],
     },
     entry_points={
         "console_scripts": [

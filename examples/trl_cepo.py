@@ -7,7 +7,7 @@ Without --model it builds everything in code (a word-level tokenizer, a 1-layer 
 arithmetic prompts), downloads nothing, and trains a few steps: the point is to show the wiring and the CEPO
 metrics, not to learn anything. With --model DIR it loads a local checkpoint (AutoModelForCausalLM and its
 tokenizer; nothing is downloaded) and a JSONL file with one {"prompt": ..., "answer": ...} per line.
-Needs: pip install "cepo_kernels[trl]" (trl 1.16).
+Needs the trl extra: pip install -e ".[trl]" in a clone of cepo_kernels (trl 1.16).
 """
 
 from __future__ import annotations

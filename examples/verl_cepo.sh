@@ -4,7 +4,7 @@
 # eps_w 0.2). NOT RUN: written against verl 0.9.1's configuration and tested only on CPU through
 # tests/test_integrations_verl.py (see README, "CEPO in verl").
 #
-#   pip install "cepo_kernels[verl]"   # plus verl's GPU stack (vLLM, flash-attn) as verl's docs say
+#   pip install -e ".[verl]"   # in a clone of cepo_kernels; plus verl's GPU stack (vLLM, flash-attn) as verl's docs say
 #   MODEL=/models/Qwen3-4B TRAIN=train.parquet TEST=test.parquet bash examples/verl_cepo.sh [overrides...]
 #
 # The parquet files are verl's format (a `prompt` chat, `reward_model.ground_truth` = r+, `data_source`).

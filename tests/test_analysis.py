@@ -304,7 +304,8 @@ def test_compare_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     assert compare.main(["--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"cepo-compare: error: cannot write table.md in {tmp_path}: no space left on device; the "
-                   "finished runs are kept (run the same command again)"]
+                   "finished runs are kept (once it can be written, the same command finishes the "
+                   "comparison)"]
 
     def run_fails(*a, **k):  # a child cepo-train's disk filled up
         raise RuntimeError("cepo-compare: the cepo run with seed 0 failed (exit 2):\nINFO x\n"
@@ -315,3 +316,52 @@ def test_compare_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["cepo-compare: the cepo run with seed 0 failed (exit 2): cepo-train: error: cannot write "
                    f"step_000002 in {tmp_path}: no space left"]
+
+
+def test_compare_damaged_run_files_are_run_again_or_one_line(tmp_path, compared, capsys, monkeypatch):
+    """A damaged summary.json, or a run without metrics.jsonl, is run again (and said so); a damaged
+    machine.json, or a run that still has no metrics.jsonl, is one line (exit 2), never a traceback."""
+    out = tmp_path / "c"
+    shutil.copytree(compared, out)
+    monkeypatch.setattr(compare, "base_config", lambda rest: {})
+    calls = []
+
+    def rerun(base, algo, seed, rdir, keep_models, metrics=True):  # stands in for a cepo-train run
+        calls.append((algo, seed))
+        shutil.rmtree(rdir)
+        shutil.copytree(compared / "runs" / f"{algo}-seed{seed}", rdir)
+        if not metrics:
+            (rdir / "metrics.jsonl").unlink()
+        return 1.0
+
+    monkeypatch.setattr(compare, "run_one", rerun)
+    args = ["--out", str(out), "--seeds", "2", "--last", "2"]
+    (out / "runs" / "cepo-seed0" / "summary.json").write_text('{"eval_accuracy_start": 0.')
+    (out / "runs" / "grpo-seed1" / "metrics.jsonl").unlink()
+    assert compare.main(args) == 0
+    assert calls == [("cepo", 0), ("grpo", 1)]
+    said = capsys.readouterr().out
+    assert f"cepo-compare: {out / 'runs' / 'cepo-seed0' / 'summary.json'}: damaged (" in said
+    assert "running cepo-seed0 again" in said and "without metrics.jsonl; running grpo-seed1 again" in said
+
+    def one_line():
+        assert compare.main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("cepo-compare: error: "), err
+        return err[0]
+
+    machine = (out / "machine.json").read_text()
+    (out / "machine.json").write_text(machine[:20])
+    assert f"{out / 'machine.json'}: damaged (" in one_line() and "move it aside" in one_line()
+    (out / "machine.json").write_text(machine)
+    monkeypatch.setattr(compare, "run_one", lambda *a: rerun(*a, metrics=False))
+    (out / "runs" / "rlsd-seed0" / "summary.json").write_text("[]")
+    assert f"{out / 'runs' / 'rlsd-seed0'}: no metrics.jsonl" in one_line()
+
+
+def test_compare_out_is_a_file(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert compare.main(["--out", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"cepo-compare: error: out: {tmp_path / 'f'} is a file; expected a directory (a new one, "
+                   "or the --out of an earlier comparison to finish or re-report)"]

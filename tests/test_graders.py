@@ -83,8 +83,11 @@ def test_missing_package_is_named(monkeypatch):
     with pytest.raises(ImportError, match=r"reward: 'official' needs the package 'mathruler'.*\[official\]"):
         graders.grader("official")
     monkeypatch.setitem(sys.modules, "math_verify", None)
-    with pytest.raises(ImportError, match=r"pip install 'cepo-kernels\[math-verify\]'"):
+    with pytest.raises(ImportError, match=r"`pip install math-verify` \(or, in a clone of cepo_kernels, "
+                                          r"`pip install -e \"\.\[math-verify\]\"`\)"):
         graders.math_verify_reward("\\boxed{1}", "1")
+    with pytest.raises(ImportError, match=r"`pip install mathruler pylatexenc`"):
+        graders.official_reward("\\boxed{1}", "1")
 
 
 def test_config_reward_checks():

@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("trl", reason="the trl extra is not installed (pip install -e '.[trl]')")
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' deprecations, via TRL
 
+from helpers import assert_close, err, ulps32  # noqa: E402
 from trl_helpers import (  # noqa: E402
     always_right,
     boxed_reward,
@@ -26,7 +27,6 @@ import cepo_ref  # noqa: E402
 from cepo_kernels.integrations import trl as cepo_trl  # noqa: E402
 from cepo_kernels.integrations.trl import head as trl_head  # noqa: E402
 
-EPS32 = torch.finfo(torch.float32).eps
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -92,8 +92,7 @@ def test_cepo_per_token_advantages(tmp_path, prompts):
         pos, neg = torch.zeros(B, T), torch.zeros(B, T)
         if active:
             pos[active], neg[active] = rec["pos"], rec["neg"]
-        ref = cepo_ref.cepo_advantages(adv, pos, neg, mask, lam=hist["lam"], eps_w=0.2)
-        torch.testing.assert_close(a_hat, ref, rtol=4 * EPS32, atol=4 * EPS32 * float(adv.abs().max()))
+        check_a_hat(a_hat, adv, pos, neg, mask, hist["lam"])
         evidence = mask & (pos != neg) & (adv[:, None] != 0)
         grpo = adv[:, None].expand(B, T)
         changed += int((a_hat != grpo)[evidence].sum())
@@ -106,7 +105,18 @@ def test_cepo_per_token_advantages(tmp_path, prompts):
         assert all(key in h for h in logged), key
 
 
+def check_a_hat(a_hat, adv, pos, neg, mask, lam):
+    """The trainer's A_hat against cepo_ref.cepo_advantages of the same inputs, by the house rule (its error
+    against the float64 reference within twice float32 torch's, plus an ulp of |A|)."""
+    ref = [cepo_ref.cepo_advantages(adv.to(d), pos.to(d), neg.to(d), mask, lam=lam, eps_w=0.2)
+           for d in (torch.float64, torch.float32)]
+    assert_close(a_hat, *ref, atol=ulps32(adv), name="A_hat")
+
+
 def test_lam0_zero_equals_grpo_trainer(tmp_path):
+    """Bit-exact by construction: with lambda = 0 CEPOTrainer runs no teacher pass and hands the loss A
+    broadcast over the tokens (A * mask, the same floats GRPO's [B] advantages broadcast to), so both trainers
+    do the same float operations in the same order."""
     grpo = _trainer(cepo_trl.GRPOTrainer, tmp_path / "grpo", max_steps=2)
     grpo.train()
     cepo = _trainer(cepo_trl.CEPOTrainer, tmp_path / "cepo", max_steps=2, lam0=0.0)
@@ -154,15 +164,23 @@ def test_all_correct_groups_get_zero_advantage_and_no_teacher_pass(tmp_path):
 
 
 def test_kernel_logprobs_match_trl_head(tmp_path, monkeypatch):
-    """cepo_kernel_logprobs=True (linear_logprobs / linear_teacher_logprobs) against TRL's own chunked head:
-    the same A_hat and losses over 2 steps. Tolerance: both compute the same fp32 log-softmax from the same
-    hidden states with different reduction orders over H = 16 and V = 18 terms: 64 eps of the magnitude."""
+    """cepo_kernel_logprobs=True (linear_logprobs / linear_teacher_logprobs) against TRL's own chunked head.
+    Each teacher launch's log-probs against float64 torch on the same inputs (the house rule); then the
+    first step, where both runs start from the same parameters and completions, against the TRL head's run:
+    the teachers' log-probs within the kernel's error plus torch's own (3 x torch's float32 error), A_hat
+    equal to cepo_ref's of the run's own log-probs, and the loss (on-policy, beta = 0: minus a weighted mean
+    of A_hat whose weights sum to 1) within the largest A_hat difference plus the rounding of its sum."""
     calls = {"linear_logprobs": 0, "linear_teacher_logprobs": 0}
+    launches = []  # each teacher launch: its inputs and outputs
 
     def counting(name, real):
         def counted(*args, **kwargs):
             calls[name] += 1
-            return real(*args, **kwargs)
+            out = real(*args, **kwargs)
+            if name == "linear_teacher_logprobs":
+                # copies: the weight is the live parameter, which the optimizer updates in place
+                launches.append(([t.detach().clone() for t in args], kwargs, out))
+            return out
 
         return counted
 
@@ -177,13 +195,29 @@ def test_kernel_logprobs_match_trl_head(tmp_path, monkeypatch):
     # the loss of each step (no old log-probs needed: one update per generation) and the teachers ran on them
     assert calls["linear_logprobs"] == 2 and calls["linear_teacher_logprobs"] >= 1
     assert any(s.get("rows") for s in fused.scored)  # the kernels scored teacher rows
-    tol = 64 * EPS32
-    for a, b in zip(fused.scored, base.scored, strict=True):
-        torch.testing.assert_close(a["a_hat"], b["a_hat"], rtol=tol, atol=tol * float(b["adv"].abs().max()))
-        if b.get("rows"):
-            torch.testing.assert_close(a["pos"], b["pos"], rtol=tol, atol=tol * float(b["pos"].abs().max()))
-    la, lb = torch.tensor(_losses(fused)), torch.tensor(_losses(base))
-    torch.testing.assert_close(la, lb, rtol=tol, atol=tol * float(lb.abs().max()))
+    torch_err = 0.0
+    for (pos_h, neg_h, w, targets), kw, outs in launches:
+        rows = kw["rows"].bool() & (targets >= 0)
+        for h, out in zip((pos_h, neg_h), outs, strict=True):
+            ref = [cepo_ref.linear_logprobs(h.to(d), w.to(d), targets.clamp_min(0), bias=kw["bias"],
+                                            temperature=kw["temperature"]).masked_fill(~rows, 0.0)
+                   for d in (torch.float64, torch.float32)]
+            assert_close(out, *ref, atol=ulps32(ref[0]), name="teacher log-probs")
+            torch_err = max(torch_err, err(ref[1], ref[0]))
+    for run in runs:
+        for rec, hist in zip(run.scored, run.history, strict=True):
+            pos, neg = torch.zeros_like(rec["a_hat"]), torch.zeros_like(rec["a_hat"])
+            if rec.get("rows"):
+                pos[rec["rows"]], neg[rec["rows"]] = rec["pos"], rec["neg"]
+            check_a_hat(rec["a_hat"], rec["adv"], pos, neg, rec["mask"], hist["lam"])
+    a, b = fused.scored[0], base.scored[0]
+    assert a.get("rows") == b.get("rows") and torch.equal(a["adv"], b["adv"])
+    if b.get("rows"):
+        for key in ("pos", "neg"):
+            assert err(a[key], b[key]) <= 3 * torch_err + ulps32(b[key]), key
+    n = int(b["mask"].sum())
+    bound = err(a["a_hat"], b["a_hat"]) + ulps32(b["a_hat"], n)  # (n - 1) roundings of a sum of n terms
+    assert abs(_losses(fused)[0] - _losses(base)[0]) <= bound
 
 
 @pytest.mark.parametrize("kw", [{"steps_per_generation": 2, "gradient_accumulation_steps": 1},

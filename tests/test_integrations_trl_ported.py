@@ -125,3 +125,14 @@ def test_train_with_mask_truncated_completions_all_masked(tmp_path, kind):
     tr = _make(kind, tmp_path, mask_truncated_completions=True, max_completion_length=1, max_steps=1,
                generation_kwargs={"suppress_tokens": [tiny_tokenizer().eos_token_id]})
     _train_and_check(tr, moved=False)
+
+
+@pytest.mark.parametrize("kind", TRAINERS)
+def test_no_reward_source_raises(tmp_path, kind):
+    """reward_funcs is optional (an environment may own the reward), and without any reward source both
+    trainers raise GRPOTrainer's own ValueError."""
+    cls = cepo_trl.GRPOTrainer if kind == "grpo" else cepo_trl.CEPOTrainer
+    cfg = cepo_trl.GRPOConfig if kind == "grpo" else cepo_trl.CEPOConfig
+    with pytest.raises(ValueError, match="No reward source provided"):
+        cls(model=tiny_model(0), args=tiny_config(cfg, tmp_path / kind), train_dataset=tiny_dataset(),
+            processing_class=tiny_tokenizer())

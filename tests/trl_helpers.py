@@ -216,6 +216,7 @@ def main(out_dir: str, per_device: int, steps: int = 2):
         "a_hat": [s["a_hat"].tolist() for s in trainer.scored],
         "adv": [s["adv"].tolist() for s in trainer.scored],
         "updates": updates,
+        "param_absmax": {n: float(p.abs().max()) for n, p in whole.items()},  # the resolution of an update
     }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
@@ -249,34 +250,41 @@ def fsdp_head(out_dir: str):
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
     result = {"dtensors": all(isinstance(p, DTensor) for p in model.parameters()), "sharded_head": 0}
-    for mode in ("hf", "kernels", "kernels_gathered_first"):
+    modes = ("hf", "kernels", "kernels_gathered_first")
+    # one process: both ranks' micro-batches, and again in reverse order ("<mode>_reordered": the same sums in
+    # another order, the rounding noise the test's tolerance is derived from)
+    order = [(rank, m) for m in range(2)] if world > 1 else [(r, m) for r in (0, 1) for m in range(2)]
+    runs = [(mode, order) for mode in modes]
+    if world == 1:
+        runs += [(mode + "_reordered", order[::-1]) for mode in modes]
+    for name, pairs in runs:
+        mode = name.removesuffix("_reordered")
         kernels = mode != "hf"
         model.zero_grad(set_to_none=True)
-        for r in [rank] if world > 1 else [0, 1]:  # one process: both ranks' micro-batches
-            for micro in range(2):
-                g = torch.Generator().manual_seed(100 * r + micro)
-                ids = torch.randint(3, len(WORDS), (4, 7), generator=g)
-                mask = torch.ones(4, 6)
-                if r == 1 and micro == 1:
-                    mask.zero_()  # all rows masked: a zero loss, still tied to the weights
-                # the head whole before the forward (then a DTensor shard: the all-gather path) or after it
-                # (FSDP2's root still unsharded: a plain tensor)
-                w = model.lm_head.weight
-                result["sharded_head"] += isinstance(w, DTensor)
-                w = full_weight(w) if mode == "kernels_gathered_first" else None
-                out = model(input_ids=ids, output_hidden_states=kernels, logits_to_keep=1 if kernels else 0)
-                if kernels:
-                    w = full_weight(model.lm_head.weight) if w is None else w
-                    lp = linear_logprobs(out.hidden_states[-1][:, :-1].contiguous(), w, ids[:, 1:])
-                else:
-                    lp = torch.log_softmax(out.logits[:, :-1].float(), -1).gather(2, ids[:, 1:, None])[..., 0]
-                loss = -(lp * mask).sum() / mask.sum().clamp_min(1.0)
-                (loss / (1 if world > 1 else 2)).backward()
+        for r, micro in pairs:
+            g = torch.Generator().manual_seed(100 * r + micro)
+            ids = torch.randint(3, len(WORDS), (4, 7), generator=g)
+            mask = torch.ones(4, 6)
+            if r == 1 and micro == 1:
+                mask.zero_()  # all rows masked: a zero loss, still tied to the weights
+            # the head whole before the forward (then a DTensor shard: the all-gather path) or after it
+            # (FSDP2's root still unsharded: a plain tensor)
+            w = model.lm_head.weight
+            result["sharded_head"] += isinstance(w, DTensor)
+            w = full_weight(w) if mode == "kernels_gathered_first" else None
+            out = model(input_ids=ids, output_hidden_states=kernels, logits_to_keep=1 if kernels else 0)
+            if kernels:
+                w = full_weight(model.lm_head.weight) if w is None else w
+                lp = linear_logprobs(out.hidden_states[-1][:, :-1].contiguous(), w, ids[:, 1:])
+            else:
+                lp = torch.log_softmax(out.logits[:, :-1].float(), -1).gather(2, ids[:, 1:, None])[..., 0]
+            loss = -(lp * mask).sum() / mask.sum().clamp_min(1.0)
+            (loss / (1 if world > 1 else 2)).backward()
         grads = {}
         for n, p in model.named_parameters():
             g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
             grads[n] = g.double().flatten().tolist()
-        result[mode] = grads
+        result[name] = grads
     if rank == 0:
         with open(os.path.join(out_dir, f"fsdp{world}.json"), "w") as f:
             json.dump(result, f)

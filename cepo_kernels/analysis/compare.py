@@ -5,8 +5,9 @@
 
 Runs every (seed, algo) sequentially, each as its own `cepo-train` process (seed-major, so a stopped
 comparison has whole seeds), each into OUT/runs/<algo>-seed<k>/ (metrics.jsonl, summary.json, config.json,
-credit/; the model checkpoints are deleted unless --keep-models). A run whose summary.json exists is not
-run again, so the command can be repeated to finish a stopped comparison or just to redo the report.
+credit/; the model checkpoints are deleted unless --keep-models). A run whose summary.json and metrics.jsonl
+exist is not run again (a damaged summary.json, or none, runs it again), so the command can be repeated to
+finish a stopped comparison or just to redo the report.
 Then it writes:
 
 - OUT/table.md and OUT/results.json: per algorithm, the final held-out accuracy (greedy, the last
@@ -75,11 +76,43 @@ def run_dir(out: Path, algo: str, seed: int) -> Path:
     return out / "runs" / f"{algo}-seed{seed}"
 
 
+def read_summary(rdir: Path) -> dict:
+    """A run's summary.json; ValueError naming the file when it is missing or not a JSON object."""
+    path = rdir / "summary.json"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(summary, dict):
+            raise ValueError(f"expected a JSON object, got {type(summary).__name__}")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing (the run did not finish)") from None
+    except ValueError as e:  # also a UnicodeDecodeError
+        raise ValueError(f"{path}: damaged ({e})") from None
+    return summary
+
+
+def finished(rdir: Path, log=print) -> bool:
+    """True when the run has a readable summary.json and its metrics.jsonl (it is not run again); a run with
+    a summary.json that is damaged, or without metrics.jsonl, says so and is run again."""
+    if not (rdir / "summary.json").is_file():
+        return False
+    try:
+        read_summary(rdir)
+        if not (rdir / "metrics.jsonl").is_file():
+            raise ValueError(f"{rdir}: summary.json without metrics.jsonl")
+        return True
+    except ValueError as e:
+        log(f"cepo-compare: {e}; running {rdir.name} again")
+        return False
+
+
 def final_numbers(rdir: Path, last: int) -> dict:
-    """Final held-out accuracy (the last evaluation) and the mean batch reward of the last `last` steps."""
-    rows = read_metrics(rdir / "metrics.jsonl")
+    """Final held-out accuracy (the last evaluation) and the mean batch reward of the last `last` steps.
+    ValueError naming the file when the run's metrics.jsonl or summary.json is missing or damaged."""
+    if not (rdir / "metrics.jsonl").is_file():
+        raise ValueError(f"{rdir}: no metrics.jsonl (not a finished cepo-train run)")
+    rows = read_metrics(rdir / "metrics.jsonl")  # MetricsError (a ValueError) names a damaged line
     evals = [r["eval_accuracy"] for r in rows if r.get("eval_accuracy") is not None]
-    summary = json.loads((rdir / "summary.json").read_text())
+    summary = read_summary(rdir)
     tail = rows[-last:]
     # the credit diagnostic (rl/task.first_wrong_credit) over the steps where the teachers moved A; without
     # any (GRPO), the baseline over the steps that have one
@@ -276,7 +309,13 @@ def compare(base: dict, out: Path, algos: list[str], seeds: list[int], last: int
     """Runs the missing runs, then writes table.md, results.json, curves.png and machine.json into out."""
     out.mkdir(parents=True, exist_ok=True)
     machine_path = out / "machine.json"
-    machine = json.loads(machine_path.read_text()) if machine_path.is_file() else {}
+    try:
+        machine = json.loads(machine_path.read_text(encoding="utf-8")) if machine_path.is_file() else {}
+        if not isinstance(machine, dict):
+            raise ValueError(f"expected a JSON object, got {type(machine).__name__}")
+    except ValueError as e:
+        raise ValueError(f"{machine_path}: damaged ({e}); move it aside and the comparison starts a new one "
+                         "(the runs are kept; their earlier wall times are only in the old file)") from None
     info = machine_info()
     machine.setdefault("started_utc", machine.get("date_utc", info["date_utc"]))  # the first invocation
     machine.setdefault("command", ["cepo-compare", *(argv or [])])
@@ -287,7 +326,7 @@ def compare(base: dict, out: Path, algos: list[str], seeds: list[int], last: int
     for seed in seeds:
         for algo in algos:
             rdir = run_dir(out, algo, seed)
-            if (rdir / "summary.json").is_file():
+            if finished(rdir, log):
                 continue
             log(f"cepo-compare: {algo} seed {seed} -> {rdir}")
             wall = run_one(base, algo, seed, rdir, keep_models)
@@ -329,6 +368,9 @@ def main(argv=None) -> int:
             raise ValueError(f"algos: expected a comma-separated subset of {ALGOS}, got {args.algos!r}")
         if args.last < 1:
             raise ValueError(f"last: expected a positive value, got {args.last}")
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ValueError(f"out: {args.out} is a file; expected a directory (a new one, or the --out of "
+                             "an earlier comparison to finish or re-report)")
         base = base_config(rest)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"cepo-compare: error: {e}", file=sys.stderr)
@@ -338,8 +380,11 @@ def main(argv=None) -> int:
             compare(base, Path(args.out), algos, seeds, args.last, args.keep_models, argv,
                     log=lambda m: print(m, flush=True))
     except OSError as e:  # runfiles.WriteFailed: a full disk, a read-only directory (one line)
-        print(f"cepo-compare: error: {e}; the finished runs are kept (run the same command again)",
-              file=sys.stderr)
+        print(f"cepo-compare: error: {e}; the finished runs are kept (once it can be written, the same "
+              "command finishes the comparison)", file=sys.stderr)
+        return 2
+    except ValueError as e:  # a damaged machine.json, or a run's files (read_summary, final_numbers)
+        print(f"cepo-compare: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # a run failed: its own message, and the finished runs are kept
         lines = str(e).splitlines()

@@ -15,7 +15,8 @@ def require_version(package: str, lo: str, below: str, *, extra: str, allow_env:
         mod = importlib.import_module(package)
     except ImportError as e:
         raise ImportError(f"{adapter} needs {name} (>= {lo}, < {below}): "
-                          f"pip install 'cepo_kernels[{extra}]' ({e})") from e
+                          f"`pip install '{package}>={lo},<{below}'` (or, in a clone of cepo_kernels, "
+                          f"`pip install -e \".[{extra}]\"`) ({e})") from e
     from packaging.version import Version
 
     found = Version(Version(mod.__version__).base_version)

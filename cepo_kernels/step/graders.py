@@ -22,20 +22,22 @@ __all__ = ["GRADERS", "grader", "official_accuracy", "official_reward", "math_ve
 
 GRADERS = ("boxed", "official", "math-verify")
 OFFICIAL_FORMAT_WEIGHT = 0.1
-_EXTRA = {"official": ("mathruler.grader", "official"), "math-verify": ("math_verify", "math-verify")}
+# grader: (module imported, setup.py extra, the packages that extra installs)
+_EXTRA = {"official": ("mathruler.grader", "official", "mathruler pylatexenc"),
+          "math-verify": ("math_verify", "math-verify", "math-verify")}
 
 
 def _require(name: str):
-    """The grader's package, or an ImportError naming the extra that installs it."""
+    """The grader's package, or an ImportError naming the packages to install (and, in a clone, the extra)."""
     import importlib
 
-    module, extra = _EXTRA[name]
+    module, extra, packages = _EXTRA[name]
     try:
         return importlib.import_module(module)
     except ImportError as e:
         raise ImportError(
             f"reward: {name!r} needs the package {module.split('.')[0]!r} ({e}); install it with "
-            f"pip install 'cepo-kernels[{extra}]'"
+            f"`pip install {packages}` (or, in a clone of cepo_kernels, `pip install -e \".[{extra}]\"`)"
         ) from None
 
 

@@ -46,8 +46,10 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
     `pos_logp`, `neg_logp` [B, T]) after every generation.
     """
 
-    def __init__(self, model, reward_funcs, args=None, *rest, answer_extractor=None, cepo_observer=None,
+    def __init__(self, model, reward_funcs=None, args=None, *rest, answer_extractor=None, cepo_observer=None,
                  **kwargs):
+        # reward_funcs optional as in GRPOTrainer (an environment may own the reward); with no reward source
+        # at all, GRPOTrainer raises its own ValueError
         if args is None:  # as GRPOTrainer builds its default GRPOConfig
             name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = CEPOConfig(f"{name.split('/')[-1]}-CEPO")
