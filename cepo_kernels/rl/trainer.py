@@ -22,6 +22,7 @@ import torch
 from cepo_kernels.analysis.credit import CreditRecorder
 from cepo_kernels.rl import checkpoint as ckpt
 from cepo_kernels.rl.config import TrainConfig, lr_factor
+from cepo_kernels.rl.distill import DistillUpdate
 from cepo_kernels.rl.errors import NaNLossError, RewardFunctionError
 from cepo_kernels.rl.loop import evaluate, run_steps, run_summary
 from cepo_kernels.rl.model import (
@@ -54,6 +55,7 @@ from cepo_kernels.step import (
     safe_rewards,
     teacher_logprobs,
 )
+from cepo_kernels.step.distill import distill_contexts
 from cepo_kernels.step.graders import grader
 from cepo_kernels.step.rewards import answers_match, extract_boxed, with_format_bonus
 
@@ -235,11 +237,19 @@ class Trainer:
                         "first error: %s", self.step_idx + 1, errors, len(texts), failures[0])
         return rewards, errors
 
-    def update(self, prompts, responses, mask, adv, old_logp, pos_logp, neg_logp, lam) -> tuple[dict, int]:
+    def update(self, prompts, responses, mask, adv, old_logp, pos_logp, neg_logp, lam,
+               distill=None) -> tuple[dict, int]:
         """The PPO updates of this rollout batch (rl/update.ppo_update); (metrics, policy tokens run)."""
         return ppo_update(self.model, self.optimizer, self.forward, self.cfg, pad_id=self.tok.pad_token_id,
                           prompts=prompts, responses=responses, mask=mask, adv=adv, old_logp=old_logp,
-                          pos_logp=pos_logp, neg_logp=neg_logp, lam=lam)
+                          pos_logp=pos_logp, neg_logp=neg_logp, lam=lam, distill=distill)
+
+    def distill_update(self, batch: RolloutBatch):
+        """opsd / sdpo (step.distill): the teacher contexts of the rows that get a loss; None otherwise."""
+        if not self.options.algorithm.distills:
+            return None
+        ctx = distill_contexts(batch, self.options, self.tok)
+        return DistillUpdate(ctx, self.options, self.model, self.forward, batch.n_rows, self.device)
 
     def step(self) -> dict:
         """One rollout batch and its updates; returns the metrics record (also appended to metrics.jsonl)."""
@@ -290,7 +300,7 @@ class Trainer:
         self.credit.record(step=s + 1, batch=batch, result=rw, questions=questions, first_wrong=first_wrong)
 
         upd, update_tokens = self.update(batch.prompt_ids, responses, mask, adv, old.logp, rw.pos_logp,
-                                         rw.neg_logp, lam)
+                                         rw.neg_logp, lam, self.distill_update(batch))
         lr_used = self.optimizer.param_groups[0]["lr"]  # this step's rate, read before the schedule moves
         with warnings.catch_warnings():  # when every update was skipped (NaN), the schedule still advances
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
