@@ -10,6 +10,7 @@ import torch
 from helpers import assert_close
 
 import cepo_ref
+from cepo_kernels.analysis import compare
 from cepo_kernels.rl.cli import main
 from cepo_kernels.rl.config import TrainConfig
 from cepo_kernels.rl.distill import DistillUpdate
@@ -203,3 +204,25 @@ def test_cepo_train_sdpo_blend(tmp_path):
     rows = _check_run(tmp_path / "sdpo", "sdpo")
     assert any(r["teacher_rows"] for r in rows)  # the warm-up makes some groups partly right
     assert all(r["clip_frac"] is not None for r in rows)  # the blend runs the GRPO loss too
+
+
+def test_compare_takes_the_table():
+    assert compare.parse_algos("cepo,grpo,rlsd,opsd,sdpo") == ["cepo", "grpo", "rlsd", "opsd", "sdpo"]
+    for bad in ("cepo,ppo", "", "opsd,opsd"):
+        with pytest.raises(ValueError, match="algos: expected a comma-separated subset of"):
+            compare.parse_algos(bad)
+    assert "sdpo" in compare.build_parser().format_help()
+
+
+def test_compare_runs_opsd_and_sdpo(tmp_path, capsys):
+    flags = ["--steps", "1", "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "4",
+             "--micro-batch-size", "8", "--sft-steps", "10", "--sft-batch-size", "16", "--eval-every", "1",
+             "--eval-size", "4", "--save-every", "0"]
+    assert compare.main(["--out", str(tmp_path), "--seeds", "1", "--algos", "opsd,sdpo", "--last", "1",
+                         *flags]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["algos"] == ["opsd", "sdpo"]
+    table = (tmp_path / "table.md").read_text()
+    assert "| opsd | 1 |" in table and "| sdpo | 1 |" in table
+    assert compare.main(["--out", str(tmp_path), "--algos", "opsd,grpo2"]) == 2
+    assert "algos: expected" in capsys.readouterr().err

@@ -1,7 +1,9 @@
-"""`cepo-compare`: CEPO vs GRPO vs RLSD with several seeds each and everything else equal.
+"""`cepo-compare`: CEPO vs GRPO vs RLSD (and any algorithm of the table: OPSD, SDPO) with several seeds
+each and everything else equal.
 
     cepo-compare --out docs/compare-2026-11-30 --seeds 5            # the default cepo-train config
     cepo-compare --out /tmp/c --seeds 2 --steps 3 --sft-steps 10    # any cepo-train flag sets the base
+    cepo-compare --out /tmp/c5 --algos cepo,grpo,rlsd,opsd,sdpo     # all five algorithms
 
 Runs every (seed, algo) sequentially, each as its own `cepo-train` process (seed-major, so a stopped
 comparison has whole seeds), each into OUT/runs/<algo>-seed<k>/ (metrics.jsonl, summary.json, config.json,
@@ -36,8 +38,23 @@ from pathlib import Path
 
 from cepo_kernels.analysis.stats import paired_stats
 from cepo_kernels.runfiles import atomic_write, read_metrics, write_json, writing
+from cepo_kernels.step.algorithms import ALGORITHMS
 
-ALGOS = ("cepo", "grpo", "rlsd")
+DEFAULT_ALGOS = ("cepo", "grpo", "rlsd")
+
+
+def known_algos() -> tuple[str, ...]:
+    """Every algorithm of the table (step.algorithms.ALGORITHMS), read when called (registered ones too)."""
+    return tuple(ALGORITHMS)
+
+
+def parse_algos(text: str) -> list[str]:
+    """The comma-separated algorithms of --algos: at least one, each of the table, no repeats."""
+    algos = [a.strip() for a in text.split(",") if a.strip()]
+    known = known_algos()
+    if not algos or any(a not in known for a in algos) or len(set(algos)) != len(algos):
+        raise ValueError(f"algos: expected a comma-separated subset of {known} without repeats, got {text!r}")
+    return algos
 CREDIT_KEYS = ("credit_first_wrong_share", "credit_first_wrong_baseline")
 
 
@@ -50,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (runs/, table.md, curves.png, ...)")
     p.add_argument("--seeds", default="5",
                    help="a count N (seeds 0..N-1) or a comma-separated list (default 5)")
-    p.add_argument("--algos", default=",".join(ALGOS), help=f"comma-separated (default {','.join(ALGOS)})")
+    p.add_argument("--algos", default=",".join(DEFAULT_ALGOS),
+                   help=f"comma-separated, of {','.join(known_algos())} (default {','.join(DEFAULT_ALGOS)})")
     p.add_argument("--last", type=int, default=5, help="steps averaged for the final reward (default 5)")
     p.add_argument("--keep-models", action="store_true", help="keep each run's checkpoints and final model")
     return p
@@ -323,10 +341,7 @@ def main(argv=None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     try:
         seeds = parse_seeds(args.seeds)
-        algos = [a.strip() for a in args.algos.split(",") if a.strip()]
-        bad = [a for a in algos if a not in ALGOS]
-        if bad or not algos:
-            raise ValueError(f"algos: expected a comma-separated subset of {ALGOS}, got {args.algos!r}")
+        algos = parse_algos(args.algos)
         if args.last < 1:
             raise ValueError(f"last: expected a positive value, got {args.last}")
         base = base_config(rest)
