@@ -14,12 +14,13 @@ from cepo_kernels.analysis import compare
 from cepo_kernels.rl.cli import main
 from cepo_kernels.rl.config import TrainConfig
 from cepo_kernels.rl.distill import DistillUpdate
+from cepo_kernels.rl.model import apply_lora
 from cepo_kernels.rl.task import build_tiny_model, build_tokenizer
 from cepo_kernels.rl.trainer import Trainer
 from cepo_kernels.rl.update import ppo_update
 from cepo_kernels.step import ALGORITHMS, CEPOOptions, RolloutBatch, encode, render_prompt, teacher_prefix
 from cepo_kernels.step.contexts import response_targets
-from cepo_kernels.step.distill import distill_contexts, successful_peer
+from cepo_kernels.step.distill import Teacher, distill_contexts, successful_peer
 from cepo_kernels.step.distill_templates import OPSD_TEMPLATE, SDPO_TEMPLATE
 from cepo_kernels.step.forward import context_hidden, lm_head
 
@@ -51,8 +52,10 @@ def test_table_entries():
     assert CEPOOptions(algo="opsd").lam(0) == 0.0  # no reweight teachers
     with pytest.raises(ValueError, match="distillation_weight"):
         CEPOOptions(algo="sdpo", distillation_weight=1.5)
-    with pytest.raises(ValueError, match="distill_teacher"):
-        TrainConfig(algo="opsd", distill_teacher="initial")  # without LoRA
+    with pytest.raises(ValueError, match="distill_teacher: expected one of"):
+        TrainConfig(algo="opsd", distill_teacher="frozen")
+    with pytest.raises(ValueError, match="distill_ema_rate"):
+        TrainConfig(algo="sdpo", distill_ema_rate=0.0)
 
 
 def test_sdpo_context_is_a_successful_peer_never_the_sample():
@@ -82,8 +85,9 @@ def _setup(algo, seed=0):
     batch = _batch(tok)
     opts = CEPOOptions(algo=algo)
 
-    def forward(contexts, responses):
-        return context_hidden(model, contexts, responses, pad_id=tok.pad_token_id, device="cpu", share=False)
+    def forward(contexts, responses, m=None):
+        return context_hidden(m or model, contexts, responses, pad_id=tok.pad_token_id, device="cpu",
+                              share=False)
 
     return tok, model, batch, opts, forward
 
@@ -92,7 +96,7 @@ def _setup(algo, seed=0):
 def test_loss_matches_cepo_ref_and_rows_without_a_peer_get_nothing(algo):
     tok, model, batch, opts, forward = _setup(algo)
     ctx = distill_contexts(batch, opts, tok)
-    upd = DistillUpdate(ctx, opts, model, forward, batch.n_rows, "cpu")
+    upd = DistillUpdate(ctx, opts, Teacher(model, opts), forward, batch.n_rows, "cpu")
     rows = list(range(batch.n_rows))
     h = forward(batch.prompt_ids, batch.responses)[0].detach().requires_grad_(True)
     R = h.shape[1]
@@ -154,7 +158,7 @@ def test_opsd_gradient_is_the_divergence_gradient_only():
     grads = []
     for adv in (torch.zeros(n), torch.randn(n, generator=torch.Generator().manual_seed(1)) * 3):
         rec = _Recorder(model.parameters())
-        upd = DistillUpdate(ctx, opts, model, forward, n, "cpu")
+        upd = DistillUpdate(ctx, opts, Teacher(model, opts), forward, n, "cpu")
         ppo_update(model, rec, forward, cfg, pad_id=tok.pad_token_id, prompts=batch.prompt_ids,
                    responses=batch.responses, mask=batch.mask, adv=adv, old_logp=old, pos_logp=old,
                    neg_logp=old, lam=0.5, distill=upd)
@@ -200,7 +204,8 @@ def test_cepo_train_opsd(tmp_path):
 
 
 def test_cepo_train_sdpo_blend(tmp_path):
-    Trainer(TrainConfig(**TINY, algo="sdpo", distillation_weight=0.5, out_dir=str(tmp_path / "sdpo"))).train()
+    Trainer(TrainConfig(**TINY, algo="sdpo", distillation_weight=0.5, distill_teacher="ema",
+                        out_dir=str(tmp_path / "sdpo"))).train()
     rows = _check_run(tmp_path / "sdpo", "sdpo")
     assert any(r["teacher_rows"] for r in rows)  # the warm-up makes some groups partly right
     assert all(r["clip_frac"] is not None for r in rows)  # the blend runs the GRPO loss too
@@ -226,3 +231,40 @@ def test_compare_runs_opsd_and_sdpo(tmp_path, capsys):
     assert "| opsd | 1 |" in table and "| sdpo | 1 |" in table
     assert compare.main(["--out", str(tmp_path), "--algos", "opsd,grpo2"]) == 2
     assert "algos: expected" in capsys.readouterr().err
+
+
+def test_teacher_weights():
+    tok, model, batch, _, forward = _setup("sdpo")
+    before = [p.detach().clone() for p in model.parameters()]
+    live = Teacher(model, CEPOOptions(algo="sdpo"))
+    initial = Teacher(model, CEPOOptions(algo="sdpo", distill_teacher="initial"))  # no LoRA: a frozen copy
+    ema = Teacher(model, CEPOOptions(algo="sdpo", distill_teacher="ema", distill_ema_rate=0.25))
+    assert live.model_and_context()[0] is model and initial.copy is not None
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    for t in (live, initial, ema):
+        t.after_step()
+    for b, p, i, e in zip(before, model.parameters(), initial.copy.parameters(), ema.copy.parameters(),
+                          strict=True):
+        assert torch.equal(i, b) and not i.requires_grad
+        torch.testing.assert_close(e, b + 0.25 * (p.detach() - b), rtol=0, atol=4 * torch.finfo(b.dtype).eps
+                                   * float(b.abs().max() + 1))
+
+
+def test_initial_teacher_disables_lora():
+    tok, model, batch, _, forward = _setup("opsd")
+    plain = forward(batch.prompt_ids[:2], batch.responses[:2])[0].detach()
+    lora = apply_lora(model, TrainConfig(lora_rank=4))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    teacher = Teacher(lora, CEPOOptions(algo="opsd", distill_teacher="initial"))
+    assert teacher.copy is None
+    m, context = teacher.model_and_context()
+    with torch.no_grad(), context:
+        off = forward(batch.prompt_ids[:2], batch.responses[:2], m)[0]
+    with torch.no_grad():
+        on = forward(batch.prompt_ids[:2], batch.responses[:2], lora)[0]
+    assert torch.equal(off, plain) and not torch.allclose(on, plain)

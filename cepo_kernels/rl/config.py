@@ -107,6 +107,7 @@ class TrainConfig:
     sdpo_template: str = option_field("sdpo_template")
     distill_beta: float = option_field("distill_beta")
     distill_teacher: str = option_field("distill_teacher")
+    distill_ema_rate: float = option_field("distill_ema_rate")
     sdpo_topk: int = option_field("sdpo_topk")
     sdpo_is_clip: float = option_field("sdpo_is_clip")
     distillation_weight: float = option_field("distillation_weight")
@@ -264,10 +265,6 @@ def check_config(cfg: TrainConfig):
             f"digits runs: --max-new-tokens 24 --sft-steps 400 --lr 3e-5)"
         )
     cfg.options  # noqa: B018 (the CEPO options' one validator: step.options.CEPOOptions)
-    if cfg.distill_teacher == "initial" and cfg.lora_rank == 0:
-        raise ValueError("distill_teacher: 'initial' runs the policy with its LoRA adapter disabled, so it "
-                         "needs --lora-rank > 0 (a frozen full copy is not offered); got "
-                         f"lora_rank={cfg.lora_rank}; use 'live'")
     if cfg.task != "arith" and cfg.data is not None:
         raise ValueError(f"task: --task {cfg.task} is an embedded task and --data {cfg.data!r} a data file; "
                          "give one of them")

@@ -6,17 +6,18 @@ from __future__ import annotations
 import torch
 
 from cepo_kernels.step.contexts import to_device
-from cepo_kernels.step.distill import DistillContexts, distill_loss, teacher_weights, zero_loss
+from cepo_kernels.step.distill import DistillContexts, Teacher, distill_loss, zero_loss
 
 DISTILL_METRICS = ("divergence_mean", "is_weight_mean", "is_clip_frac")
 
 
 class DistillUpdate:
     """What ppo_update needs to add a distillation loss: contexts (step.distill.distill_contexts) of this
-    rollout batch, the options, the model and the forward (trainer.forward) that runs it."""
+    rollout batch, the options, the teacher (step.distill.Teacher) and forward(contexts, responses, model)
+    (trainer.forward) that runs it."""
 
-    def __init__(self, contexts: DistillContexts, options, model, forward, n_rows: int, device):
-        self.options, self.model, self.forward = options, model, forward
+    def __init__(self, contexts: DistillContexts, options, teacher: Teacher, forward, n_rows: int, device):
+        self.options, self.teacher, self.forward = options, teacher, forward
         self.prefix = contexts.prefix_of()
         keep = torch.zeros(n_rows, dtype=torch.bool)
         keep[contexts.rows] = True
@@ -37,9 +38,10 @@ class DistillUpdate:
         idx = [k for k, r in enumerate(rows) if r in self.prefix]
         if not idx:
             return zero_loss(h)
-        with torch.no_grad(), teacher_weights(self.model, self.options):
+        model, context = self.teacher.model_and_context()
+        with torch.no_grad(), context:
             th, run, naive = self.forward([self.prefix[rows[k]] for k in idx],
-                                          [responses[rows[k]] for k in idx])
+                                          [responses[rows[k]] for k in idx], model)
         self.teacher_tokens += run
         self.teacher_tokens_naive += naive
         teacher_h = torch.zeros_like(h)  # rows without a loss are masked (never read)
@@ -53,6 +55,10 @@ class DistillUpdate:
         for k in DISTILL_METRICS:
             self.sums[k] = self.sums.get(k, 0.0) + n * out.metrics[k]
         return out.loss
+
+    def after_step(self):
+        """After each optimizer step: the EMA teacher follows the policy."""
+        self.teacher.after_step()
 
     def metrics(self) -> dict:
         """Token-weighted means of DISTILL_METRICS over the distilled tokens, and the teacher tokens run."""

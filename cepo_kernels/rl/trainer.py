@@ -55,7 +55,7 @@ from cepo_kernels.step import (
     safe_rewards,
     teacher_logprobs,
 )
-from cepo_kernels.step.distill import distill_contexts
+from cepo_kernels.step.distill import Teacher, distill_contexts
 from cepo_kernels.step.graders import grader
 from cepo_kernels.step.rewards import answers_match, extract_boxed, with_format_bonus
 
@@ -187,20 +187,22 @@ class Trainer:
         """Greedy held-out accuracy (rl/loop.evaluate)."""
         return evaluate(self, problems)
 
-    def forward(self, contexts: list[list[int]], responses: list[list[int]]) -> tuple[torch.Tensor, int, int]:
+    def forward(self, contexts: list[list[int]], responses: list[list[int]],
+                model=None) -> tuple[torch.Tensor, int, int]:
         """(hidden [n, R, H] predicting each response after its context; tokens run; tokens of the plain
-        path): step.context_hidden, sharing contexts unless disabled, unsupported, or under gradient
-        checkpointing with gradients on."""
+        path) of `model` (default the policy): step.context_hidden, sharing contexts unless disabled,
+        unsupported, or under gradient checkpointing with gradients on."""
+        model = self.model if model is None else model
         share = self.share_prefix and not (torch.is_grad_enabled() and self.cfg.gradient_checkpointing)
         kw = dict(pad_id=self.tok.pad_token_id, device=self.device)
         if share:
             try:
-                return context_hidden(self.model, contexts, responses, share=True, **kw)
+                return context_hidden(model, contexts, responses, share=True, **kw)
             except SharedPrefixUnsupported as e:
                 self.share_prefix = False
                 log.warning("shared prefixes are not supported for this model (%s): running every context "
                             "in full", e)
-        return context_hidden(self.model, contexts, responses, share=False, **kw)
+        return context_hidden(model, contexts, responses, share=False, **kw)
 
     def rollout(self, prompts: list[list[int]]) -> list[list[int]]:
         """group_size sampled responses per prompt (token ids, groups contiguous)."""
@@ -248,8 +250,13 @@ class Trainer:
         """opsd / sdpo (step.distill): the teacher contexts of the rows that get a loss; None otherwise."""
         if not self.options.algorithm.distills:
             return None
+        if getattr(self, "teacher", None) is None:  # at the first step (after the warm-up, or a resume)
+            self.teacher = Teacher(self.model, self.options)
+            if self.step_idx > 0 and self.teacher.copy is not None:
+                log.warning("distill_teacher=%s: the teacher copy is not checkpointed; after this resume it "
+                            "starts from the resumed policy", self.options.distill_teacher)
         ctx = distill_contexts(batch, self.options, self.tok)
-        return DistillUpdate(ctx, self.options, self.model, self.forward, batch.n_rows, self.device)
+        return DistillUpdate(ctx, self.options, self.teacher, self.forward, batch.n_rows, self.device)
 
     def step(self) -> dict:
         """One rollout batch and its updates; returns the metrics record (also appended to metrics.jsonl)."""

@@ -83,6 +83,8 @@ def ppo_update(model, optimizer, forward, cfg, *, pad_id: int, prompts, response
                 optimizer.zero_grad(set_to_none=True)
                 continue
             optimizer.step()
+            if distill is not None:
+                distill.after_step()
             losses.append(loss_value)
             grad_norms.append(grad_norm)
     optimizer.zero_grad(set_to_none=True)  # no gradients held through the next rollouts

@@ -14,6 +14,7 @@ Both use the fused `linear_divergence_loss` on the student's and the teacher's h
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import NamedTuple
 
 import torch
@@ -23,7 +24,7 @@ from cepo_kernels.step.batch import RolloutBatch
 from cepo_kernels.step.contexts import teacher_prefix
 from cepo_kernels.step.options import CEPOOptions
 
-__all__ = ["DistillContexts", "successful_peer", "distill_contexts", "distill_loss", "teacher_weights",
+__all__ = ["DistillContexts", "successful_peer", "distill_contexts", "distill_loss", "Teacher",
            "SUCCESS"]
 
 SUCCESS = 0.5  # a rollout with reward >= SUCCESS is a successful peer (SDPO)
@@ -95,15 +96,33 @@ def distill_loss(hidden, teacher_hidden, weight, bias, targets, mask, options: C
                                   metrics=metrics, **kw)
 
 
-def teacher_weights(model, options: CEPOOptions):
-    """A context manager under which `model` computes the teacher: live (as it is) or initial (its LoRA
-    adapter disabled: peft's `disable_adapter`; ValueError for a model without one)."""
-    if options.distill_teacher == "live":
-        return contextlib.nullcontext()
-    if not hasattr(model, "disable_adapter"):
-        raise ValueError("distill_teacher: 'initial' disables the LoRA adapter (needs --lora-rank > 0); "
-                         "without LoRA use 'live'")
-    return model.disable_adapter()
+class Teacher:
+    """The teacher's weights (options.distill_teacher): live (the policy as it is, no gradient), initial
+    (the policy at the first distillation step: its LoRA adapter disabled when it has one, else a frozen
+    copy), or ema (a copy updated after every optimizer step, theta_T <- theta_T + rate (theta - theta_T),
+    rate = options.distill_ema_rate). `model_and_context()` gives the model to run and the context to run
+    it in; `after_step()` moves the EMA copy."""
+
+    def __init__(self, model, options: CEPOOptions):
+        self.policy, self.rate, self.copy, self.disable = model, options.distill_ema_rate, None, False
+        mode = options.distill_teacher
+        if mode == "initial" and hasattr(model, "disable_adapter"):
+            self.disable = True
+        elif mode in ("initial", "ema"):
+            self.copy = copy.deepcopy(model).eval()
+            self.copy.requires_grad_(False)
+        self.ema = mode == "ema"
+
+    def model_and_context(self):
+        if self.disable:
+            return self.policy, self.policy.disable_adapter()
+        return (self.copy if self.copy is not None else self.policy), contextlib.nullcontext()
+
+    @torch.no_grad()
+    def after_step(self):
+        if self.ema:
+            for t, p in zip(self.copy.parameters(), self.policy.parameters(), strict=True):
+                t.lerp_(p.detach().to(t.dtype), self.rate)
 
 
 def zero_loss(hidden: torch.Tensor) -> torch.Tensor:

@@ -10,4 +10,5 @@ Both are user messages ({question}, {answer}) that go through the chat template 
 OPSD_TEMPLATE = ("{question}\n\nHere is a reference solution to this problem:\n{answer}\n\n"
                  "After understanding the reference solution, solve the problem with your own reasoning.")
 SDPO_TEMPLATE = "{question}\nCorrect solution:\n\n{answer}\n\n\n\nCorrectly solve the original question.\n"
-DISTILL_TEACHERS = ("live", "initial")  # the current weights (no gradient), or the initial (LoRA disabled)
+# the current weights (no gradient), the initial ones (LoRA disabled, else a frozen copy), an EMA copy
+DISTILL_TEACHERS = ("live", "initial", "ema")

@@ -62,8 +62,10 @@ class CEPOOptions:
     distill_beta: float = field(default=0.5, metadata=_help(
         "opsd/sdpo: the generalized JSD's coefficient in [0, 1] (0: KL(teacher || student), 1: reverse KL)"))
     distill_teacher: str = field(default="live", metadata=_help(
-        "opsd/sdpo teacher weights: live (the current policy, no gradient) or initial (LoRA disabled; "
-        "needs --lora-rank > 0)"))
+        "opsd/sdpo teacher weights: live (the current policy, no gradient), initial (LoRA disabled, else a "
+        "frozen copy) or ema (a copy, see --distill-ema-rate)"))
+    distill_ema_rate: float = field(default=0.05, metadata=_help(
+        "with --distill-teacher ema: teacher += rate (policy - teacher) per optimizer step, in (0, 1]"))
     sdpo_topk: int = field(default=100, metadata=_help(
         "sdpo: the JSD over the student's top-k ids plus a tail bucket; 0: the full vocabulary"))
     sdpo_is_clip: float = field(default=2.0, metadata=_help(
@@ -90,6 +92,7 @@ class CEPOOptions:
             check_template(getattr(self, name), f"{w}{name}")
         _number(f"{w}distill_beta", self.distill_beta, "[0, 1]", lambda v: 0.0 <= v <= 1.0)
         _number(f"{w}distillation_weight", self.distillation_weight, "[0, 1]", lambda v: 0.0 <= v <= 1.0)
+        _number(f"{w}distill_ema_rate", self.distill_ema_rate, "(0, 1]", lambda v: 0.0 < v <= 1.0)
         _number(f"{w}sdpo_is_clip", self.sdpo_is_clip, "(0, inf)", lambda v: v > 0.0)
         if self.distill_teacher not in DISTILL_TEACHERS:
             raise ValueError(f"{w}distill_teacher: expected one of {DISTILL_TEACHERS}, "
