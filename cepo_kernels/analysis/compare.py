@@ -43,15 +43,9 @@ from cepo_kernels.step.algorithms import ALGORITHMS
 DEFAULT_ALGOS = ("cepo", "grpo", "rlsd")
 
 
-def known_algos() -> tuple[str, ...]:
-    """Every algorithm of the table (step.algorithms.ALGORITHMS), read when called (registered ones too)."""
-    return tuple(ALGORITHMS)
-
-
 def parse_algos(text: str) -> list[str]:
-    """The comma-separated algorithms of --algos: at least one, each of the table, no repeats."""
-    algos = [a.strip() for a in text.split(",") if a.strip()]
-    known = known_algos()
+    """--algos: at least one algorithm of the table (step.algorithms.ALGORITHMS), no repeats."""
+    algos, known = [a.strip() for a in text.split(",") if a.strip()], tuple(ALGORITHMS)
     if not algos or any(a not in known for a in algos) or len(set(algos)) != len(algos):
         raise ValueError(f"algos: expected a comma-separated subset of {known} without repeats, got {text!r}")
     return algos
@@ -68,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="5",
                    help="a count N (seeds 0..N-1) or a comma-separated list (default 5)")
     p.add_argument("--algos", default=",".join(DEFAULT_ALGOS),
-                   help=f"comma-separated, of {','.join(known_algos())} (default {','.join(DEFAULT_ALGOS)})")
+                   help=f"comma-separated, of {','.join(ALGORITHMS)} (default {','.join(DEFAULT_ALGOS)})")
     p.add_argument("--last", type=int, default=5, help="steps averaged for the final reward (default 5)")
     p.add_argument("--keep-models", action="store_true", help="keep each run's checkpoints and final model")
     return p
