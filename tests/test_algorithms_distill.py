@@ -268,3 +268,21 @@ def test_initial_teacher_disables_lora():
     with torch.no_grad():
         on = forward(batch.prompt_ids[:2], batch.responses[:2], lora)[0]
     assert torch.equal(off, plain) and not torch.allclose(on, plain)
+
+
+def test_teacher_copy_is_checkpointed_and_resumed(tmp_path):
+    cfg = TrainConfig(**{**TINY, "sft_steps": 10, "eval_every": 0, "save_every": 1}, algo="opsd",
+                      distill_teacher="ema", distill_ema_rate=0.5, out_dir=str(tmp_path / "run"))
+    Trainer(cfg).train()
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000001"
+    saved = torch.load(ckpt / "distill_teacher.pt", weights_only=True)
+    policy = torch.load(ckpt / "model_state.pt", weights_only=True)
+    assert any(not torch.equal(saved[k], policy[k]) for k in saved)  # the EMA lags the policy
+    resumed = Trainer(TrainConfig(**{**TINY, "sft_steps": 10, "eval_every": 0}, algo="opsd",
+                                  distill_teacher="ema", resume=str(ckpt)))
+    try:
+        teacher = resumed.distill_teacher()
+        for k, v in teacher.copy.state_dict().items():
+            assert torch.equal(v, saved[k]), k
+    finally:
+        resumed.close()

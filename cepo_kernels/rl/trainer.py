@@ -131,6 +131,7 @@ class Trainer:
         self.unsaved_metrics = []  # the records since the last checkpoint (saved in the next one)
         self.prompts_cut = 0  # prompts longer than max_prompt_tokens so far (cut to their last tokens)
         self.options = cfg.options  # the reweight phase's options (step.options.CEPOOptions)
+        self.teacher = None  # opsd / sdpo: built at the first step (distill_teacher)
         self.credit = CreditRecorder(self.out, every=cfg.credit_every, samples=cfg.credit_samples,
                                      algo=cfg.algo, tokenizer=self.tok)
         self._t_start = time.perf_counter()
@@ -246,15 +247,25 @@ class Trainer:
                           prompts=prompts, responses=responses, mask=mask, adv=adv, old_logp=old_logp,
                           pos_logp=pos_logp, neg_logp=neg_logp, lam=lam, distill=distill)
 
+    def distill_teacher(self) -> Teacher:
+        """The opsd / sdpo teacher (step.distill.Teacher); a copy (initial, ema) resumes from the checkpoint's
+        distill_teacher.pt."""
+        teacher = Teacher(self.model, self.options)
+        saved = self.resume_from / "distill_teacher.pt" if self.resume_from is not None else None
+        if teacher.copy is not None and saved is not None:
+            if saved.is_file():
+                teacher.copy.load_state_dict(torch.load(saved, map_location=self.device, weights_only=True))
+            else:
+                log.warning("distill_teacher=%s: %s has no teacher copy; it starts from the resumed policy",
+                            self.options.distill_teacher, self.resume_from)
+        return teacher
+
     def distill_update(self, batch: RolloutBatch):
         """opsd / sdpo (step.distill): the teacher contexts of the rows that get a loss; None otherwise."""
         if not self.options.algorithm.distills:
             return None
-        if getattr(self, "teacher", None) is None:  # at the first step (after the warm-up, or a resume)
-            self.teacher = Teacher(self.model, self.options)
-            if self.step_idx > 0 and self.teacher.copy is not None:
-                log.warning("distill_teacher=%s: the teacher copy is not checkpointed; after this resume it "
-                            "starts from the resumed policy", self.options.distill_teacher)
+        if self.teacher is None:  # at the first step (after the warm-up, or a resume)
+            self.teacher = self.distill_teacher()
         ctx = distill_contexts(batch, self.options, self.tok)
         return DistillUpdate(ctx, self.options, self.teacher, self.forward, batch.n_rows, self.device)
 
@@ -358,6 +369,8 @@ class Trainer:
             extra={"nan_streak": self.nan_streak, "eval_accuracy_start": self.eval_start,
                    "wall_s": self.wall_before + time.perf_counter() - self._t_start,
                    "metrics": self.unsaved_metrics},
+            states=({"distill_teacher": self.teacher.copy.state_dict()}
+                    if self.teacher is not None and self.teacher.copy is not None else None),
         )  # fmt: skip
         self.unsaved_metrics = []
         return path
