@@ -92,9 +92,10 @@ def _setup(algo, seed=0):
     return tok, model, batch, opts, forward
 
 
-@pytest.mark.parametrize("algo", ["opsd", "sdpo"])
-def test_loss_matches_cepo_ref_and_rows_without_a_peer_get_nothing(algo):
+@pytest.mark.parametrize("algo,topk", [("opsd", 0), ("sdpo", 100), ("sdpo", 8)])
+def test_loss_matches_cepo_ref_and_rows_without_a_peer_get_nothing(algo, topk):
     tok, model, batch, opts, forward = _setup(algo)
+    opts = CEPOOptions(algo=algo, sdpo_topk=topk)
     ctx = distill_contexts(batch, opts, tok)
     upd = DistillUpdate(ctx, opts, Teacher(model, opts), forward, batch.n_rows, "cpu")
     rows = list(range(batch.n_rows))
@@ -116,6 +117,8 @@ def test_loss_matches_cepo_ref_and_rows_without_a_peer_get_nothing(algo):
     kw = dict(beta=0.5, num_tokens=int(dm.sum()))
     if algo == "sdpo":  # V = 56 < 100: the full JSD (what a top-k >= V is)
         kw.update(targets=targets, old_logp=old_logp, is_clip=2.0)
+        if topk < weight.shape[0]:
+            kw.update(topk=topk, topk_from="student", add_tail=True)
     refs = {}
     for dt in (torch.float64, torch.float32):
         hh = h.detach().to(dt).requires_grad_(True)
@@ -132,7 +135,9 @@ def test_loss_matches_cepo_ref_and_rows_without_a_peer_get_nothing(algo):
     assert met["teacher_rows"] == len(ctx.rows) and met["distill_tokens"] == int(dm.sum())
     pairs = zip(ctx.prefixes, ctx.rows, strict=True)  # the teacher ran on the rows with a loss only
     assert met["teacher_tokens"] == sum(len(p) + len(batch.responses[r]) for p, r in pairs)
-    plain = [cepo_ref.linear_divergence_loss(h.detach().to(dt), th.to(dt), weight.to(dt), dm, beta=0.5).loss
+    top = {k: kw[k] for k in ("topk", "topk_from", "add_tail") if k in kw}
+    plain = [cepo_ref.linear_divergence_loss(h.detach().to(dt), th.to(dt), weight.to(dt), dm, beta=0.5,
+                                             **top).loss
              for dt in (torch.float64, torch.float32)]  # D before SDPO's weight
     assert_close(torch.tensor(met["divergence_mean"]), *plain, name="divergence_mean")
 
