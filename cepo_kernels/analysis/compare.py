@@ -1,7 +1,9 @@
-"""`cepo-compare`: CEPO vs GRPO vs RLSD with several seeds each and everything else equal.
+"""`cepo-compare`: CEPO vs GRPO vs RLSD (and any algorithm of the table: OPSD, SDPO) with several seeds
+each and everything else equal.
 
     cepo-compare --out docs/compare-2026-11-30 --seeds 5            # the default cepo-train config
     cepo-compare --out /tmp/c --seeds 2 --steps 3 --sft-steps 10    # any cepo-train flag sets the base
+    cepo-compare --out /tmp/c5 --algos cepo,grpo,rlsd,opsd,sdpo     # all five algorithms
 
 Runs every (seed, algo) sequentially, each as its own `cepo-train` process (seed-major, so a stopped
 comparison has whole seeds), each into OUT/runs/<algo>-seed<k>/ (metrics.jsonl, summary.json, config.json,
@@ -37,8 +39,17 @@ from pathlib import Path
 
 from cepo_kernels.analysis.stats import paired_stats
 from cepo_kernels.runfiles import atomic_write, read_metrics, write_json, writing
+from cepo_kernels.step.algorithms import ALGORITHMS
 
-ALGOS = ("cepo", "grpo", "rlsd")
+DEFAULT_ALGOS = ("cepo", "grpo", "rlsd")
+
+
+def parse_algos(text: str) -> list[str]:
+    """--algos: at least one algorithm of the table (step.algorithms.ALGORITHMS), no repeats."""
+    algos, known = [a.strip() for a in text.split(",") if a.strip()], tuple(ALGORITHMS)
+    if not algos or any(a not in known for a in algos) or len(set(algos)) != len(algos):
+        raise ValueError(f"algos: expected a comma-separated subset of {known} without repeats, got {text!r}")
+    return algos
 CREDIT_KEYS = ("credit_first_wrong_share", "credit_first_wrong_baseline")
 
 
@@ -51,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (runs/, table.md, curves.png, ...)")
     p.add_argument("--seeds", default="5",
                    help="a count N (seeds 0..N-1) or a comma-separated list (default 5)")
-    p.add_argument("--algos", default=",".join(ALGOS), help=f"comma-separated (default {','.join(ALGOS)})")
+    p.add_argument("--algos", default=",".join(DEFAULT_ALGOS),
+                   help=f"comma-separated, of {','.join(ALGORITHMS)} (default {','.join(DEFAULT_ALGOS)})")
     p.add_argument("--last", type=int, default=5, help="steps averaged for the final reward (default 5)")
     p.add_argument("--keep-models", action="store_true", help="keep each run's checkpoints and final model")
     return p
@@ -362,10 +374,7 @@ def main(argv=None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     try:
         seeds = parse_seeds(args.seeds)
-        algos = [a.strip() for a in args.algos.split(",") if a.strip()]
-        bad = [a for a in algos if a not in ALGOS]
-        if bad or not algos:
-            raise ValueError(f"algos: expected a comma-separated subset of {ALGOS}, got {args.algos!r}")
+        algos = parse_algos(args.algos)
         if args.last < 1:
             raise ValueError(f"last: expected a positive value, got {args.last}")
         if Path(args.out).exists() and not Path(args.out).is_dir():

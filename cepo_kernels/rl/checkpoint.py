@@ -76,8 +76,10 @@ def save_checkpoint(
     trainable_only: bool,
     keep_last: int,
     extra: dict | None = None,
+    states: dict | None = None,
 ) -> Path:
-    """Writes ckpt_root/step_{step:06d} atomically and deletes all but the keep_last newest checkpoints."""
+    """Writes ckpt_root/step_{step:06d} atomically and deletes all but the keep_last newest checkpoints.
+    states: more state dicts, each saved as NAME.pt (e.g. a distillation teacher's copy)."""
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / f"{PREFIX}{step:06d}"
     with writing(final):
@@ -89,6 +91,8 @@ def save_checkpoint(
             _save(optimizer.state_dict(), tmp / "optimizer.pt")
             _save(scheduler.state_dict(), tmp / "scheduler.pt")
             write_json(tmp / RNG, rng_state(), indent=None)
+            for name, state in (states or {}).items():
+                _save(state, tmp / f"{name}.pt")
             # written last: a checkpoint is complete when it has its state file (list_checkpoints)
             write_json(tmp / STATE, {"step": step, "trainable_only": trainable_only, "config": config,
                                      **(extra or {})})

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from cepo_kernels._params import REDUCTIONS, LossParams
 from cepo_kernels.rl.task import DIGITS_MAX_TOKENS, TASKS
 from cepo_kernels.step.algorithms import ALGORITHMS
+from cepo_kernels.step.distill_templates import DISTILL_TEACHERS
 from cepo_kernels.step.negatives import NEGATIVE_MODES
 from cepo_kernels.step.options import CEPOOptions, option_field, options_of
 
@@ -29,7 +30,8 @@ ADV_SCALES = ("group", "batch", "none")
 TRAIN_REDUCTIONS = tuple(r for r in REDUCTIONS if r != "none")
 REWARDS = ("boxed", "official", "math-verify")  # cepo_kernels.step.graders.GRADERS
 CHOICES = {"algo": ALGOS, "dtype": DTYPES, "adv_scale": ADV_SCALES, "reduction": TRAIN_REDUCTIONS,
-           "task": TASKS, "reward": REWARDS, "r_minus": NEGATIVE_MODES}
+           "task": TASKS, "reward": REWARDS, "r_minus": NEGATIVE_MODES,
+           "distill_teacher": DISTILL_TEACHERS}
 
 
 def opt(default, help: str):
@@ -101,6 +103,14 @@ class TrainConfig:
     cot_teacher: bool = option_field("cot_teacher")
     cot_prefix_len: int = option_field("cot_prefix_len")
     cot_suffix: bool = option_field("cot_suffix")
+    opsd_template: str = option_field("opsd_template")
+    sdpo_template: str = option_field("sdpo_template")
+    distill_beta: float = option_field("distill_beta")
+    distill_teacher: str = option_field("distill_teacher")
+    distill_ema_rate: float = option_field("distill_ema_rate")
+    sdpo_topk: int = option_field("sdpo_topk")
+    sdpo_is_clip: float = option_field("sdpo_is_clip")
+    distillation_weight: float = option_field("distillation_weight")
 
     # optimisation: one optimizer update per mini-batch, gradient accumulation over micro-batches
     steps: int = opt(40, "rollout batches (training steps)")

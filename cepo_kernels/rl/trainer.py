@@ -22,6 +22,7 @@ import torch
 from cepo_kernels.analysis.credit import CreditRecorder
 from cepo_kernels.rl import checkpoint as ckpt
 from cepo_kernels.rl.config import TrainConfig, lr_factor
+from cepo_kernels.rl.distill import DistillUpdate
 from cepo_kernels.rl.errors import NaNLossError, RewardFunctionError
 from cepo_kernels.rl.loop import evaluate, run_steps, run_summary
 from cepo_kernels.rl.model import (
@@ -54,6 +55,7 @@ from cepo_kernels.step import (
     safe_rewards,
     teacher_logprobs,
 )
+from cepo_kernels.step.distill import Teacher, distill_contexts
 from cepo_kernels.step.graders import grader
 from cepo_kernels.step.rewards import answers_match, extract_boxed, with_format_bonus
 
@@ -129,6 +131,7 @@ class Trainer:
         self.unsaved_metrics = []  # the records since the last checkpoint (saved in the next one)
         self.prompts_cut = 0  # prompts longer than max_prompt_tokens so far (cut to their last tokens)
         self.options = cfg.options  # the reweight phase's options (step.options.CEPOOptions)
+        self.teacher = None  # opsd / sdpo: built at the first step (distill_teacher)
         self.credit = CreditRecorder(self.out, every=cfg.credit_every, samples=cfg.credit_samples,
                                      algo=cfg.algo, tokenizer=self.tok)
         self._t_start = time.perf_counter()
@@ -185,20 +188,22 @@ class Trainer:
         """Greedy held-out accuracy (rl/loop.evaluate)."""
         return evaluate(self, problems)
 
-    def forward(self, contexts: list[list[int]], responses: list[list[int]]) -> tuple[torch.Tensor, int, int]:
+    def forward(self, contexts: list[list[int]], responses: list[list[int]],
+                model=None) -> tuple[torch.Tensor, int, int]:
         """(hidden [n, R, H] predicting each response after its context; tokens run; tokens of the plain
-        path): step.context_hidden, sharing contexts unless disabled, unsupported, or under gradient
-        checkpointing with gradients on."""
+        path) of `model` (default the policy): step.context_hidden, sharing contexts unless disabled,
+        unsupported, or under gradient checkpointing with gradients on."""
+        model = self.model if model is None else model
         share = self.share_prefix and not (torch.is_grad_enabled() and self.cfg.gradient_checkpointing)
         kw = dict(pad_id=self.tok.pad_token_id, device=self.device)
         if share:
             try:
-                return context_hidden(self.model, contexts, responses, share=True, **kw)
+                return context_hidden(model, contexts, responses, share=True, **kw)
             except SharedPrefixUnsupported as e:
                 self.share_prefix = False
                 log.warning("shared prefixes are not supported for this model (%s): running every context "
                             "in full", e)
-        return context_hidden(self.model, contexts, responses, share=False, **kw)
+        return context_hidden(model, contexts, responses, share=False, **kw)
 
     def rollout(self, prompts: list[list[int]]) -> list[list[int]]:
         """group_size sampled responses per prompt (token ids, groups contiguous)."""
@@ -235,11 +240,34 @@ class Trainer:
                         "first error: %s", self.step_idx + 1, errors, len(texts), failures[0])
         return rewards, errors
 
-    def update(self, prompts, responses, mask, adv, old_logp, pos_logp, neg_logp, lam) -> tuple[dict, int]:
+    def update(self, prompts, responses, mask, adv, old_logp, pos_logp, neg_logp, lam,
+               distill=None) -> tuple[dict, int]:
         """The PPO updates of this rollout batch (rl/update.ppo_update); (metrics, policy tokens run)."""
         return ppo_update(self.model, self.optimizer, self.forward, self.cfg, pad_id=self.tok.pad_token_id,
                           prompts=prompts, responses=responses, mask=mask, adv=adv, old_logp=old_logp,
-                          pos_logp=pos_logp, neg_logp=neg_logp, lam=lam)
+                          pos_logp=pos_logp, neg_logp=neg_logp, lam=lam, distill=distill)
+
+    def distill_teacher(self) -> Teacher:
+        """The opsd / sdpo teacher (step.distill.Teacher); a copy (initial, ema) resumes from the checkpoint's
+        distill_teacher.pt."""
+        teacher = Teacher(self.model, self.options)
+        saved = self.resume_from / "distill_teacher.pt" if self.resume_from is not None else None
+        if teacher.copy is not None and saved is not None:
+            if saved.is_file():
+                teacher.copy.load_state_dict(torch.load(saved, map_location=self.device, weights_only=True))
+            else:
+                log.warning("distill_teacher=%s: %s has no teacher copy; it starts from the resumed policy",
+                            self.options.distill_teacher, self.resume_from)
+        return teacher
+
+    def distill_update(self, batch: RolloutBatch):
+        """opsd / sdpo (step.distill): the teacher contexts of the rows that get a loss; None otherwise."""
+        if not self.options.algorithm.distills:
+            return None
+        if self.teacher is None:  # at the first step (after the warm-up, or a resume)
+            self.teacher = self.distill_teacher()
+        ctx = distill_contexts(batch, self.options, self.tok)
+        return DistillUpdate(ctx, self.options, self.teacher, self.forward, batch.n_rows, self.device)
 
     def step(self) -> dict:
         """One rollout batch and its updates; returns the metrics record (also appended to metrics.jsonl)."""
@@ -290,7 +318,7 @@ class Trainer:
         self.credit.record(step=s + 1, batch=batch, result=rw, questions=questions, first_wrong=first_wrong)
 
         upd, update_tokens = self.update(batch.prompt_ids, responses, mask, adv, old.logp, rw.pos_logp,
-                                         rw.neg_logp, lam)
+                                         rw.neg_logp, lam, self.distill_update(batch))
         lr_used = self.optimizer.param_groups[0]["lr"]  # this step's rate, read before the schedule moves
         with warnings.catch_warnings():  # when every update was skipped (NaN), the schedule still advances
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
@@ -341,6 +369,8 @@ class Trainer:
             extra={"nan_streak": self.nan_streak, "eval_accuracy_start": self.eval_start,
                    "wall_s": self.wall_before + time.perf_counter() - self._t_start,
                    "metrics": self.unsaved_metrics},
+            states=({"distill_teacher": self.teacher.copy.state_dict()}
+                    if self.teacher is not None and self.teacher.copy is not None else None),
         )  # fmt: skip
         self.unsaved_metrics = []
         return path

@@ -16,6 +16,7 @@ from typing import ClassVar
 from cepo_kernels.step.advantages import lam_at
 from cepo_kernels.step.algorithms import ALGORITHMS, get_algorithm
 from cepo_kernels.step.contexts import check_template
+from cepo_kernels.step.distill_templates import DISTILL_TEACHERS, OPSD_TEMPLATE, SDPO_TEMPLATE
 from cepo_kernels.step.negatives import NEGATIVE_MODES
 
 __all__ = ["CEPOOptions", "option_field", "options_of", "OPTION_NAMES"]
@@ -33,8 +34,8 @@ class CEPOOptions:
     where: ClassVar[str] = ""
 
     algo: str = field(default="cepo", metadata=_help(
-        "the algorithm: cepo (both teachers), rlsd (the positive teacher against the rollout policy) or "
-        "grpo (no teacher)"))
+        "the algorithm: cepo (both teachers), rlsd (the positive teacher against the rollout policy), grpo "
+        "(no teacher), opsd or sdpo (distillation toward a teacher context, docs/divergence.md)"))
     lam0: float = field(default=0.5, metadata=_help(
         "lambda at step 0, in [0, 1]; lambda(step) = max(0, lam0 (1 - step / t_warm))"))
     t_warm: int = field(default=25, metadata=_help(
@@ -53,6 +54,24 @@ class CEPOOptions:
         "with --cot-teacher: tokens of the best correct and of the r- rollout used as r+ and r-"))
     cot_suffix: bool = field(default=False, metadata=_help(
         "with --cot-teacher: the last cot_prefix_len tokens instead of the first"))
+    # opsd / sdpo (step.distill): the student-teacher divergence
+    opsd_template: str = field(default=OPSD_TEMPLATE, metadata=_help(
+        "opsd: the teacher's user message, {question} and {answer} = the reference solution"))
+    sdpo_template: str = field(default=SDPO_TEMPLATE, metadata=_help(
+        "sdpo: the teacher's user message, {question} and {answer} = a successful peer rollout"))
+    distill_beta: float = field(default=0.5, metadata=_help(
+        "opsd/sdpo: the generalized JSD's coefficient in [0, 1] (0: KL(teacher || student), 1: reverse KL)"))
+    distill_teacher: str = field(default="live", metadata=_help(
+        "opsd/sdpo teacher weights: live (the current policy, no gradient), initial (LoRA disabled, else a "
+        "frozen copy) or ema (a copy, see --distill-ema-rate)"))
+    distill_ema_rate: float = field(default=0.05, metadata=_help(
+        "with --distill-teacher ema: teacher += rate (policy - teacher) per optimizer step, in (0, 1]"))
+    sdpo_topk: int = field(default=100, metadata=_help(
+        "sdpo: the JSD over the student's top-k ids plus a tail bucket; 0: the full vocabulary"))
+    sdpo_is_clip: float = field(default=2.0, metadata=_help(
+        "sdpo: the importance weight min(exp(logp - logp_old), is_clip) at the sampled token (> 0)"))
+    distillation_weight: float = field(default=1.0, metadata=_help(
+        "sdpo: loss = (1 - w) GRPO + w distillation, w in [0, 1] (TRL's distillation_weight)"))
 
     def __post_init__(self):
         w = self.where
@@ -69,6 +88,18 @@ class CEPOOptions:
         for name in ("cot_teacher", "cot_suffix"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{w}{name}: expected a bool, got {getattr(self, name)!r}")
+        for name in ("opsd_template", "sdpo_template"):
+            check_template(getattr(self, name), f"{w}{name}")
+        _number(f"{w}distill_beta", self.distill_beta, "[0, 1]", lambda v: 0.0 <= v <= 1.0)
+        _number(f"{w}distillation_weight", self.distillation_weight, "[0, 1]", lambda v: 0.0 <= v <= 1.0)
+        _number(f"{w}distill_ema_rate", self.distill_ema_rate, "(0, 1]", lambda v: 0.0 < v <= 1.0)
+        _number(f"{w}sdpo_is_clip", self.sdpo_is_clip, "(0, inf)", lambda v: v > 0.0)
+        if self.distill_teacher not in DISTILL_TEACHERS:
+            raise ValueError(f"{w}distill_teacher: expected one of {DISTILL_TEACHERS}, "
+                             f"got {self.distill_teacher!r}")
+        k = self.sdpo_topk
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"{w}sdpo_topk: expected an int >= 0 (0: full vocabulary), got {k!r}")
         k = self.cot_prefix_len
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"{w}cot_prefix_len: expected a positive number of tokens, got {k!r}")
