@@ -55,9 +55,10 @@ def main(argv=None) -> int:
         trainer = make_trainer(cfg)
         cfg = trainer.cfg
         kernels = _kernels(trainer.device)
-        vl = cfg.data is None and cfg.task == "count"
-        what = cfg.model or f"embedded tiny {'Qwen3-VL' if vl else 'Qwen2'} (random init + supervised warm-up)"
-        data = cfg.data or ("embedded arithmetic task" if cfg.task == "arith" else f"embedded {cfg.task} task")
+        kind = "Qwen3-VL" if cfg.data is None and cfg.task == "count" else "Qwen2"
+        what = cfg.model or f"embedded tiny {kind} (random init + supervised warm-up)"
+        task = "arithmetic" if cfg.task == "arith" else cfg.task
+        data = cfg.data or f"embedded {task} task"
         print(
             f"cepo-train: algo={cfg.algo} model={what} data={data} device={trainer.device} "
             f"({kernels})"

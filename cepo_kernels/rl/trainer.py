@@ -293,8 +293,8 @@ class Trainer:
 
         def scorer(ctx, teachers):  # this loop's model on the teacher contexts (shared prefixes or plain)
             nonlocal teacher_tokens  # (the phase calls it only at lambda > 0: lam=1.0 just means "run")
-            out = teacher_logprobs(self.teacher_forward, weight, bias, ctx, responses, batches, default=old.logp,
-                                   lam=1.0, pad_id=pad, temperature=cfg.temperature,
+            out = teacher_logprobs(self.teacher_forward, weight, bias, ctx, responses, batches,
+                                   default=old.logp, lam=1.0, pad_id=pad, temperature=cfg.temperature,
                                    negative="teacher" if "neg" in teachers else "old")
             teacher_tokens = out.tokens
             return {"pos": out.pos[ctx.rows], "neg": out.neg[ctx.rows]}

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from cepo_kernels.rl.model import prepare_model
 from cepo_kernels.rl.errors import NaNLossError
+from cepo_kernels.rl.model import prepare_model
 from cepo_kernels.rl.rollout import NonFiniteModelError
 from cepo_kernels.rl.task import sft_target
 from cepo_kernels.rl.trainer import Trainer
