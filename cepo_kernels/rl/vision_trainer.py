@@ -139,12 +139,7 @@ class VisionTrainer(Trainer):
 
         def forward(contexts, responses):
             if sees_image:
-                missing = list({id(c.prompt): c.prompt for c in contexts if c.prompt.pixel_values is not None
-                                and id(c.prompt) not in self._features}.values())
-                if missing:
-                    with torch.no_grad():
-                        features, _ = encode_images(self.model, missing)
-                    self._features.update(features)
+                self._encode([c.prompt for c in contexts])
             features = {id(c.prompt): self._features[id(c.prompt)] for c in contexts
                         if id(c.prompt) in self._features} if sees_image else None
             return vision_forward(self.model, sees_image=sees_image, features=features or None,
@@ -178,7 +173,18 @@ class VisionTrainer(Trainer):
         self._tower_calls = 0
         cfg = self.cfg
         rows = [p for p in prompts for _ in range(cfg.group_size)]
-        return self._generate(rows, temperature=cfg.temperature, top_p=cfg.top_p)
+        responses = self._generate(rows, temperature=cfg.temperature, top_p=cfg.top_p)
+        self._encode([p.prompt for p in prompts])  # once for every later pass of the step
+        return responses
+
+    def _encode(self, prompts):
+        """The vision tower over the prompts (with images) not yet encoded this step, in one call."""
+        missing = list({id(p): p for p in prompts if p.pixel_values is not None
+                        and id(p) not in self._features}.values())
+        if missing:
+            with torch.no_grad():
+                features, _ = encode_images(self.model, missing)
+            self._features.update(features)
 
     def evaluate(self, problems=None):
         from cepo_kernels.step.rewards import safe_rewards
