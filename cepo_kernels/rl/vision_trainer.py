@@ -25,7 +25,7 @@ import torch
 
 from cepo_kernels.rl.errors import NaNLossError
 from cepo_kernels.rl.model import prepare_model
-from cepo_kernels.rl.rollout import NonFiniteModelError
+from cepo_kernels.rl.rollout import NonFiniteModelError, cut_at_eos
 from cepo_kernels.rl.task import sft_target
 from cepo_kernels.rl.trainer import Trainer
 from cepo_kernels.rl.vision_model import (
@@ -268,14 +268,7 @@ def vision_generate(model, prompts: list[VisionContext], *, pad_id: int, eos_id,
             ids = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
                                  eos_token_id=sorted(eos_ids), suppress_tokens=list(suppress) or None,
                                  **sample)
-            new = ids[:, L:].tolist()
-            for row in new:
-                resp = []
-                for t in row:
-                    resp.append(t)
-                    if t in eos_ids:
-                        break
-                out.append(resp)
+            out += cut_at_eos(ids[:, L:].tolist(), eos_ids)
     except RuntimeError as e:
         if "inf" in str(e) or "nan" in str(e):
             raise NonFiniteModelError(str(e)) from None
