@@ -86,3 +86,15 @@ def test_missing_image_is_one_line_naming_the_row(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert f"{data}:2" in err[0] and "images/1.png" in err[0] and "not found" in err[0]
+
+
+def test_count_task_with_a_text_model_is_refused(tmp_path, capsys):
+    from cepo_kernels.rl.task import build_tiny_model, build_tokenizer
+
+    tok = build_tokenizer()
+    build_tiny_model(tok).save_pretrained(tmp_path / "text")
+    tok.save_pretrained(tmp_path / "text")
+    rc = main(["--model", str(tmp_path / "text"), "--task", "count", "--out-dir", str(tmp_path / "run"),
+               *FAST])
+    assert rc == 2
+    assert "--task count needs a vision-language policy" in capsys.readouterr().err

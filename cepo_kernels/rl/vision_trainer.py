@@ -70,7 +70,11 @@ def is_vision_run(cfg) -> bool:
 
 def make_trainer(cfg, **kwargs):
     """The Trainer for cfg's policy: VisionTrainer for a vision-language one, else the text Trainer."""
-    return (VisionTrainer if is_vision_run(cfg) else Trainer)(cfg, **kwargs)
+    vision = is_vision_run(cfg)
+    if cfg.task == "count" and cfg.data is None and not vision:
+        raise ValueError(f"task: --task count needs a vision-language policy (the embedded one, or --model a "
+                         f"Qwen-VL directory), got --model {cfg.model!r} without a vision_config")
+    return (VisionTrainer if vision else Trainer)(cfg, **kwargs)
 
 
 def _freeze_tower(model, frozen: bool = True):
