@@ -98,3 +98,23 @@ def test_count_task_with_a_text_model_is_refused(tmp_path, capsys):
                *FAST])
     assert rc == 2
     assert "--task count needs a vision-language policy" in capsys.readouterr().err
+
+
+def test_teacher_sees_image_knob_reaches_the_teachers(tmp_path):
+    # same seed, same rollouts; only the teachers' input differs, so step 1's Delta differs
+    ckpt = save_tiny_vl(tmp_path / "ckpt", "qwen3_vl")
+    data = _image_data(tmp_path)
+    reward = tmp_path / "reward.py"
+    reward.write_text("def f(text, ref):\n    return float(len(text) % 2)\n")
+    deltas = {}
+    for flag in ("--teacher-sees-image", "--no-teacher-sees-image"):
+        out = tmp_path / flag
+        rc = main(["--model", str(ckpt), "--data", str(data), "--prompt-key", "problem", "--steps", "1",
+                   "--prompts-per-step", "2", "--group-size", "2", "--eval-size", "2", "--lam0", "1",
+                   "--reward-fn", f"{reward}:f", "--out-dir", str(out), flag, *FAST])
+        assert rc == 0
+        (row,) = _metrics(out)
+        assert row["teacher_tokens"] > 0
+        deltas[flag] = (row["response_len_mean"], row["reward_mean"], row["delta_mean_pos"])
+    (len_a, rew_a, d_a), (len_b, rew_b, d_b) = deltas.values()
+    assert (len_a, rew_a) == (len_b, rew_b) and d_a != d_b
