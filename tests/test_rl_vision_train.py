@@ -9,7 +9,7 @@ import torch
 
 from cepo_kernels.rl.cli import main
 from cepo_kernels.rl.options import parse_args
-from cepo_kernels.rl.vision_model import save_tiny_vl
+from cepo_kernels.rl.vision_model import load_processor, load_vision_model, save_tiny_vl
 from cepo_kernels.rl.vision_task import draw_shapes
 from cepo_kernels.rl.vision_trainer import VisionTrainer, make_trainer
 from cepo_kernels.step.vision import multimodal_model
@@ -32,7 +32,9 @@ def test_count_task_runs_end_to_end(tmp_path):
         # the tower runs once per generate chunk (8 rows / 4) and once for every later pass of the step
         assert r["vision_encoder_calls"] == 2 + 1
         assert r["policy_tokens"] > 0 and math.isfinite(r["loss"]) and 0.0 <= r["reward_mean"] <= 1.0
-    assert (out / "final_model" / "config.json").is_file()
+    model, processor = load_vision_model(out / "final_model"), load_processor(out / "final_model")
+    assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
+    assert processor.image_token_id is not None
 
 
 def _image_data(tmp_path, n=6, missing=None):

@@ -207,6 +207,16 @@ class VisionTrainer(Trainer):
     def warmup(self):
         vision_warmup(self)
 
+    def train(self, stop_after: int | None = None) -> dict:
+        """Trainer.train; final_model/ also gets the image processor (load it with load_processor)."""
+        summary = super().train(stop_after)
+        final = self.out / "final_model"
+        if final.is_dir():
+            saver = self.processor.image_processor if isinstance(self.processor, VisionProcessor) else (
+                self.processor)
+            saver.save_pretrained(final)
+        return summary
+
 
 def vision_warmup(trainer) -> list[float]:
     """The embedded model's supervised warm-up (rl/sft.py's, with the images): cfg.sft_steps AdamW steps of
