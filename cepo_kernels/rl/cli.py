@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     from cepo_kernels.rl.errors import NaNLossError, RewardFunctionError
     from cepo_kernels.rl.options import parse_args
-    from cepo_kernels.rl.trainer import Trainer
+    from cepo_kernels.rl.vision_trainer import make_trainer
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # numpy's "invalid value" notes from inside Triton's interpreter (masked lanes); the kernels handle NaN
@@ -52,11 +52,13 @@ def main(argv=None) -> int:
         cfg = parse_args(argv)
         if not cfg.progress:
             _quiet_libraries()
-        trainer = Trainer(cfg)
+        trainer = make_trainer(cfg)
         cfg = trainer.cfg
         kernels = _kernels(trainer.device)
-        what = cfg.model or "embedded tiny Qwen2 (random init + supervised warm-up)"
-        data = cfg.data or "embedded arithmetic task"
+        kind = "Qwen3-VL" if cfg.data is None and cfg.task == "count" else "Qwen2"
+        what = cfg.model or f"embedded tiny {kind} (random init + supervised warm-up)"
+        task = "arithmetic" if cfg.task == "arith" else cfg.task
+        data = cfg.data or f"embedded {task} task"
         print(
             f"cepo-train: algo={cfg.algo} model={what} data={data} device={trainer.device} "
             f"({kernels})"

@@ -58,8 +58,11 @@ class TrainConfig:
 
     # data
     data: str | None = opt(None, "a JSONL file with one problem per line; none: the embedded task (--task)")
-    task: str = opt("arith", "the embedded task, without --data: arith (one-digit a+b, a-b) or digits "
-                    "(operands up to 99, worked solution; needs --max-new-tokens 24)")
+    task: str = opt("arith", "the embedded task, without --data: arith (one-digit a+b, a-b), digits "
+                    "(operands up to 99, worked solution; needs --max-new-tokens 24) or count (multimodal: "
+                    "how many shapes in a drawn image, a tiny Qwen3-VL-shaped model; docs/vision.md)")
+    teacher_sees_image: bool = opt(True, "vision-language policy: the teachers see the prompt's image "
+                                   "(off: the authors' image-blind CEPO teachers; docs/vision.md)")
     eval_data: str | None = opt(None, "held-out JSONL for the greedy evaluation; none: the last --eval-size "
                                 "problems of the data")
     prompt_key: str = opt("prompt", "the JSONL key of each problem's prompt")

@@ -57,6 +57,11 @@ def load_model_and_tokenizer(cfg, device: torch.device, dtype: torch.dtype):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+    return prepare_model(model, cfg, device, dtype), tokenizer
+
+
+def prepare_model(model, cfg, device, dtype):
+    """The loaded model on its device and dtype, with LoRA and gradient checkpointing as configured."""
     model.to(device=device, dtype=dtype)
     if cfg.lora_rank > 0:
         model = apply_lora(model, cfg)
@@ -67,7 +72,7 @@ def load_model_and_tokenizer(cfg, device: torch.device, dtype: torch.dtype):
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
-    return model, tokenizer
+    return model
 
 
 # a vision-language model's vision tower stays frozen, as in the authors' runs (Qwen2.5-VL's vision MLP has

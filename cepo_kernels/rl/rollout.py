@@ -53,6 +53,15 @@ def free_memory(device) -> int | None:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
+def cut_at_eos(rows: list[list[int]], eos_ids: set[int]) -> list[list[int]]:
+    """Each generated row up to and including its first eos token (all of it when it has none)."""
+    out = []
+    for row in rows:
+        ends = [i for i, t in enumerate(row) if t in eos_ids]
+        out.append(row[: ends[0] + 1] if ends else row)
+    return out
+
+
 class NonFiniteModelError(RuntimeError):
     """The model's next-token distribution holds inf/NaN (its weights diverged)."""
 
@@ -117,13 +126,7 @@ def generate(
                         "the model's next-token probabilities are not finite (inf/NaN)"
                     ) from e
                 raise
-            for row in seqs[:, L:].tolist():
-                resp = []
-                for t in row:
-                    resp.append(t)
-                    if t in eos_ids:
-                        break
-                out.append(resp)
+            out += cut_at_eos(seqs[:, L:].tolist(), eos_ids)
     finally:
         model.train(was_training)
         if free_memory(device) is not None:

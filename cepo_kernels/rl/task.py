@@ -33,7 +33,7 @@ CHAT_TEMPLATE = (
 )
 
 
-TASKS = ("arith", "digits")
+TASKS = ("arith", "digits", "count")  # count: multimodal (rl/vision_task.py)
 DIGITS_EVAL = 256  # held-out problems of the digits task
 DIGITS_TRAIN = 2000
 DIGITS_MAX_TOKENS = 24  # the longest worked solution ("9+9+0=18,9+9+1=19,\\boxed{198}") + eos, in tokens
@@ -361,18 +361,22 @@ def sft_texts(
     out = []
     for p in problems:
         prompt = encode(tokenizer, render_prompt(tokenizer, p.prompt + suffix, system_prompt))
-        if len(p.solution) > 1:  # a worked solution (digits)
-            steps = noisy_steps(p, rng) if rng.random() < noise else p.solution
-            shown = steps[-1][len(BOX_TOKEN):-1]
-            out.append((prompt, encode(tokenizer, "".join(steps)) + [tokenizer.eos_token_id], shown))
-            continue
-        text = f"{BOX_TOKEN}{p.answer}}}"
-        shown = p.answer
-        if rng.random() < noise:
-            wrong = (
-                str(int(p.answer) + rng.choice((-1, 1))) if p.answer.lstrip("-").isdigit() else p.answer + "0"
-            )
-            text = p.answer if rng.random() < 0.5 else f"{BOX_TOKEN}{wrong}}}"
-            shown = p.answer if text == p.answer else wrong
-        out.append((prompt, encode(tokenizer, text) + [tokenizer.eos_token_id], shown))
+        out.append((prompt, *sft_target(tokenizer, p, rng, noise)))
     return out
+
+
+def sft_target(tokenizer, p, rng: random.Random, noise: float) -> tuple[list[int], str]:
+    """(target ids, answer shown) of one warm-up demonstration (sft_texts; a fraction `noise` wrong)."""
+    if len(p.solution) > 1:  # a worked solution (digits)
+        steps = noisy_steps(p, rng) if rng.random() < noise else p.solution
+        shown = steps[-1][len(BOX_TOKEN):-1]
+        return encode(tokenizer, "".join(steps)) + [tokenizer.eos_token_id], shown
+    text = f"{BOX_TOKEN}{p.answer}}}"
+    shown = p.answer
+    if rng.random() < noise:
+        wrong = (
+            str(int(p.answer) + rng.choice((-1, 1))) if p.answer.lstrip("-").isdigit() else p.answer + "0"
+        )
+        text = p.answer if rng.random() < 0.5 else f"{BOX_TOKEN}{wrong}}}"
+        shown = p.answer if text == p.answer else wrong
+    return encode(tokenizer, text) + [tokenizer.eos_token_id], shown

@@ -74,7 +74,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         seed_everything(cfg.seed)
-        self.train_set, self.eval_set = load_problems(cfg)
+        self.train_set, self.eval_set = self.load_problems()
         self.extract = extract_fn or extract_boxed
         if reward_fn is None and cfg.reward_fn is not None:
             reward_fn = load_reward_fn(cfg.reward_fn)
@@ -102,7 +102,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.format_bonus > 0:  # the authors' 0.9 x accuracy + 0.1 x format
             self.reward_fn = with_format_bonus(self.reward_fn, cfg.format_bonus, self.extract)
-        self.model, self.tok = load_model_and_tokenizer(cfg, self.device, self.dtype)
+        self.model, self.tok = self.load_model()
         self.eos_ids = self._eos_ids()
         self.share_prefix = cfg.share_prefix
         if cfg.max_grad_norm == 0:
@@ -113,7 +113,7 @@ class Trainer:
             self.train_set, self.eval_set = drop_long_prompts(self.train_set, self.eval_set, n_tokens,
                                                               cfg.max_prompt_tokens)
         if cfg.model is None and cfg.sft_steps and self.resume_from is None:
-            supervised_warmup(self.model, self.tok, self.train_set, cfg, self.device)
+            self.warmup()
         self.optimizer = torch.optim.AdamW(
             trainable_parameters(self.model),
             lr=cfg.lr,
@@ -150,6 +150,26 @@ class Trainer:
                 raise ValueError(f"resume: {e}") from None
             # drops lines written after the checkpoint, restores torn or lost ones from the checkpoints
             write_jsonl(self.metrics_path, ckpt.restore_metrics(rows, self.resume_from))
+
+    # hooks a policy of another kind overrides (rl/vision_trainer.py: a vision-language policy)
+    build_contexts = None  # reweight's teacher-context builder; None: the text layout
+
+    def load_problems(self):
+        return load_problems(self.cfg)
+
+    def load_model(self):
+        return load_model_and_tokenizer(self.cfg, self.device, self.dtype)
+
+    def warmup(self):
+        supervised_warmup(self.model, self.tok, self.train_set, self.cfg, self.device)
+
+    def teacher_forward(self, contexts, responses):
+        """The teachers' forward (the policy's, for a text policy)."""
+        return self.forward(contexts, responses)
+
+    def step_metrics(self) -> dict:
+        """Extra metrics of the step just run (none for a text policy)."""
+        return {}
 
     def close(self):
         """Releases the run directory's lock (also released when the process ends)."""
@@ -301,13 +321,14 @@ class Trainer:
 
         def scorer(ctx, teachers):  # this loop's model on the teacher contexts (shared prefixes or plain)
             nonlocal teacher_tokens  # (the phase calls it only at lambda > 0: lam=1.0 just means "run")
-            out = teacher_logprobs(self.forward, weight, bias, ctx, responses, batches, default=old.logp,
-                                   lam=1.0, pad_id=pad, temperature=cfg.temperature,
+            out = teacher_logprobs(self.teacher_forward, weight, bias, ctx, responses, batches,
+                                   default=old.logp, lam=1.0, pad_id=pad, temperature=cfg.temperature,
                                    negative="teacher" if "neg" in teachers else "old")
             teacher_tokens = out.tokens
             return {"pos": out.pos[ctx.rows], "neg": out.neg[ctx.rows]}
 
-        rw = reweight(batch, scorer, self.options, s, tokenizer=self.tok, extract=self.extract)
+        rw = reweight(batch, scorer, self.options, s, tokenizer=self.tok, extract=self.extract,
+                      contexts=self.build_contexts)
         lam = rw.lam
         t2 = time.perf_counter()
         # the credit diagnostic (rl/task.first_wrong_credit): the first wrong step of each wrong response
@@ -350,6 +371,7 @@ class Trainer:
             "time_old_logp": t_old - t1,
             "time_teachers": t2 - t_old,
             "time_update": t3 - t2,
+            **self.step_metrics(),
         }
         self.step_idx += 1
         if upd["nan_updates"]:

@@ -87,9 +87,14 @@ class Reweighted:
         if self.contexts is None:
             return 0
         rows = self.contexts.rows
-        return sum(len(pre) + len(responses[r])
+        return sum(_n_tokens(pre) + len(responses[r])
                    for name in self.algorithm.teachers
                    for pre, r in zip(getattr(self.contexts, f"{name}_prefixes"), rows, strict=True))
+
+
+def _n_tokens(prefix) -> int:
+    """Tokens of a teacher prefix: token ids, or a vision context (its `n_tokens`)."""
+    return prefix.n_tokens if hasattr(prefix, "n_tokens") else len(prefix)
 
 
 def _negatives(batch: RolloutBatch, mode: str, extract) -> list[Negative]:
@@ -102,7 +107,8 @@ def _negatives(batch: RolloutBatch, mode: str, extract) -> list[Negative]:
 
 @torch.no_grad()
 def reweight(batch: RolloutBatch, scorer: Scorer, options: CEPOOptions, step: int, *, tokenizer,
-             extract=extract_boxed, gather: Callable | None = None) -> Reweighted:
+             extract=extract_boxed, gather: Callable | None = None,
+             contexts: Callable | None = None) -> Reweighted:
     """A_hat of `batch` at the 0-based rollout batch `step` (see the module docstring).
 
     With texts in the batch and an algorithm with teachers (options.algo), r- is chosen per group
@@ -110,6 +116,8 @@ def reweight(batch: RolloutBatch, scorer: Scorer, options: CEPOOptions, step: in
     with A != 0 are built (options.teacher_template, or the chain-of-thought teacher); the scorer runs
     them only while lambda(step) > 0. A_hat = A ((1 - lambda) + lambda w) (the kernel `cepo_advantages`).
     `gather(delta, adv, mask)` may return the tensors of every process (for the statistics).
+    `contexts(batch, rows, pos_answers, neg_answers, options) -> TeacherContexts` replaces the text
+    layout (a vision-language policy's prompts hold images: rl/vision_trainer.py).
     """
     if not isinstance(batch, RolloutBatch):
         raise TypeError(f"batch: expected a RolloutBatch, got {type(batch).__name__}")
@@ -138,7 +146,8 @@ def reweight(batch: RolloutBatch, scorer: Scorer, options: CEPOOptions, step: in
                                                    [batch.group(g)[2] for g in range(len(negatives))],
                                                    batch.group_size, options.cot_prefix_len,
                                                    suffix=options.cot_suffix)
-        ctx = teacher_contexts(tokenizer, rows, prompt_ids=batch.prompt_ids, pos_answers=pos_answers,
+        ctx = contexts(batch, rows, pos_answers, neg_answers, options) if contexts else teacher_contexts(
+            tokenizer, rows, prompt_ids=batch.prompt_ids, pos_answers=pos_answers,
                                neg_answers=neg_answers, questions=batch.questions,
                                template=options.teacher_template, system_prompt=batch.system_prompt)
     scored = lam > 0.0 and ctx is not None

@@ -107,6 +107,11 @@ class VisionContext(NamedTuple):
     prompt: VisionPrompt
     answer: tuple[int, ...] = ()
 
+    @property
+    def n_tokens(self) -> int:
+        """Tokens before the response: the prompt's (image tokens included) and the answer's."""
+        return len(self.prompt.input_ids) + len(self.answer)
+
 
 def vision_contexts(tokenizer, rows: list[int], *, prompts, pos_answers, neg_answers,
                     template: str = " {answer}") -> TeacherContexts:
