@@ -37,8 +37,9 @@ import sys
 import time
 from pathlib import Path
 
+from cepo_kernels.analysis.runs import CREDIT_KEYS, final_numbers, finished, read_summary, run_dir  # noqa: F401
 from cepo_kernels.analysis.stats import paired_stats
-from cepo_kernels.runfiles import atomic_write, read_metrics, write_json, writing
+from cepo_kernels.runfiles import atomic_write, write_json, writing
 from cepo_kernels.step.algorithms import ALGORITHMS
 
 DEFAULT_ALGOS = ("cepo", "grpo", "rlsd")
@@ -50,7 +51,6 @@ def parse_algos(text: str) -> list[str]:
     if not algos or any(a not in known for a in algos) or len(set(algos)) != len(algos):
         raise ValueError(f"algos: expected a comma-separated subset of {known} without repeats, got {text!r}")
     return algos
-CREDIT_KEYS = ("credit_first_wrong_share", "credit_first_wrong_baseline")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,63 +82,6 @@ def parse_seeds(text: str) -> list[int]:
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds: expected at least one seed and no repeats, got {text!r}")
     return seeds
-
-
-def run_dir(out: Path, algo: str, seed: int) -> Path:
-    return out / "runs" / f"{algo}-seed{seed}"
-
-
-def read_summary(rdir: Path) -> dict:
-    """A run's summary.json; ValueError naming the file when it is missing or not a JSON object."""
-    path = rdir / "summary.json"
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(summary, dict):
-            raise ValueError(f"expected a JSON object, got {type(summary).__name__}")
-    except FileNotFoundError:
-        raise ValueError(f"{path}: missing (the run did not finish)") from None
-    except ValueError as e:  # also a UnicodeDecodeError
-        raise ValueError(f"{path}: damaged ({e})") from None
-    return summary
-
-
-def finished(rdir: Path, log=print) -> bool:
-    """True when the run has a readable summary.json and its metrics.jsonl (it is not run again); a run with
-    a summary.json that is damaged, or without metrics.jsonl, says so and is run again."""
-    if not (rdir / "summary.json").is_file():
-        return False
-    try:
-        read_summary(rdir)
-        if not (rdir / "metrics.jsonl").is_file():
-            raise ValueError(f"{rdir}: summary.json without metrics.jsonl")
-        return True
-    except ValueError as e:
-        log(f"cepo-compare: {e}; running {rdir.name} again")
-        return False
-
-
-def final_numbers(rdir: Path, last: int) -> dict:
-    """Final held-out accuracy (the last evaluation) and the mean batch reward of the last `last` steps.
-    ValueError naming the file when the run's metrics.jsonl or summary.json is missing or damaged."""
-    if not (rdir / "metrics.jsonl").is_file():
-        raise ValueError(f"{rdir}: no metrics.jsonl (not a finished cepo-train run)")
-    rows = read_metrics(rdir / "metrics.jsonl")  # MetricsError (a ValueError) names a damaged line
-    evals = [r["eval_accuracy"] for r in rows if r.get("eval_accuracy") is not None]
-    summary = read_summary(rdir)
-    tail = rows[-last:]
-    # the credit diagnostic (rl/task.first_wrong_credit) over the steps where the teachers moved A; without
-    # any (GRPO), the baseline over the steps that have one
-    credit = [r for r in rows if r.get(CREDIT_KEYS[0]) is not None] or [
-        r for r in rows if r.get(CREDIT_KEYS[1]) is not None]
-    return {
-        **{k: statistics.fmean(r[k] for r in credit) if credit and credit[0].get(k) is not None else None
-           for k in CREDIT_KEYS},
-        "eval_accuracy_start": summary.get("eval_accuracy_start"),
-        "eval_accuracy_end": evals[-1] if evals else None,
-        "reward_end": sum(r["reward_mean"] for r in tail) / len(tail) if tail else None,
-        "steps": len(rows),
-        "wall_s": summary.get("wall_s"),
-    }
 
 
 def _stats(values: list[float]) -> dict:

@@ -3,10 +3,14 @@ states on the rows that get a loss (no gradient), then the divergence of the stu
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from cepo_kernels.step.contexts import to_device
-from cepo_kernels.step.distill import DistillContexts, Teacher, distill_loss, zero_loss
+from cepo_kernels.step.distill import DistillContexts, Teacher, distill_contexts, distill_loss, zero_loss
+
+log = logging.getLogger("cepo_kernels.rl")
 
 DISTILL_METRICS = ("divergence_mean", "is_weight_mean", "is_clip_frac")
 
@@ -71,3 +75,26 @@ class DistillUpdate:
             out.setdefault(k, None)
         return {**out, "distill_tokens": int(tokens), "teacher_tokens": self.teacher_tokens,
                 "teacher_tokens_naive": self.teacher_tokens_naive, "teacher_rows": len(self.prefix)}
+
+
+def resumed_teacher(model, options, resume_from, device) -> Teacher:
+    """The opsd / sdpo teacher (step.distill.Teacher) of `model`; a copy (initial, ema) resumes from the
+    checkpoint's distill_teacher.pt when `resume_from` (a checkpoint directory) is given."""
+    teacher = Teacher(model, options)
+    saved = resume_from / "distill_teacher.pt" if resume_from is not None else None
+    if teacher.copy is not None and saved is not None:
+        if saved.is_file():
+            teacher.copy.load_state_dict(torch.load(saved, map_location=device, weights_only=True))
+        else:
+            log.warning("distill_teacher=%s: %s has no teacher copy; it starts from the resumed policy",
+                        options.distill_teacher, resume_from)
+    return teacher
+
+
+def distill_update(batch, options, tokenizer, teacher: Teacher, forward, device) -> DistillUpdate | None:
+    """opsd / sdpo (step.distill): the teacher contexts of the rows of `batch` (a RolloutBatch) with a loss,
+    as the update's DistillUpdate; None for the algorithms that do not distill."""
+    if not options.algorithm.distills:
+        return None
+    ctx = distill_contexts(batch, options, tokenizer)
+    return DistillUpdate(ctx, options, teacher, forward, batch.n_rows, device)

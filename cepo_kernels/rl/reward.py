@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
 import sys
 from pathlib import Path
+
+from cepo_kernels.rl.errors import RewardFunctionError
+from cepo_kernels.step import safe_rewards
+
+log = logging.getLogger("cepo_kernels.rl")
 
 
 def load_reward_fn(spec: str):
@@ -41,3 +47,17 @@ def load_reward_fn(spec: str):
     if not callable(fn):
         raise TypeError(f"reward_fn: {spec!r} is not callable")
     return fn
+
+
+def score_responses(reward_fn, texts: list[str], references: list[str], step: int) -> tuple[list[float], int]:
+    """The reward of every response of (1-based) `step` and the number of failures: a raising call scores 0,
+    with a warning; RewardFunctionError when every call raised."""
+    failures = []
+    rewards, errors = safe_rewards(reward_fn, texts, references, failures=failures)
+    if errors == len(texts):
+        raise RewardFunctionError(f"step {step}: the reward function raised on every one of the {len(texts)} "
+                                  f"responses; first error: {failures[0]}")
+    if errors:
+        log.warning("step %d: the reward function raised on %d of %d responses (scored 0); first error: %s",
+                    step, errors, len(texts), failures[0])
+    return rewards, errors

@@ -380,3 +380,14 @@ def sft_target(tokenizer, p, rng: random.Random, noise: float) -> tuple[list[int
         text = p.answer if rng.random() < 0.5 else f"{BOX_TOKEN}{wrong}}}"
         shown = p.answer if text == p.answer else wrong
     return encode(tokenizer, text) + [tokenizer.eos_token_id], shown
+
+
+def step_problems(train_set: list, seed: int, per_step: int, step: int) -> list:
+    """The `per_step` problems of a 0-based step: a pure function of (seed, step), each epoch a new order."""
+    n, out = len(train_set), []
+    for k in range(step * per_step, (step + 1) * per_step):
+        epoch, i = divmod(k, n)
+        order = list(range(n))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        out.append(train_set[order[i]])
+    return out

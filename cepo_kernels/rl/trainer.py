@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 import time
 import warnings
 from pathlib import Path
@@ -22,8 +21,8 @@ import torch
 from cepo_kernels.analysis.credit import CreditRecorder
 from cepo_kernels.rl import checkpoint as ckpt
 from cepo_kernels.rl.config import TrainConfig, lr_factor
-from cepo_kernels.rl.distill import DistillUpdate
-from cepo_kernels.rl.errors import NaNLossError, RewardFunctionError
+from cepo_kernels.rl.distill import distill_update, resumed_teacher
+from cepo_kernels.rl.errors import NaNLossError
 from cepo_kernels.rl.loop import evaluate, run_steps, run_summary
 from cepo_kernels.rl.model import (
     load_model_and_tokenizer,
@@ -33,11 +32,17 @@ from cepo_kernels.rl.model import (
     seed_everything,
     trainable_parameters,
 )
-from cepo_kernels.rl.reward import load_reward_fn
+from cepo_kernels.rl.reward import load_reward_fn, score_responses
 from cepo_kernels.rl.rollout import NonFiniteModelError, generate
 from cepo_kernels.rl.rundir import RunDir, clean_partial_checkpoints, resolve_out_dir
 from cepo_kernels.rl.sft import supervised_warmup
-from cepo_kernels.rl.task import drop_long_prompts, first_wrong_credit, first_wrong_tokens, load_problems
+from cepo_kernels.rl.task import (
+    drop_long_prompts,
+    first_wrong_credit,
+    first_wrong_tokens,
+    load_problems,
+    step_problems,
+)
 from cepo_kernels.rl.update import ppo_update
 from cepo_kernels.runfiles import MetricsError, read_metrics, write_jsonl
 from cepo_kernels.step import (
@@ -52,10 +57,9 @@ from cepo_kernels.step import (
     render_prompt,
     response_targets,
     reweight,
-    safe_rewards,
     teacher_logprobs,
 )
-from cepo_kernels.step.distill import Teacher, distill_contexts
+from cepo_kernels.step.distill import Teacher
 from cepo_kernels.step.graders import grader
 from cepo_kernels.step.rewards import answers_match, extract_boxed, with_format_bonus
 
@@ -194,15 +198,8 @@ class Trainer:
         return ids[-self.cfg.max_prompt_tokens :]
 
     def batch_problems(self, step: int):
-        """The prompts of a 0-based step: a pure function of (seed, step), reshuffled every epoch."""
-        n, per = len(self.train_set), self.cfg.prompts_per_step
-        out = []
-        for k in range(step * per, (step + 1) * per):
-            epoch, i = divmod(k, n)
-            order = list(range(n))
-            random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
-            out.append(self.train_set[order[i]])
-        return out
+        """The prompts of a 0-based step (rl/task.step_problems)."""
+        return step_problems(self.train_set, self.cfg.seed, self.cfg.prompts_per_step, step)
 
     def evaluate(self, problems=None) -> float:
         """Greedy held-out accuracy (rl/loop.evaluate)."""
@@ -247,18 +244,8 @@ class Trainer:
             ) from None
 
     def rewards(self, texts: list[str], references: list[str]) -> tuple[list[float], int]:
-        """The reward of every response (a raising call scores 0, with a warning) and the failures."""
-        failures = []
-        rewards, errors = safe_rewards(self.reward_fn, texts, references, failures=failures)
-        if errors == len(texts):
-            raise RewardFunctionError(
-                f"step {self.step_idx + 1}: the reward function raised on every one of the {len(texts)} "
-                f"responses; first error: {failures[0]}"
-            )
-        if errors:
-            log.warning("step %d: the reward function raised on %d of %d responses (scored 0); "
-                        "first error: %s", self.step_idx + 1, errors, len(texts), failures[0])
-        return rewards, errors
+        """The reward of every response and the failures (rl/reward.score_responses)."""
+        return score_responses(self.reward_fn, texts, references, self.step_idx + 1)
 
     def update(self, prompts, responses, mask, adv, old_logp, pos_logp, neg_logp, lam,
                distill=None) -> tuple[dict, int]:
@@ -268,26 +255,14 @@ class Trainer:
                           pos_logp=pos_logp, neg_logp=neg_logp, lam=lam, distill=distill)
 
     def distill_teacher(self) -> Teacher:
-        """The opsd / sdpo teacher (step.distill.Teacher); a copy (initial, ema) resumes from the checkpoint's
-        distill_teacher.pt."""
-        teacher = Teacher(self.model, self.options)
-        saved = self.resume_from / "distill_teacher.pt" if self.resume_from is not None else None
-        if teacher.copy is not None and saved is not None:
-            if saved.is_file():
-                teacher.copy.load_state_dict(torch.load(saved, map_location=self.device, weights_only=True))
-            else:
-                log.warning("distill_teacher=%s: %s has no teacher copy; it starts from the resumed policy",
-                            self.options.distill_teacher, self.resume_from)
-        return teacher
+        """The opsd / sdpo teacher (rl/distill.resumed_teacher)."""
+        return resumed_teacher(self.model, self.options, self.resume_from, self.device)
 
     def distill_update(self, batch: RolloutBatch):
-        """opsd / sdpo (step.distill): the teacher contexts of the rows that get a loss; None otherwise."""
-        if not self.options.algorithm.distills:
-            return None
-        if self.teacher is None:  # at the first step (after the warm-up, or a resume)
+        """opsd / sdpo: the distillation part of this batch's update (rl/distill.distill_update)."""
+        if self.options.algorithm.distills and self.teacher is None:  # first step, after warm-up/resume
             self.teacher = self.distill_teacher()
-        ctx = distill_contexts(batch, self.options, self.tok)
-        return DistillUpdate(ctx, self.options, self.teacher, self.forward, batch.n_rows, self.device)
+        return distill_update(batch, self.options, self.tok, self.teacher, self.forward, self.device)
 
     def step(self) -> dict:
         """One rollout batch and its updates; returns the metrics record (also appended to metrics.jsonl)."""
