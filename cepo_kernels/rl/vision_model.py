@@ -166,7 +166,12 @@ def load_processor(path):
     if tokenizer.chat_template is None and (path / "chat_template.json").is_file():
         # the processor's own file in released Qwen-VL checkpoints, which AutoTokenizer does not read
         tokenizer.chat_template = json.loads((path / "chat_template.json").read_text())["chat_template"]
-    image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    except ImportError:  # transformers < 5.2x (verl's 5.10): AutoImageProcessor itself needs torchvision
+        from transformers import Qwen2VLImageProcessorPil
+
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
     return VisionProcessor(tokenizer, image_processor)
 
 

@@ -72,6 +72,9 @@ class CEPOOptions:
         "sdpo: the importance weight min(exp(logp - logp_old), is_clip) at the sampled token (> 0)"))
     distillation_weight: float = field(default=1.0, metadata=_help(
         "sdpo: loss = (1 - w) GRPO + w distillation, w in [0, 1] (TRL's distillation_weight)"))
+    teacher_sees_image: bool = field(default=True, metadata=_help(
+        "vision-language policy: the teachers see the prompt's image (off: the authors' image-blind CEPO "
+        "teachers; docs/vision.md)"))
 
     def __post_init__(self):
         w = self.where
@@ -85,7 +88,7 @@ class CEPOOptions:
         check_template(self.teacher_template, f"{w}teacher_template")
         if self.r_minus not in NEGATIVE_MODES:
             raise ValueError(f"{w}r_minus: expected one of {NEGATIVE_MODES}, got {self.r_minus!r}")
-        for name in ("cot_teacher", "cot_suffix"):
+        for name in ("cot_teacher", "cot_suffix", "teacher_sees_image"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{w}{name}: expected a bool, got {getattr(self, name)!r}")
         for name in ("opsd_template", "sdpo_template"):

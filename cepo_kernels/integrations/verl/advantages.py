@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 
 from cepo_kernels._params import check_temperature
+from cepo_kernels.integrations.verl import vision
 from cepo_kernels.step import (
     ALGORITHMS,
     CEPOOptions,
@@ -58,9 +59,9 @@ NOT_SETTABLE = {"algo", "cot_teacher", "cot_prefix_len", "cot_suffix"}
 @dataclasses.dataclass(frozen=True)
 class CEPOSettings(CEPOOptions):
     """`algorithm.cepo` of verl's configuration (every key optional): the CEPO options of
-    step.options.CEPOOptions (lam0, t_warm, eps_w, teacher_template, r_minus; checked there, named
-    "algorithm.cepo.NAME" in messages), plus answer_key, the key of `reward_model` (non_tensor_batch)
-    holding r+. lambda counts rollout batches (0-based). The algorithm comes from
+    step.options.CEPOOptions (lam0, t_warm, eps_w, teacher_template, r_minus, teacher_sees_image; checked
+    there, named "algorithm.cepo.NAME" in messages), plus answer_key, the key of `reward_model`
+    (non_tensor_batch) holding r+. lambda counts rollout batches (0-based). The algorithm comes from
     `algorithm.adv_estimator` (`cepo_reweight`'s algo), not from here.
     """
 
@@ -174,8 +175,6 @@ def rollout_batch(data, tokenizer, settings: CEPOSettings, algo: str) -> Rollout
                            f"got {sorted(b.keys())}")
     if "uid" not in nt:
         raise KeyError("data: expected non_tensor_batch['uid'] (verl's group ids)")
-    if b["position_ids"].dim() != 2:
-        raise ValueError("data: multimodal (3-D) position ids are not supported by the CEPO teachers")
     if get_algorithm(algo).baseline == "old" and "old_log_probs" not in b.keys():
         raise KeyError(f"data: {algo.upper()} needs the batch field 'old_log_probs' (verl's recomputed old "
                        "log-probs)")
@@ -232,7 +231,12 @@ def cepo_reweight(data, tokenizer, scorer: Callable, settings: CEPOSettings, ste
         return metrics
     batch = rollout_batch(data, tokenizer, settings, algo)
     b, mask = data.batch, batch.mask
-    score = dataproto_scorer(scorer, tokenizer, batch.responses, mask.shape[1], mask.device)
+    if vision.is_multimodal(data):  # a vision-language policy: the teachers take the rows' images
+        score = vision.vision_dataproto_scorer(
+            scorer, _pad_id(tokenizer), batch.responses, vision.row_images(data), mask.shape[1], mask.device,
+            sees_image=settings.teacher_sees_image, image_token_ids=vision.placeholder_ids(tokenizer))
+    else:
+        score = dataproto_scorer(scorer, tokenizer, batch.responses, mask.shape[1], mask.device)
     result = reweight(batch, score, options, step, tokenizer=tokenizer, extract=extract)
     metrics["cepo/teacher_rows"] = float(len(result.rows))
     metrics["cepo/r_minus_fallbacks"] = float(sum(n.how == "fallback" for n in result.negatives))
