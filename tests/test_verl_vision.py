@@ -359,3 +359,44 @@ def test_tiny_checkpoint_saves_and_loads_with_verls_transformers(tmp_path, kind)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), built.state_dict().values(),
                                                   strict=True))
     assert transformers.__version__.startswith("5.")
+
+
+def test_cepo_trainer_stage_takes_the_images_from_the_transfer_queue(vl, monkeypatch):
+    """The v1 trainer's advantage stage with a processor (a vision-language policy) reads each row's position
+    ids and multi_modal_inputs from the TransferQueue, as verl's agent loop writes them (no padding), and
+    gives the A_hat of cepo_reweight on the padded batch, bit for bit."""
+    pytest.importorskip("transfer_queue", reason="needs TransferQueue (verl's v1 trainer): see .ci/run")
+    import transfer_queue
+    from omegaconf import OmegaConf
+    from test_verl_real_stage import PaddingTransferQueue
+
+    from cepo_kernels.integrations.verl.trainer import CEPOPPOTrainer
+
+    data, rows = student_batch(vl, groups())
+    data.batch["old_log_probs"] = torch.zeros(data.batch["responses"].shape)
+    fake = PaddingTransferQueue()
+    meta = fake.put_batch(data)
+    attn = data.batch["attention_mask"].bool()
+    for i, k in enumerate(meta.keys):  # what the agent loop adds for a vision-language policy
+        fake.rows[("train", k)].update(position_ids=data.batch["position_ids"][i][:, attn[i]],
+                                       multi_modal_inputs=data.non_tensor_batch["multi_modal_inputs"][i])
+    meta = transfer_queue.KVBatchMeta(keys=meta.keys, tags=meta.tags, partition_id=meta.partition_id)
+    monkeypatch.setattr(transfer_queue, "kv_batch_get", fake.kv_batch_get)
+    monkeypatch.setattr(transfer_queue, "kv_batch_put", fake.kv_batch_put)
+    trainer = CEPOPPOTrainer.__new__(CEPOPPOTrainer)
+    trainer.config = OmegaConf.create({
+        "algorithm": {"adv_estimator": "cepo", "use_kl_in_reward": False, "gamma": 1.0, "lam": 1.0,
+                      "norm_adv_by_std_in_grpo": True, "cepo": {"lam0": 0.5, "t_warm": 10}},
+        "actor_rollout_ref": {"rollout": {"n": 3, "temperature": T}}})
+    trainer.tokenizer, trainer.processor, trainer.global_steps = vl.tok, vl.proc, 1
+    trainer.actor_rollout_wg = VLWorkerGroup(vl.model)
+    metrics = {}
+    trainer._compute_advantage(meta, metrics)
+    (td,) = trainer.actor_rollout_wg.calls
+    assert "multi_modal_inputs" in td.keys() and td["position_ids"].dim() == 3
+    scorer = cv.worker_group_scorer(VLWorkerGroup(vl.model), T)
+    m = cv.cepo_reweight(estimated(data), vl.tok, scorer, cv.CEPOSettings(lam0=0.5, t_warm=10), 0)
+    assert m == metrics and m["cepo/teacher_rows"] == len(rows)
+    for i, k in enumerate(meta.keys):
+        got = fake.rows[("train", k)]["advantages"]
+        assert torch.equal(got, data.batch["advantages"][i, : len(got)])

@@ -30,6 +30,7 @@ from cepo_kernels.integrations.verl.advantages import (
     worker_group_scorer,
 )
 from cepo_kernels.integrations.verl.config import canonical_order, real_rows, use_cepo_algo_config
+from cepo_kernels.integrations.verl.vision import VISION_FIELDS, attach_images
 
 __all__ = ["CEPOPPOTrainer"]
 
@@ -82,7 +83,9 @@ class CEPOPPOTrainer(PPOTrainerSync):
 
     def _driver_batch(self, keys, partition_id):
         """The rows `keys` from the TransferQueue as a padded verl DataProto (verl's rollout layout)."""
-        td = tq.kv_batch_get(keys=keys, partition_id=partition_id, select_fields=_FIELDS)
+        vision = getattr(self, "processor", None) is not None  # a vision-language policy (verl's processor)
+        td = tq.kv_batch_get(keys=keys, partition_id=partition_id,
+                             select_fields=_FIELDS + (VISION_FIELDS if vision else []))
         response_mask = td["response_mask"]
         prompts, responses = _rows(td["prompts"]), _rows(td["responses"])
         R = max(len(r) for r in responses)
@@ -93,5 +96,7 @@ class CEPOPPOTrainer(PPOTrainerSync):
         data.batch["token_level_rewards"] = padded["rm_scores"][:, :R]
         data.non_tensor_batch["uid"] = np.array(list(td["uid"]), dtype=object)
         data.non_tensor_batch["reward_model"] = np.array(list(td["reward_model"]), dtype=object)
+        if vision:  # the teachers take each row's images and M-RoPE positions (integrations/verl/vision.py)
+            attach_images(data, list(td["position_ids"].unbind()), list(td["multi_modal_inputs"]))
         return data, response_mask
 

@@ -32,10 +32,13 @@ import torch
 from cepo_kernels.step import pack
 from cepo_kernels.step.vision import continue_positions
 
-__all__ = ["PLACEHOLDERS", "RowImages", "is_multimodal", "placeholder_ids", "row_images",
-           "vision_teacher_batch", "vision_dataproto_scorer"]
+__all__ = ["PLACEHOLDERS", "VISION_FIELDS", "RowImages", "is_multimodal", "placeholder_ids", "row_images",
+           "attach_images", "vision_teacher_batch", "vision_dataproto_scorer"]
 
 PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>")  # Qwen-VL's image and video placeholder tokens
+# what verl's agent loop writes to the TransferQueue for each row of a vision-language policy besides the
+# text fields: position ids [4, prompt + response] (no padding) and the processor's tensors
+VISION_FIELDS = ["position_ids", "multi_modal_inputs"]
 
 
 class RowImages(NamedTuple):
@@ -86,6 +89,30 @@ def row_images(data) -> list[RowImages]:
                             f"{type(inputs).__name__}")
         rows.append(RowImages(pos[i][:, valid[i]], inputs))
     return rows
+
+
+def attach_images(data, positions, inputs) -> None:
+    """Adds to `data` (verl's padded rollout layout of TransferQueue rows: prompts left-padded, responses
+    right-padded) each row's position ids (positions[i] [C, prompt + response] over its attended tokens, as
+    the agent loop stores them) as `position_ids` [B, C, L] (0 at the padding) and its multi_modal_inputs."""
+    b = data.batch
+    attn = b["attention_mask"].bool()
+    positions = [torch.as_tensor(p) for p in positions]
+    if len(positions) != len(data) or len(inputs) != len(data):
+        raise ValueError(f"positions and inputs: expected one per row ({len(data)}), got {len(positions)} "
+                         f"and {len(inputs)}")
+    C = positions[0].shape[0] if positions[0].dim() == 2 else 1
+    pos = torch.zeros(len(data), C, attn.shape[1], dtype=torch.long, device=attn.device)
+    for i, p in enumerate(positions):
+        p = p.reshape(C, -1) if p.dim() == 1 else p
+        if p.shape != (C, int(attn[i].sum())):
+            raise ValueError(f"positions[{i}]: expected [{C}, {int(attn[i].sum())}] (the row's attended "
+                             f"tokens), got {tuple(p.shape)}")
+        pos[i][:, attn[i]] = p.to(pos)
+    b["position_ids"] = pos.squeeze(1) if C == 1 else pos
+    rows = np.empty(len(data), dtype=object)
+    rows[:] = list(inputs)
+    data.non_tensor_batch["multi_modal_inputs"] = rows
 
 
 def vision_teacher_batch(prefixes: list[list[int]], responses: list[list[int]], images: list[RowImages],
