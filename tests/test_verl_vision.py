@@ -127,8 +127,8 @@ class VLWorkerGroup:
     """The actor worker group's `compute_log_prob` for a vision-language model, in process: each rank's
     contiguous shard as one micro-batch, laid out as verl's FSDP engine lays out a padded micro-batch."""
 
-    def __init__(self, model, world_size=1):
-        self.model, self.world_size, self.calls = model, world_size, []
+    def __init__(self, model, world_size=1, packed=False):
+        self.model, self.world_size, self.packed, self.calls = model, world_size, packed, []
 
     @torch.no_grad()
     def _micro_batch(self, td, temperature):
@@ -136,12 +136,21 @@ class VLWorkerGroup:
 
         ids, pos = td["input_ids"], td["position_ids"]
         n, lengths = ids.size(0), ids.offsets().diff()
+        mm = extract_multi_modal_inputs(td.get("multi_modal_inputs", []))
+        if self.packed:  # verl's default use_remove_padding: the rows as one sequence, no attention mask
+            logits = self.model(input_ids=ids.values()[None], attention_mask=None, use_cache=False,
+                                position_ids=pos.values().unsqueeze(1), **mm).logits[0]
+            lp = torch.log_softmax(logits.float() / temperature, dim=-1)
+            lp = lp[:-1].gather(1, ids.values()[1:, None]).squeeze(1)
+            ends = lengths.cumsum(0).tolist()
+            return [torch.cat([lp[e - k : e - 1], lp.new_zeros(1)]) for k, e in zip(lengths.tolist(), ends,
+                                                                                   strict=True)]
         L = int(lengths.max())
         input_ids = torch.nested.to_padded_tensor(ids, padding=0, output_size=(n, L))
         position_ids = torch.nested.to_padded_tensor(pos, padding=0, output_size=(n, 4, L)).transpose(0, 1)
         attn = (torch.arange(L)[None] < lengths[:, None]).long()
-        mm = extract_multi_modal_inputs(td.get("multi_modal_inputs", []))
-        logits = self.model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, **mm).logits
+        logits = self.model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids,
+                            use_cache=False, **mm).logits
         lp = torch.log_softmax(logits.float() / temperature, dim=-1)[:, :-1]
         lp = lp.gather(2, input_ids[:, 1:, None]).squeeze(2)
         return [torch.cat([lp[i, : int(k) - 1], lp.new_zeros(1)]) for i, k in enumerate(lengths)]
@@ -211,14 +220,14 @@ def estimated(data):
     return data
 
 
-def score_teachers(vl, data, sees_image=True, world_size=1):
+def score_teachers(vl, data, sees_image=True, world_size=1, packed=False):
     """Both teachers' log-probs of every row through the package's scorer path."""
     batch = cv.advantages.rollout_batch(estimated(data), vl.tok, cv.CEPOSettings(), "cepo")
     rows = list(range(len(data)))
     refs = [data.non_tensor_batch["reward_model"][i]["ground_truth"] for i in rows]
     negs = [R_MINUS[u] for u in data.non_tensor_batch["uid"]]
     ctx = teacher_contexts(vl.tok, rows, prompt_ids=batch.prompt_ids, pos_answers=refs, neg_answers=negs)
-    wg = VLWorkerGroup(vl.model, world_size)
+    wg = VLWorkerGroup(vl.model, world_size, packed)
     R = batch.mask.shape[1]
     score = vv.vision_dataproto_scorer(cv.worker_group_scorer(wg, T), vl.tok.pad_token_id, batch.responses,
                                        vv.row_images(data), R, "cpu", sees_image=sees_image,
@@ -226,10 +235,13 @@ def score_teachers(vl, data, sees_image=True, world_size=1):
     return score(ctx, TEACHERS), wg, refs, negs
 
 
-def test_image_aware_teachers_equal_a_plain_forward_with_the_image(vl):
-    """Rows with and without images mixed in one batch, three prompt lengths (left padding), two ranks."""
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_image_aware_teachers_equal_a_plain_forward_with_the_image(vl, packed):
+    """Rows with and without images mixed in one batch, three prompt lengths (left padding), two ranks; the
+    engine's padded micro-batch, or its packed one (use_remove_padding: the text row of the position ids
+    tells the model where each sequence starts)."""
     data, rows = student_batch(vl, groups())
-    logp, wg, refs, negs = score_teachers(vl, data, world_size=2)
+    logp, wg, refs, negs = score_teachers(vl, data, world_size=2, packed=packed)
     td = wg.calls[0]
     assert td["position_ids"].dim() == 3 and "multi_modal_inputs" in td.keys()
     for i, (prompt, resp, *_, mm) in enumerate(rows):
