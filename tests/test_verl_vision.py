@@ -347,7 +347,12 @@ def test_settings_and_bad_input(vl):
         vv.vision_teacher_batch([rows[0][0][:3]], [rows[0][1]], images[:1], vl.tok.pad_token_id, 4, "cpu")
     with pytest.raises(ValueError, match="prefixes, responses and images: expected one per row"):
         vv.vision_teacher_batch([rows[0][0]], [rows[0][1]], images, vl.tok.pad_token_id, 4, "cpu")
-    data.batch["position_ids"] = data.batch["position_ids"][:, :, :-1]
+    attn = data.batch["attention_mask"]
+    data.batch["position_ids"] = (attn.cumsum(-1) - 1).clamp_min(0)  # a multimodal model without M-RoPE
+    batch = vv.vision_teacher_batch([rows[0][0]], [rows[0][1]], vv.row_images(data)[:1], 0, 4, "cpu")
+    keep = batch.batch["attention_mask"][0].bool()
+    assert torch.equal(batch.batch["position_ids"][0][keep], torch.arange(int(keep.sum())))
+    data.batch["position_ids"] = data.batch["position_ids"][:, :-1]
     with pytest.raises(ValueError, match=r"data: position_ids: expected \[B, C, L\] or \[B, L\]"):
         vv.row_images(data)
 

@@ -12,6 +12,7 @@ Registered through verl's own extension points, nothing patched:
   writes A_hat per token into `advantages`; verl's PPO loss, clip and KL options then apply unchanged.
 
 The CEPO options live under `algorithm.cepo` (`+algorithm.cepo.lam0=0.5` etc., see `CEPOSettings`).
+A vision-language policy's teacher batches carry the rows' images (`vision`, `teacher_sees_image`).
 The per-batch work (`cepo_reweight`) is a function of a verl `DataProto` and a log-prob scorer, so it runs
 (and is tested) without Ray or GPUs.
 """
