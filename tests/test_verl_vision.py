@@ -7,9 +7,9 @@ images_seqlens) and position ids [B, 4, L] computed by verl's own `AgentLoopWork
 with the model's `get_rope_index` bound to the processor (as verl's `hf_processor` binds it). The teacher
 batches are scored through the package's scorer path (`worker_group_scorer`: verl's padding helpers, its
 no-padding layout) by a stand-in for the actor worker group that does what verl's FSDP engine does with a
-micro-batch (`extract_multi_modal_inputs`, the padded input_ids / attention_mask / (4, B, L) position_ids,
-model forward); the oracle is one plain forward of the model on the full teacher sequence with its image,
-the model computing its own M-RoPE positions.
+micro-batch (`extract_multi_modal_inputs`, then the padded input_ids / attention_mask / (4, B, L)
+position_ids, or the packed layout of use_remove_padding; model forward); the oracle is one plain forward
+of the model on the full teacher sequence with its image, the model computing its own M-RoPE positions.
 
 Tolerances (house rule, tests/helpers.py): err(got, float64 plain forward) <= 2 x err(float32 plain forward)
 + 16 float32 ulps of the log-probs' magnitude (the batched forward pads and reorders the same arithmetic).
