@@ -90,6 +90,38 @@ def test_composed_processor_names_a_placeholder_mismatch():
         proc(text=texts(proc)[:1], images=images("qwen3_vl"))
 
 
+def test_composed_processor_gives_image_tensors_for_text_without_placeholders():
+    """What verl's agent loop asks of a processor: its decoded text (special tokens skipped, so no
+    <|image_pad|>) and the images, for the image tensors alone: those of the images, the text's own tokens."""
+    proc = VisionProcessor(build_vl_tokenizer(), build_image_processor("qwen3_vl"))
+    full = proc(text=texts(proc), images=images("qwen3_vl"))
+    bare = [t.replace("<|image_pad|>", "") for t in texts(proc)]
+    out = proc(text=bare, images=images("qwen3_vl"), videos=None, return_tensors="pt")
+    assert torch.equal(out["pixel_values"], full["pixel_values"])
+    assert torch.equal(out["image_grid_thw"], full["image_grid_thw"])
+    assert torch.equal(out["input_ids"], proc.tokenizer(bare, padding=True, return_tensors="pt")["input_ids"])
+    assert not out["mm_token_type_ids"].any()
+    with pytest.raises(ValueError, match=r"videos: VisionProcessor handles images only; got 1 video"):
+        proc(text=bare, videos=[images("qwen3_vl")])
+
+
+def test_composed_processor_saves_what_load_processor_reads(tmp_path):
+    """`save_pretrained` (verl's checkpoint manager saves its processor with the model) then `load_processor`
+    on a directory holding the model's config: the same inputs."""
+    kind = "qwen3_vl"
+    proc = VisionProcessor(build_vl_tokenizer(), build_image_processor(kind))
+    build_tiny_vl_model(proc.tokenizer, kind).config.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    back = load_processor(tmp_path)
+    a = proc(text=texts(proc), images=images(kind))
+    b = back(text=texts(back), images=images(kind), padding=True, return_tensors="pt")
+    for key in ("input_ids", "attention_mask", "image_grid_thw", "mm_token_type_ids"):
+        assert torch.equal(a[key], b[key]), key
+    # AutoProcessor where torchvision imports: the same rescale and normalise, a few float32 roundings
+    tol = 8 * torch.finfo(torch.float32).eps * a["pixel_values"].abs().max()
+    assert (a["pixel_values"] - b["pixel_values"]).abs().max() <= tol
+
+
 def test_load_refuses_a_directory_without_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a local Hugging Face model directory"):
         load_vision_model(tmp_path)

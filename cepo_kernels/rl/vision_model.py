@@ -111,6 +111,9 @@ class VisionProcessor:
     as one `<|image_pad|>`) and the images in order of appearance (a flat list, or one list per row). Returns
     what the Qwen-VL processor returns: input_ids and attention_mask (left-padded), pixel_values
     [patches, C * temporal * patch^2], image_grid_thw [images, 3] and mm_token_type_ids (1 at image tokens).
+    Text with no placeholder at all and images gives the text's tokens and the images' tensors (the Qwen-VL
+    processor does the same; verl's agent loop relies on it); any other count than one per image is refused.
+    Images only: videos are refused.
     """
 
     def __init__(self, tokenizer, image_processor):
@@ -123,15 +126,23 @@ class VisionProcessor:
     def apply_chat_template(self, messages, **kwargs):
         return self.tokenizer.apply_chat_template(messages, **kwargs)
 
+    def save_pretrained(self, path, **kwargs):
+        """The tokenizer (with its chat template) and the image processor into `path`, where
+        `load_processor` reads them back (verl's checkpoint manager saves its processor so)."""
+        self.tokenizer.save_pretrained(path, **kwargs)
+        self.image_processor.save_pretrained(path, **kwargs)
+
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
 
     def decode(self, *args, **kwargs):
         return self.tokenizer.decode(*args, **kwargs)
 
-    def __call__(self, text, images=None, return_tensors="pt", padding=True, **kwargs):
+    def __call__(self, text, images=None, videos=None, return_tensors="pt", padding=True, **kwargs):
         from transformers import BatchFeature
 
+        if videos:
+            raise ValueError(f"videos: VisionProcessor handles images only; got {len(videos)} video(s)")
         texts = [text] if isinstance(text, str) else list(text)
         flat = [im for item in (images or []) for im in (item if isinstance(item, (list, tuple)) else [item])]
         data = {}
@@ -140,7 +151,9 @@ class VisionProcessor:
             merge = self.image_processor.merge_size ** 2
             counts = iter((data["image_grid_thw"].prod(dim=-1) // merge).tolist())
         placeholders = sum(t.count(IMAGE_TOKEN) for t in texts)
-        if placeholders != len(flat):
+        # no placeholder at all: the image tensors for text that holds none (as the Qwen-VL processor does;
+        # verl's agent loop re-runs the processor on its decoded text, special tokens skipped, for them)
+        if placeholders not in (0, len(flat)):
             raise ValueError(f"images: the text has {placeholders} {IMAGE_TOKEN} placeholder(s) and "
                              f"{len(flat)} image(s) were given; expected one image per placeholder")
         expanded = []
