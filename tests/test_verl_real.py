@@ -12,20 +12,9 @@ for _module in ("verl", "ray", "transfer_queue", "pandas"):
     pytest.importorskip(_module, reason="needs verl 0.9.x, Ray and TransferQueue with a transformers verl "
                         "accepts: CI runs this in a second venv (.ci/run, .ci/constraints-verl.txt)")
 
+from verl_helpers import transformers_verl_accepts  # noqa: E402
 
-def _transformers_verl_accepts() -> bool:
-    from importlib.metadata import requires, version
-
-    from packaging.requirements import Requirement
-
-    for line in requires("verl") or []:
-        req = Requirement(line)
-        if req.name == "transformers" and req.marker is None:
-            return req.specifier.contains(version("transformers"), prereleases=True)
-    return True
-
-
-if not _transformers_verl_accepts():
+if not transformers_verl_accepts():
     pytest.skip("verl's trainer needs a transformers verl accepts (verl 0.9.1: >=5.5.3,!=5.6.0,<5.11); CI "
                 "runs this in .venv-verl (.ci/run)", allow_module_level=True)
 

@@ -15,7 +15,12 @@ or TRT-LLM). Loaded in every process (`VERL_USE_EXTERNAL_MODULES=verl_cpu_plugin
 - verl's FSDP2 CPU-offload policy (the reference model's) without pinned memory (pinning needs an
   accelerator);
 - rollout `cpu_stub`: a rollout engine that is never asked to generate (the harness writes the rollouts to
-  TransferQueue itself), so the worker builds without vLLM.
+  TransferQueue itself), so the worker builds without vLLM;
+- the processor of a Qwen2.5-VL / Qwen3-VL checkpoint where torchvision does not import (CPU torch 2.13):
+  verl's `hf_processor` builds it with `AutoProcessor`, whose Qwen-VL processor classes need torchvision, and
+  returns None (verl would then train the checkpoint as a text model). There, and only there, the package's
+  `load_processor` (`VisionProcessor`: the checkpoint's tokenizer and PIL image processor) stands in, with
+  the model's `get_rope_index` bound to it as verl's `hf_processor` binds it to a Qwen-VL processor.
 
 Importing it also registers the project's `cepo` / `rlsd` estimators (`cepo_kernels.integrations.verl`).
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import types
 
 import torch
 from verl.plugin.platform.platform_base import PlatformBase
@@ -131,6 +137,7 @@ class PlatformCPU(PlatformBase):
 # verl's engine modules resolve the platform when imported: they come after the platform's registration
 from verl.utils import distributed as verl_distributed  # noqa: E402
 from verl.workers import engine_workers  # noqa: E402
+from verl.workers.config import model as verl_model_config  # noqa: E402
 from verl.workers.engine.base import EngineRegistry  # noqa: E402
 from verl.workers.engine.fsdp import transformer_impl  # noqa: E402
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead  # noqa: E402
@@ -170,6 +177,39 @@ def _unpinned_offload_policy(pin_memory: bool = True):
     return _CPUOffloadPolicy(pin_memory=False)
 
 
+def _vl_model_class(model_type: str):
+    from transformers.models.qwen2_5_vl import Qwen2_5_VLModel
+    from transformers.models.qwen3_vl import Qwen3VLModel
+
+    return {"qwen2_5_vl": Qwen2_5_VLModel, "qwen3_vl": Qwen3VLModel}.get(model_type)
+
+
+def _processor_without_torchvision(name_or_path, **kwargs):
+    """verl's `hf_processor`; where it returns None for a Qwen-VL checkpoint because torchvision does not
+    import, the package's `VisionProcessor` with the model's `get_rope_index` (and `get_vision_position_ids`)
+    bound to it, as verl binds them to the Qwen-VL processor it would have built."""
+    from transformers import AutoConfig
+    from transformers.utils import is_torchvision_available
+
+    from cepo_kernels.rl.vision_model import load_processor
+
+    processor = _hf_processor(name_or_path, **kwargs)
+    if processor is not None or is_torchvision_available():
+        return processor
+    config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+    model_class = _vl_model_class(config.model_type)
+    if model_class is None:
+        return None
+    processor = load_processor(name_or_path)
+    processor.config = config
+    processor.get_rope_index = types.MethodType(model_class.get_rope_index, processor)
+    if hasattr(model_class, "get_vision_position_ids"):
+        processor.get_vision_position_ids = types.MethodType(model_class.get_vision_position_ids, processor)
+    return processor
+
+
+_hf_processor = verl_model_config.hf_processor
+verl_model_config.hf_processor = _processor_without_torchvision
 _CPUOffloadPolicy = transformer_impl.CPUOffloadPolicy
 _register_engine()
 transformer_impl.CPUOffloadPolicy = _unpinned_offload_policy

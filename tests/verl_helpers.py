@@ -12,7 +12,22 @@ import numpy as np
 import torch
 from trl_helpers import tiny_model, tiny_tokenizer
 
-__all__ = ["TinyWorkerGroup", "make_batch", "tiny_model", "tiny_tokenizer", "GROUPS"]
+__all__ = ["TinyWorkerGroup", "make_batch", "tiny_model", "tiny_tokenizer", "transformers_verl_accepts",
+           "GROUPS"]
+
+
+def transformers_verl_accepts() -> bool:
+    """Whether the installed transformers is in the range the installed verl requires (verl's trainer tests
+    skip outside it)."""
+    from importlib.metadata import requires, version
+
+    from packaging.requirements import Requirement
+
+    for line in requires("verl") or []:
+        req = Requirement(line)
+        if req.name == "transformers" and req.marker is None:
+            return req.specifier.contains(version("transformers"), prereleases=True)
+    return True
 
 # (prompt, r+, [(response words, reward)]): every group mixes rewards except the last (all equal: A = 0)
 GROUPS = [

@@ -53,8 +53,9 @@ def ray_env() -> dict:
             "WANDB_MODE": "disabled", "RAY_DEDUP_LOGS": "0"}
 
 
-def config(model_dir: str, data: str, algo: str, world_size: int, steps: int, **cepo):
-    """verl's ppo_trainer.yaml (hydra-composed) for a CPU run of `algo` (cepo, rlsd, grpo)."""
+def config(model_dir: str, data: str, algo: str, world_size: int, steps: int, overrides=(), **cepo):
+    """verl's ppo_trainer.yaml (hydra-composed) for a CPU run of `algo` (cepo, rlsd, grpo); `overrides`
+    (hydra) come after the harness's own."""
     from hydra import compose, initialize_config_module
 
     a = "actor_rollout_ref"
@@ -82,7 +83,7 @@ def config(model_dir: str, data: str, algo: str, world_size: int, steps: int, **
         f"{a}.rollout.tensor_model_parallel_size=1", f"{a}.rollout.calculate_log_probs=false",
         "reward.num_workers=1",
         "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",
-    ] + [f"+algorithm.cepo.{k}={v}" for k, v in cepo.items()]
+    ] + list(overrides) + [f"+algorithm.cepo.{k}={v}" for k, v in cepo.items()]
     with initialize_config_module(config_module="verl.trainer.config", version_base=None):
         return compose(config_name="ppo_trainer", overrides=overrides)
 
@@ -93,9 +94,20 @@ class RolloutWriter:
     `AgentLoopOutput.as_dict()` fields plus the prompt's own, the same tags), then marks the prompt finished.
     The reward is the boxed-answer reward at the last response token (`rm_scores`)."""
 
+    responses = RESPONSES
+
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.uid_index: dict = {}  # uid -> dataset index
+
+    def prompt_ids(self, prompt) -> tuple[list, dict]:
+        """The prompt's token ids and its multi_modal_data (none for a text model)."""
+        return self.tokenizer.apply_chat_template(prompt["raw_prompt"], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False), {}
+
+    def vision_fields(self, output, input_ids) -> tuple:
+        """(position_ids, multi_modal_inputs) of a rollout [prompt | response] without padding."""
+        return torch.arange(input_ids.numel()), {}
 
     def generate_sequences(self, batch) -> None:
         import transfer_queue as tq
@@ -115,25 +127,26 @@ class RolloutWriter:
             uid, index = prompt["uid"], int(prompt["extra_info"]["index"])
             self.uid_index[uid] = index
             answer, step = prompt["reward_model"]["ground_truth"], int(prompt["global_steps"])
-            prompt_ids = self.tokenizer.apply_chat_template(prompt["raw_prompt"], add_generation_prompt=True,
-                                                            tokenize=True, return_dict=False)
+            prompt_ids, mm_data = self.prompt_ids(prompt)
             keys, fields, tags = [], [], []
             wrong = "2" if answer != "2" else "3"
-            sessions = RESPONSES[:-1] if index % 3 == 0 else RESPONSES
+            sessions = self.responses[:-1] if index % 3 == 0 else self.responses
             for session, words in enumerate(sessions):
                 text = words.format(a=answer, w=wrong)
                 response_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
                 out = AgentLoopOutput(prompt_ids=list(prompt_ids), response_ids=response_ids,
                                       response_mask=[1] * len(response_ids), num_turns=2,
+                                      multi_modal_data=mm_data or None,
                                       reward_score=boxed_reward(text, answer), metrics={},
                                       extra_fields={"reward_extra_info": {}, "min_global_steps": step,
                                                     "max_global_steps": step})
                 field = out.as_dict()
+                field.pop("multi_modal_data", None)  # the agent loop does not store raw images
                 field.update(prompt, session_id=session)
                 field["loss_mask"] = field["response_mask"]
                 field["input_ids"] = torch.cat([field["prompts"], field["responses"]])
-                field["position_ids"] = torch.arange(field["input_ids"].numel())
-                field["multi_modal_inputs"] = {}
+                ids = field["input_ids"]
+                field["position_ids"], field["multi_modal_inputs"] = self.vision_fields(out, ids)
                 keys.append(f"{uid}_{session}_0")
                 fields.append(field)
                 p, r = field["prompts"].numel(), field["responses"].numel()
@@ -209,10 +222,12 @@ def record_updates(monkeypatch, log: list) -> None:
 
 def record_cepo_stage(monkeypatch, log: list) -> None:
     """Records, per CEPO stage, the batch it reweighted (verl's A and old log-probs, the rollout rows), what
-    its scorer returned for each teacher batch, the A_hat it wrote, and the scorer run on the rollout rows
-    themselves (which must give verl's old log-probs)."""
+    its scorer returned for each teacher batch (and their position ids and multi_modal_inputs), the A_hat it
+    wrote, and the scorer run on the rollout rows themselves, with their images for a vision-language policy
+    (which must give verl's old log-probs)."""
     from cepo_kernels.integrations.verl import advantages as cva
     from cepo_kernels.integrations.verl import trainer as cvt
+    from cepo_kernels.integrations.verl import vision as cvv
 
     original = cvt.cepo_reweight
 
@@ -222,18 +237,25 @@ def record_cepo_stage(monkeypatch, log: list) -> None:
         mask = b["response_mask"].bool()
         prompts = [b["prompts"][i][b["attention_mask"][i, :P].bool()].tolist() for i in range(len(data))]
         responses = [b["responses"][i][mask[i]].tolist() for i in range(len(data))]
-        own = scorer(cva.teacher_batch(prompts, responses, cva._pad_id(tokenizer), mask.shape[1], "cpu"))
-        calls = []
+        pad = cva._pad_id(tokenizer)
+        if cvv.is_multimodal(data):  # the rollout rows with their images and positions (no answer)
+            rows = cvv.row_images(data)
+            own = scorer(cvv.vision_teacher_batch(prompts, responses, rows, pad, mask.shape[1], "cpu"))
+        else:
+            own = scorer(cva.teacher_batch(prompts, responses, pad, mask.shape[1], "cpu"))
+        calls, vision = [], []
 
         def recording(batch):
             out = scorer(batch)
             calls.append((batch.batch["input_ids"].clone(), batch.batch["attention_mask"].clone(),
                           batch.batch["response_mask"].clone(), out.clone()))
+            mm = batch.non_tensor_batch.get("multi_modal_inputs")
+            vision.append((batch.batch["position_ids"].clone(), mm))
             return out
 
         record = {"step": step, "algo": algo, "A": b["advantages"].clone(), "mask": mask.clone(),
                   "old_log_probs": b["old_log_probs"].clone(), "own": own, "prompts": prompts,
-                  "responses": responses, "calls": calls, "settings": settings}
+                  "responses": responses, "calls": calls, "vision": vision, "settings": settings}
         metrics = original(data, tokenizer, recording, settings, step, algo, **kwargs)
         record.update(a_hat=b["advantages"].clone(), metrics=dict(metrics))
         log.append(record)
@@ -242,19 +264,22 @@ def record_cepo_stage(monkeypatch, log: list) -> None:
     monkeypatch.setattr(cvt, "cepo_reweight", reweight)
 
 
-def run(monkeypatch, tmp, algo: str, world_size: int = 2, steps: int = 2, **cepo) -> dict:
+def run(monkeypatch, tmp, algo: str, world_size: int = 2, steps: int = 2, model=make_model_dir,
+        dataset=make_data, writer=None, overrides=(), **cepo) -> dict:
     """One training run of `algo` through verl's trainer; returns the records, the rollout writer and the
-    trainer. The worker group's processes are ended before returning."""
+    trainer. `model(dir)` and `dataset(file)` write the checkpoint and the parquet (once per tmp);
+    `writer(trainer)` makes the rollout writer (default: `RolloutWriter` on the trainer's tokenizer). The
+    worker group's processes are ended before returning."""
     import ray
     from verl.trainer.ppo.v1 import get_trainer_cls
 
     model_dir = str(tmp / "model")
     if not os.path.isdir(model_dir):
-        make_model_dir(model_dir)
+        model(model_dir)
     data = str(tmp / "train.parquet")
     if not os.path.exists(data):
-        make_data(data)
-    cfg = config(model_dir, data, algo, world_size, steps, **cepo)
+        dataset(data)
+    cfg = config(model_dir, data, algo, world_size, steps, overrides, **cepo)
     stub_servers(monkeypatch)
     updates: list = []
     stages: list = []
@@ -262,7 +287,7 @@ def run(monkeypatch, tmp, algo: str, world_size: int = 2, steps: int = 2, **cepo
     record_cepo_stage(monkeypatch, stages)
     trainer = get_trainer_cls(cfg.trainer.v1.trainer_mode)(config=cfg)
     trainer.init()
-    writer = RolloutWriter(trainer.tokenizer)
+    writer = writer(trainer) if writer is not None else RolloutWriter(trainer.tokenizer)
     try:
         trainer.fit(writer)
     finally:  # this run's worker processes and its placement groups (the logical GPU slots) go
