@@ -37,7 +37,12 @@ if not transformers_verl_accepts():
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cepo_kernels.rl.vision_model import VisionProcessor, load_vision_model, save_tiny_vl  # noqa: E402
+from cepo_kernels.rl.vision_model import (  # noqa: E402
+    VisionProcessor,
+    load_processor,
+    load_vision_model,
+    save_tiny_vl,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 WATCHDOG_S = 600  # the whole module (Ray, two runs, shutdown): past this, stacks are dumped and it exits
@@ -105,8 +110,8 @@ def vision_writer(trainer):
     return VisionRolloutWriter(trainer.processor)
 
 
-OVERRIDES = ["data.max_prompt_length=64", "data.max_response_length=24", "trainer.save_freq=2",
-             "actor_rollout_ref.actor.checkpoint.save_contents=[hf_model]"]
+OVERRIDES = ["data.max_prompt_length=64", "data.max_response_length=24"]
+SAVE = ["trainer.save_freq=2", "actor_rollout_ref.actor.checkpoint.save_contents=[hf_model]"]  # after step 2
 
 
 @pytest.fixture(scope="module")
@@ -134,11 +139,11 @@ def runs(tmp_path_factory):
         tq.init(H.config(str(tmp / "model"), str(tmp / "train.parquet"), "grpo", 2, 1).transfer_queue)
         out = {}
         try:
-            for name, steps, sees in (("aware", 2, "true"), ("blind", 1, "false")):
-                ckpt = f"trainer.default_local_dir={tmp / name}"
+            for name, steps, sees, save in (("aware", 2, "true", SAVE), ("blind", 1, "false", [])):
+                ckpt = [f"trainer.default_local_dir={tmp / name}"] + save
                 with pytest.MonkeyPatch.context() as mp:
                     out[name] = H.run(mp, tmp, "cepo", 2, steps, model=model, dataset=make_vl_data,
-                                      writer=vision_writer, overrides=OVERRIDES + [ckpt], lam0=0.5, t_warm=4,
+                                      writer=vision_writer, overrides=OVERRIDES + ckpt, lam0=0.5, t_warm=4,
                                       teacher_sees_image=sees)
                 out[name]["dir"] = tmp / name
         finally:
@@ -155,13 +160,17 @@ def runs(tmp_path_factory):
                 os.environ[k] = v
 
 
-def test_verl_trained_with_the_packages_processor(runs):
+def test_verls_trainer_ran_with_a_vision_processor(runs):
+    from transformers.utils import is_torchvision_available
+
     from cepo_kernels.integrations.verl.trainer import CEPOPPOTrainer
 
     for name, steps in (("aware", 2), ("blind", 1)):
         trainer = runs[name]["trainer"]
         assert type(trainer) is CEPOPPOTrainer
-        assert isinstance(trainer.processor, VisionProcessor) and callable(trainer.processor.get_rope_index)
+        # verl's own Qwen3VLProcessor where torchvision imports; the plugin's VisionProcessor where not
+        want = "Qwen3VLProcessor" if is_torchvision_available() else VisionProcessor.__name__
+        assert type(trainer.processor).__name__ == want and callable(trainer.processor.get_rope_index)
         assert [u["step"] for u in runs[name]["updates"]] == list(range(1, steps + 1))
         assert [s["step"] for s in runs[name]["stages"]] == list(range(steps))
         for u in runs[name]["updates"]:
@@ -278,13 +287,14 @@ def test_image_blind_teachers_saw_no_image(runs, oracle):
 
 
 def test_the_language_model_was_trained(runs):
-    """verl's checkpoint after step 2 (hf_model): every language-model tensor finite and the language model
-    moved from the initial weights; KL in the loss 0 at step 1 and > 0 at step 2."""
-    import glob
-
-    saved = sorted(glob.glob(str(runs["aware"]["dir"] / "global_step_2" / "actor" / "huggingface")))
-    assert saved, "no hf_model checkpoint at step 2"
-    trained = dict(load_vision_model(saved[0]).named_parameters())
+    """verl's checkpoint after step 2 (hf_model): a Qwen3-VL with every tensor finite and every language-model
+    tensor moved from the initial weights, its processor saved beside it (the same inputs as verl's); KL in
+    the loss 0 at step 1 and > 0 at step 2."""
+    saved = runs["aware"]["dir"] / "global_step_2" / "actor" / "huggingface"
+    assert (saved / "config.json").is_file(), "no hf_model checkpoint at step 2"
+    model = load_vision_model(saved)
+    assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
+    trained = dict(model.named_parameters())
     path = runs["aware"]["trainer"].config.actor_rollout_ref.model.path
     initial = dict(load_vision_model(path).named_parameters())
     assert trained.keys() == initial.keys()
@@ -292,5 +302,9 @@ def test_the_language_model_was_trained(runs):
     assert lm and all(torch.isfinite(trained[n]).all() for n in trained)
     moved = [n for n in lm if not torch.equal(trained[n], initial[n])]
     assert len(moved) == len(lm), sorted(set(lm) - set(moved))
+    proc, back = runs["aware"]["trainer"].processor, load_processor(saved)
+    text = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what is 1 plus 2 ?<|im_end|>\n"
+    a, b = proc(text=[text], images=[image(0)]), back(text=[text], images=[image(0)])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     kl = [u["metrics"]["actor/kl_loss"] for u in runs["aware"]["updates"]]
     assert kl[0] == 0.0 and kl[1] > 0.0, kl
