@@ -272,3 +272,44 @@ def test_fused_sdpo_equals_trl(tmp_path, mode):
     # what the fused head leaves to TRL: the same call as SDPOTrainer's
     tr.args.distillation_weight = 0.5
     assert not tr.fused_loss_applies()
+
+
+def test_sdpo_blends_grpo_loss(tmp_path):
+    """distillation_weight w: the loss is (1 - w) x GRPOTrainer's own loss + w x the distillation loss, on
+    the same micro-batch; w = 0 is GRPO's loss alone."""
+    tr = _trainer(tmp_path, algo="sdpo", sdpo_topk=5, distill_teacher="live", distillation_weight=0.25,
+                  max_steps=1)
+    tr.train()
+    inputs, model = tr.first_inputs, tr.model
+    with torch.no_grad():
+        grpo = cepo_trl.GRPOTrainer._compute_loss(tr, model, inputs)
+        distill = tr._distill_loss(model, inputs)
+        blended = tr._compute_loss(model, inputs)
+        assert float(distill) > 0 and float(grpo) != 0
+        torch.testing.assert_close(blended, 0.75 * grpo + 0.25 * distill, rtol=0, atol=0)
+        tr.args.distillation_weight = 0.0
+        torch.testing.assert_close(tr._compute_loss(model, inputs), grpo, rtol=0, atol=0)
+
+
+def test_opsd_lora_teacher_is_the_initial_policy(tmp_path):
+    """opsd's default teacher on a LoRA policy: the adapter disabled (no copy), i.e. the initial weights,
+    while the adapter trains."""
+    from peft import LoraConfig
+
+    args = tiny_config(cepo_trl.CEPOConfig, tmp_path / "out", algo="opsd", max_steps=1)
+    tr = Stash(model=tiny_model(0), reward_funcs=boxed_any, args=args, train_dataset=tiny_dataset(),
+               processing_class=tiny_tokenizer(),
+               peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                      init_lora_weights=False))
+    teacher = tr.distill_teacher
+    assert teacher.copy is None and teacher.disable
+    lora = {n: p.detach().clone() for n, p in tr.model.named_parameters() if "lora_" in n}
+    tr.train()
+    assert any(not torch.equal(p, lora[n]) for n, p in tr.model.named_parameters() if "lora_" in n)
+    ids = torch.tensor([[3, 4, 7, 5, 8, 6]])
+    model, context = teacher.model_and_context()
+    with torch.no_grad(), context:
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, tiny_model(0)(input_ids=ids).logits.detach(), rtol=0, atol=0)
+    with torch.no_grad():  # and the policy itself is not (its adapter is on, init_lora_weights=False)
+        assert not torch.equal(tr.model(input_ids=ids).logits, got)
