@@ -83,6 +83,21 @@ class DistillMixin:
             raise ValueError(f"algo: {self.args.algo!r} computes its loss from the last hidden states and "
                              f"the lm_head, {str(e).split(': ', 1)[-1].split('; set ')[0]}") from None
 
+    def _distill_check_copy(self):
+        """A teacher copy (initial without LoRA, ema) of a sharded policy is not supported: refused at the
+        first batch, once train() has wrapped the model."""
+        if self.distill_teacher.copy is None:
+            return
+        from torch.distributed.tensor import DTensor
+
+        from cepo_kernels.integrations.trl.head import zero3_partitioned
+
+        head = self._cepo_head()
+        if zero3_partitioned(head) or isinstance(head.weight, DTensor):
+            raise ValueError(f"distill_teacher: {self.args.options.distill_teacher!r} keeps a copy of the "
+                             "policy, which is not supported under FSDP or DeepSpeed ZeRO-3; use 'live', or "
+                             "a LoRA policy with 'initial'")
+
     # ---- after generation: the teacher contexts -------------------------------------------------------
 
     @torch.no_grad()
@@ -91,6 +106,7 @@ class DistillMixin:
         distill_prefix_len [B], 0 = no loss; distill_tokens: the distilled tokens of all processes) and
         `self.distill_last`."""
         mode = "train" if self.model.training else "eval"
+        self._distill_check_copy()
         G = self.num_generations if mode == "train" else self.num_generations_eval
         mask = output["completion_mask"].bool()
         if "tool_mask" in output:
