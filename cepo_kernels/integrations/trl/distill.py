@@ -69,6 +69,9 @@ class DistillMixin:
         self.distill_teacher, self.distill_last = None, None
         if not self._distill_on():
             return
+        if getattr(self, "_is_vlm", False):  # the re-asked prompts carry no image inputs
+            raise ValueError(f"processing_class: algo {self.args.algo!r} re-renders the prompts as text and "
+                             "needs a text-only model and tokenizer, got a vision-language processor")
         if getattr(self, "environment_factories", None) is not None:
             raise ValueError(f"algo: {self.args.algo!r} re-renders the prompts and does not support "
                              "environment_factories (per-environment tools)")
