@@ -11,6 +11,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id
 
 from cepo_kernels.integrations.trl.config import CEPOConfig
+from cepo_kernels.integrations.trl.distill import DistillMixin
 from cepo_kernels.integrations.trl.head import KernelHead
 from cepo_kernels.step import RolloutBatch, extract_boxed, pack, reweight
 
@@ -34,7 +35,7 @@ def _completion_text(completion) -> str:
     return "".join(parts)
 
 
-class CEPOTrainer(KernelHead, GRPOTrainer):
+class CEPOTrainer(DistillMixin, KernelHead, GRPOTrainer):
     """GRPOTrainer with CEPO's per-token advantages (see the module docstring). Same arguments as GRPOTrainer,
     with `args` a CEPOConfig, plus `answer_extractor`: the function giving a rejected completion's answer
     (default: the content of its last \\boxed{...}, as cepo-train).
@@ -70,7 +71,7 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
             )
         self.answer_extractor = answer_extractor or extract_boxed
         column = self.args.answer_column
-        for split, ds in (("train_dataset", self.train_dataset),):
+        for split, ds in (("train_dataset", self.train_dataset),) if self.args.reads_answers else ():
             names = getattr(ds, "column_names", None)
             if isinstance(names, list) and column not in names:
                 raise ValueError(
@@ -82,6 +83,7 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
         self.cepo_last: dict | None = None
         if self.args.cepo_kernel_logprobs:
             self._cepo_head()  # fail at construction, not mid-training, on a model the kernels cannot serve
+        self._distill_init()  # algo opsd / sdpo (integrations/trl/distill.py); nothing for cepo
 
     def cepo_generation(self) -> int:
         """The 0-based index of the current generation (rollout) batch: TRL generates once every
@@ -110,6 +112,8 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
         scored, self._cepo_scored = self._cepo_scored, None
         if scored is None:
             raise RuntimeError("CEPOTrainer: the batch's rewards were not seen (has GRPOTrainer changed?)")
+        if self._distill_on():  # opsd / sdpo: teacher contexts instead of CEPO's advantages (GRPO's stay)
+            return self._distill_scored(output, *scored)
         output["advantages"] = self._cepo_advantages(output, *scored)
         return output
 
@@ -157,12 +161,12 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
         if with_texts:
             rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
             rewards = rewards.masked_fill(torch.isnan(rewards_per_func).all(dim=1), float("nan")).tolist()
-            if any(self.args.answer_column not in x for x in inputs):
+            if self.args.reads_answers and any(self.args.answer_column not in x for x in inputs):
                 raise ValueError(f"answer_column: expected every example to have a column "
                                  f"{self.args.answer_column!r} (reference answers), got keys "
                                  f"{sorted(inputs[0])}")
             texts = gather_object([_completion_text(c) for c in completions])
-            references = gather_object([str(x[self.args.answer_column]) for x in inputs])
+            references = gather_object([str(x.get(self.args.answer_column, "")) for x in inputs])
             if len(texts) != len(rewards) or len(texts) % G:
                 raise RuntimeError(
                     f"CEPOTrainer: {len(texts)} gathered completions, {len(rewards)} rewards, group size {G}"
