@@ -75,8 +75,8 @@ def test_registered_in_verls_registries():
 
 @pytest.mark.parametrize("name", ["opsd", "sdpo"])
 def test_policy_loss_equals_the_reference(name):
-    """Value and gradient of the registered loss (fp32) against cepo_ref in fp64, house rule; the row without a
-    teacher gets exactly no gradient."""
+    """Value and gradient of the registered loss (fp32) against cepo_ref in fp64, house rule; the row without
+    a teacher gets exactly no gradient."""
     case = inputs(1)
     x64, tg, mask, teacher, old, rows, adv = case
     loss, grad, metrics = run_loss(name, torch.float32, *case)
@@ -134,8 +134,8 @@ def test_policy_loss_outside_the_trainer_is_refused():
 def test_settings_verl_cannot_run_are_refused():
     from omegaconf import OmegaConf
 
-    for raw, match in (({"distill_teacher": "ema"}, "distill_teacher"), ({"distill_beta": 0.3}, "distill_beta"),
-                       ({"sdpo_topk": 10}, "sdpo_topk")):
+    for raw, match in (({"distill_teacher": "ema"}, "distill_teacher"),
+                       ({"distill_beta": 0.3}, "distill_beta"), ({"sdpo_topk": 10}, "sdpo_topk")):
         algorithm = OmegaConf.create({"cepo": raw})
         with pytest.raises(ValueError, match=f"algorithm.cepo.{match}"):
             D.check_distill_settings(algorithm, cv.CEPOSettings.from_config(algorithm))
@@ -158,17 +158,18 @@ def driver_batch(tok):
     import numpy as np
 
     raw = np.empty(len(data), dtype=object)
-    for i, (prompt, _, rollouts) in enumerate(g for g in GROUPS for _ in g[2]):
-        raw[i] = [{"role": "user", "content": prompt}]
+    for i, group in enumerate(g for g in GROUPS for _ in g[2]):
+        raw[i] = [{"role": "user", "content": group[0]}]
     data.non_tensor_batch["raw_prompt"] = raw
     return data
 
 
 @pytest.mark.parametrize("algo", ["opsd", "sdpo"])
 def test_teacher_contexts_and_signal(algo):
-    """SDPO: a row's teacher reads a successful peer of its group, never the row itself; a row without one gets
-    no teacher (mask and log-probs 0). OPSD: every row reads the reference answer. The teacher's log-probs are
-    those of a plain float64 forward of the same model on the context + the row's response (house rule)."""
+    """SDPO: a row's teacher reads a successful peer of its group, never the row itself; a row without one
+    gets no teacher (mask and log-probs 0). OPSD: every row reads the reference answer. The teacher's
+    log-probs are those of a plain float64 forward of the same model on the context + the row's response
+    (house rule)."""
     tok = tiny_tokenizer(chat=True)
     model = tiny_model(0)
     data = driver_batch(tok)
@@ -180,17 +181,20 @@ def test_teacher_contexts_and_signal(algo):
         return cv.worker_group_scorer(wg, T)(batch)
 
     # templates in the tiny tokenizer's words, so that a context decodes back to its text
-    settings = cv.CEPOSettings(opsd_template="{question} plus {answer} ?", sdpo_template="{question} is {answer} ?")
+    settings = cv.CEPOSettings(opsd_template="{question} plus {answer} ?",
+                               sdpo_template="{question} is {answer} ?")
     sig = D.distill_signal(data, tok, scorer, settings, algo)
     rewards = data.batch["token_level_rewards"].sum(-1).tolist()
     uids = list(data.non_tensor_batch["uid"])
     texts = [tok.decode(r[m.bool()], skip_special_tokens=True)
              for r, m in zip(data.batch["responses"], data.batch["response_mask"], strict=True)]
     groups = [[j for j in range(len(uids)) if uids[j] == u] for u in uids]
-    expected = [i for i in range(len(uids)) if algo == "opsd" or successful_peer(rewards, groups[i], i) is not None]
+    expected = [i for i in range(len(uids))
+                if algo == "opsd" or successful_peer(rewards, groups[i], i) is not None]
     assert sig.rows == expected and len(calls) == 1
     if algo == "sdpo":
-        assert 0 not in sig.rows and sig.metrics["distill/rows_without_teacher"] == 1.0  # group 0: one success
+        # group 0 has one success: its row has no teacher
+        assert 0 not in sig.rows and sig.metrics["distill/rows_without_teacher"] == 1.0
     assert not sig.mask[[i for i in range(len(uids)) if i not in sig.rows]].any()
     ids, attn, rmask = (calls[0].batch[k] for k in ("input_ids", "attention_mask", "response_mask"))
     model64 = tiny_model(0).double().eval()
@@ -223,3 +227,157 @@ def test_raw_prompt_is_needed_for_a_question_template():
     with pytest.raises(ValueError, match="algo: expected one of"):
         D.distill_signal(data, tok, lambda b: None, cv.CEPOSettings(), "cepo")
     assert dataclasses.replace(cv.CEPOSettings(), algo="sdpo").algorithm.distills
+
+
+# ---- verl's own trainer on a CPU (tests/verl_real_harness.py): opsd (live teacher), sdpo (initial teacher,
+# verl's reference worker; half PPO, half distillation), two steps each on two data-parallel ranks
+
+
+def record_distill_stage(monkeypatch, log: list) -> None:
+    """Records, per advantage stage, the driver batch, the teacher rows the scorer was given and what it
+    returned, the signal, and the scorer run on the rollout rows themselves (at step 2 also on step 1's)."""
+    original = D.distill_signal
+
+    def recording(data, tokenizer, scorer, settings, algo):
+        b = data.batch
+        P = b["prompts"].shape[1]
+        mask = b["response_mask"].bool()
+        prompts = [b["prompts"][i][b["attention_mask"][i, :P].bool()].tolist() for i in range(len(data))]
+        responses = [b["responses"][i][mask[i]].tolist() for i in range(len(data))]
+        pad = cv.advantages._pad_id(tokenizer)
+        own = scorer(cv.teacher_batch(prompts, responses, pad, mask.shape[1], "cpu"))
+        again = None
+        if log:
+            first = log[0]
+            again = scorer(cv.teacher_batch(first["prompts"], first["responses"], pad, first["mask"].shape[1],
+                                            "cpu"))
+        calls = []
+
+        def rec(batch):
+            out = scorer(batch)
+            calls.append((batch.batch["input_ids"].clone(), batch.batch["attention_mask"].clone(),
+                          batch.batch["response_mask"].clone(), out.clone()))
+            return out
+
+        signal = original(data, tokenizer, rec, settings, algo)
+        log.append({"algo": algo, "settings": settings, "prompts": prompts, "responses": responses,
+                    "mask": mask, "old_log_probs": b["old_log_probs"].clone(), "own": own, "again": again,
+                    "calls": calls, "signal": signal, "rewards": b["token_level_rewards"].sum(-1).tolist(),
+                    "uids": list(data.non_tensor_batch["uid"]), "raw_prompt": list(data.non_tensor_batch[
+                        "raw_prompt"])})
+        return signal
+
+    monkeypatch.setattr(D, "distill_signal", recording)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    import ray
+    import transfer_queue as tq
+    import verl_real_harness as H
+
+    env = H.ray_env()
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update({k: v for k, v in env.items() if k != "PYTHONPATH"})
+    import verl_cpu_plugin
+    from verl.plugin.platform import platform_manager
+
+    import cepo_kernels.integrations.verl.trainer  # noqa: F401  (registers trainer_mode=cepo in the driver)
+
+    previous = platform_manager._current_platform
+    platform_manager.set_platform(verl_cpu_plugin.PlatformCPU())
+    faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)
+    tmp = tmp_path_factory.mktemp("verl_distill")
+    ray.init(num_cpus=10, num_gpus=2, include_dashboard=False, runtime_env={"env_vars": env},
+             log_to_driver=False)
+    try:
+        tq.init(H.config(str(tmp / "model"), str(tmp / "train.parquet"), "grpo", 2, 1).transfer_queue)
+        out = {}
+        try:
+            for algo, options in (("opsd", {}), ("sdpo", {"distill_teacher": "initial",
+                                                          "distillation_weight": 0.5})):
+                with pytest.MonkeyPatch.context() as mp:
+                    stages: list = []
+                    record_distill_stage(mp, stages)
+                    out[algo] = H.run(mp, tmp, algo, 2, 2, **options)
+                    out[algo]["distill"] = stages
+        finally:
+            tq.close()
+        yield out
+    finally:
+        ray.shutdown()
+        faulthandler.cancel_dump_traceback_later()
+        platform_manager._current_platform = previous
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.mark.parametrize("algo", ["opsd", "sdpo"])
+def test_real_verl_run(runs, algo):
+    """verl's trainer ran the registered loss on the teacher signal: the loss mode, the teacher rows (OPSD:
+    all 11 real rows; SDPO: those with a successful peer, never the row itself), the actor's distillation
+    metrics, KL 0 at step 1 and > 0 at step 2 (the weights moved)."""
+    from cepo_kernels.integrations.verl.trainer import CEPOPPOTrainer
+
+    run = runs[algo]
+    assert type(run["trainer"]) is CEPOPPOTrainer
+    assert run["trainer"].config.actor_rollout_ref.actor.policy_loss.loss_mode == algo
+    assert [u["step"] for u in run["updates"]] == [1, 2] and len(run["distill"]) == 2
+    for stage, update in zip(run["distill"], run["updates"], strict=True):
+        sig, uids, rewards = stage["signal"], stage["uids"], stage["rewards"]
+        assert len(uids) == 11  # verl's padding row stays out
+        groups = [[j for j in range(11) if uids[j] == u] for u in uids]
+        expected = [i for i in range(11)
+                    if algo == "opsd" or successful_peer(rewards, groups[i], i) is not None]
+        assert sig.rows == expected and 0 < len(expected)
+        if algo == "sdpo":
+            assert len(expected) < 11  # some group has a single success: that row has no teacher
+        assert not sig.mask[[i for i in range(11) if i not in sig.rows]].any()
+        m = update["metrics"]
+        for key in ("actor/pg_loss", "actor/distill/divergence_mean", "actor/distill/is_weight_mean"):
+            assert key in m and torch.isfinite(torch.tensor(float(m[key]))), key
+        assert float(m["actor/distill/num_tokens"]) > 0
+    kl = [u["metrics"]["actor/kl_loss"] for u in run["updates"]]
+    assert kl[0] == 0.0 and kl[1] > 0.0, kl
+
+
+@pytest.mark.parametrize("algo", ["opsd", "sdpo"])
+def test_real_teacher_log_probs_equal_a_float64_forward(runs, algo):
+    """Step 1 (the initial weights, which both teachers have then): the teacher log-probs written for the
+    actor equal plain float64 forwards of the initial model on the teacher rows (house rule); the scorer on
+    the rollout rows gives verl's old log-probs. Step 2: the live teacher (opsd) scores step 1's rows
+    differently (the parameters changed), the initial one (sdpo, verl's reference worker) the same."""
+    from test_verl_real import padded, plain_logps
+
+    run = runs[algo]
+    model_dir = run["trainer"].config.actor_rollout_ref.model.path
+    first, second = run["distill"]
+    ids, attn, rmask, out = first["calls"][0]
+    rows = []
+    for j in range(ids.shape[0]):
+        seq = ids[j][attn[j].bool()].tolist()
+        n = int(rmask[j].sum())
+        rows.append((seq[: len(seq) - n], seq[len(seq) - n:]))
+    sig = first["signal"]
+    ref64 = torch.zeros(sig.teacher_logp.shape, dtype=torch.float64)
+    ref32 = torch.zeros(sig.teacher_logp.shape)
+    for dt, ref in ((torch.float64, ref64), (torch.float32, ref32)):
+        for k, lp in enumerate(plain_logps(model_dir, dt, rows)):
+            ref[sig.rows[k], : len(lp)] = lp
+    assert_close(sig.teacher_logp, ref64, ref32, name=f"teacher log-probs ({algo})")
+    mask = first["mask"]
+    own64 = padded(plain_logps(model_dir, torch.float64, list(zip(first["prompts"], first["responses"],
+                                                                   strict=True))), mask)
+    own32 = padded(plain_logps(model_dir, torch.float32, list(zip(first["prompts"], first["responses"],
+                                                                   strict=True))), mask)
+    err32 = (own32 - own64).abs().max().item()
+    assert_close(first["own"].masked_fill(~mask, 0), own64, own32, name=f"scorer ({algo})")
+    assert_close(first["old_log_probs"].float().masked_fill(~mask, 0), own64, own32, name="old log-probs")
+    moved = (second["again"] - first["own"]).masked_fill(~mask, 0).abs().max().item()
+    if algo == "opsd":
+        assert moved > 100 * (err32 + 1e-6), moved
+    else:
+        assert moved <= 4 * err32 + 2e-6, moved

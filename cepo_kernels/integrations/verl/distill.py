@@ -277,7 +277,7 @@ def distill_stage(trainer, batch, keys: list[str], metrics: dict, algo: str, set
     """The CEPO trainer's advantage stage for opsd / sdpo, after verl's estimator: the rows `keys` (verl's
     padding rows excluded) read back from TransferQueue, `distill_signal` scored by the teacher's worker
     group, and `teacher_log_probs` / `distill_mask` written for every row of the batch (padding rows: no
-    teacher)."""
+    teacher); returns TransferQueue's meta of the batch, which lists the new fields."""
     import transfer_queue as tq
     from tensordict import TensorDict
     from verl.workers.utils.padding import response_to_nested
@@ -291,15 +291,15 @@ def distill_stage(trainer, batch, keys: list[str], metrics: dict, algo: str, set
                                  _log_prob_micro_batch(section))
     signal = distill_signal(data, trainer.tokenizer, scorer, settings, algo)
     metrics.update(signal.metrics)
-    fields = TensorDict({"teacher_log_probs": response_to_nested(signal.teacher_logp, response_mask),
-                         "distill_mask": response_to_nested(signal.mask.float(), response_mask)},
-                        batch_size=len(keys))
-    tq.kv_batch_put(keys=keys, partition_id=batch.partition_id, fields=fields)
-    padding = [k for k in batch.keys if k not in set(keys)]
-    if padding:
-        mask = tq.kv_batch_get(keys=padding, partition_id=batch.partition_id,
-                               select_fields=["response_mask"])["response_mask"]
-        zeros = torch.zeros(len(padding), int(mask.offsets().diff().max()))
-        tq.kv_batch_put(keys=padding, partition_id=batch.partition_id, fields=TensorDict(
-            {f: response_to_nested(zeros, mask) for f in TEACHER_FIELDS}, batch_size=len(padding)))
-    return batch
+    # one write for every row of the batch, so that the returned meta lists the fields for the actor update
+    mask = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
+                           select_fields=["response_mask"])["response_mask"]
+    width = int(mask.offsets().diff().max())
+    out = {f: torch.zeros(len(batch.keys), width) for f in TEACHER_FIELDS}
+    at = {k: i for i, k in enumerate(batch.keys)}
+    where = torch.tensor([at[k] for k in keys])
+    R = signal.mask.shape[1]
+    out["teacher_log_probs"][where, :R] = signal.teacher_logp
+    out["distill_mask"][where, :R] = signal.mask.float()
+    fields = TensorDict({f: response_to_nested(v, mask) for f, v in out.items()}, batch_size=len(batch.keys))
+    return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=fields)
