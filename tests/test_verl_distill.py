@@ -264,7 +264,8 @@ def record_distill_stage(monkeypatch, log: list) -> None:
                     "mask": mask, "old_log_probs": b["old_log_probs"].clone(), "own": own, "again": again,
                     "calls": calls, "signal": signal, "rewards": b["token_level_rewards"].sum(-1).tolist(),
                     "uids": list(data.non_tensor_batch["uid"]), "raw_prompt": list(data.non_tensor_batch[
-                        "raw_prompt"])})
+                        "raw_prompt"]), "references": [r["ground_truth"] for r in data.non_tensor_batch[
+                        "reward_model"]]})
         return signal
 
     monkeypatch.setattr(D, "distill_signal", recording)
@@ -294,8 +295,10 @@ def runs(tmp_path_factory):
         tq.init(H.config(str(tmp / "model"), str(tmp / "train.parquet"), "grpo", 2, 1).transfer_queue)
         out = {}
         try:
-            for algo, options in (("opsd", {}), ("sdpo", {"distill_teacher": "initial",
-                                                          "distillation_weight": 0.5})):
+            # templates in the tiny tokenizer's words (a context decodes back to its text)
+            for algo, options in (("opsd", {"opsd_template": "'{question} plus {answer} ?'"}),
+                                  ("sdpo", {"sdpo_template": "'{question} is {answer} ?'",
+                                            "distill_teacher": "initial", "distillation_weight": 0.5})):
                 with pytest.MonkeyPatch.context() as mp:
                     stages: list = []
                     record_distill_stage(mp, stages)
@@ -336,10 +339,34 @@ def test_real_verl_run(runs, algo):
         if algo == "sdpo":
             assert len(expected) < 11  # some group has a single success: that row has no teacher
         assert not sig.mask[[i for i in range(11) if i not in sig.rows]].any()
+        ids, attn, rmask, _ = stage["calls"][0]
+        tok = run["trainer"].tokenizer
+        texts = [tok.decode(r, skip_special_tokens=True) for r in stage["responses"]]
+        for k, i in enumerate(sig.rows):  # the context the teacher read, and the row's own response after it
+            seq = ids[k][attn[k].bool()].tolist()
+            n = int(rmask[k].sum())
+            assert seq[len(seq) - n:] == stage["responses"][i]
+            question = stage["raw_prompt"][i][-1]["content"]
+            if algo == "opsd":
+                message = f"{question} plus {stage['references'][i]} ?"
+            else:
+                peer = successful_peer(rewards, groups[i], i)
+                assert peer != i
+                message = f"{question} is {texts[peer]} ?"
+            # through the chat template as verl's agent loop renders a prompt (verl loads this tokenizer as a
+            # Qwen2Tokenizer, which drops some of the tiny words: compare ids, not text)
+            expected = tok.apply_chat_template([{"role": "user", "content": message}],
+                                               add_generation_prompt=True, tokenize=True, return_dict=False)
+            assert seq[: len(seq) - n] == list(expected)
         m = update["metrics"]
         for key in ("actor/pg_loss", "actor/distill/divergence_mean", "actor/distill/is_weight_mean"):
             assert key in m and torch.isfinite(torch.tensor(float(m[key]))), key
         assert float(m["actor/distill/num_tokens"]) > 0
+        # one mini-batch per step: the update's forward is on-policy, so SDPO's weight (against verl's old
+        # log-probs) never reaches its cap 2; OPSD's weight is 1 in every micro-batch (all have teacher rows)
+        assert float(m["actor/distill/is_clip_frac"]) == 0.0
+        if algo == "opsd":
+            assert float(m["actor/distill/is_weight_mean"]) == 1.0
     kl = [u["metrics"]["actor/kl_loss"] for u in run["updates"]]
     assert kl[0] == 0.0 and kl[1] > 0.0, kl
 
