@@ -12,8 +12,7 @@ for _module in ("verl", "ray", "transfer_queue", "pandas"):
     pytest.importorskip(_module, reason="needs verl 0.9.x, Ray and TransferQueue with a transformers verl "
                         "accepts: CI runs this in a second venv (.ci/run, .ci/constraints-verl.txt)")
 
-import dataclasses  # noqa: E402
-
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from helpers import assert_close  # noqa: E402
 from verl.trainer.ppo import core_algos  # noqa: E402
@@ -148,6 +147,39 @@ def test_settings_verl_cannot_run_are_refused():
         D.use_distill_loss_mode(cfg)
 
 
+def test_teacher_worker_groups():
+    """live: the actor; initial: verl's reference worker (`compute_ref_log_prob`), or the actor with its LoRA
+    adapter off when verl keeps the reference in the actor; refused without a reference policy."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+
+    class Group:
+        world_size = 2
+
+        def compute_log_prob(self, td):
+            return ("actor", tu.get(td, "no_lora_adapter", default=False))
+
+        def compute_ref_log_prob(self, td):
+            return ("ref", False)
+
+    g = Group()
+    config = OmegaConf.create({"actor_rollout_ref": {"rollout": {"n": 1}, "ref": {}}})
+    trainer = SimpleNamespace(config=config, actor_rollout_wg=g, ref_policy_wg=None,
+                              use_reference_policy=False)
+    initial = cv.CEPOSettings(distill_teacher="initial")
+    assert D.teacher_worker_group(trainer, cv.CEPOSettings())[0] is g
+    with pytest.raises(ValueError, match="distill_teacher=initial: needs verl's reference policy"):
+        D.teacher_worker_group(trainer, initial)
+    trainer.ref_policy_wg, trainer.use_reference_policy = g, True
+    for in_actor, expected in ((False, ("ref", False)), (True, ("actor", True))):
+        trainer.ref_in_actor = in_actor
+        group, _ = D.teacher_worker_group(trainer, initial)
+        assert group.world_size == 2 and group.compute_log_prob(TensorDict({}, batch_size=[0])) == expected
+
+
 def driver_batch(tok):
     data = make_batch(tok)
     b = data.batch
@@ -155,8 +187,6 @@ def driver_batch(tok):
         b["advantages"], b["returns"] = core_algos.get_adv_estimator_fn("sdpo")(
             token_level_rewards=b["token_level_rewards"], response_mask=b["response_mask"],
             index=data.non_tensor_batch["uid"], config={"norm_adv_by_std_in_grpo": True})
-    import numpy as np
-
     raw = np.empty(len(data), dtype=object)
     for i, group in enumerate(g for g in GROUPS for _ in g[2]):
         raw[i] = [{"role": "user", "content": group[0]}]
@@ -226,7 +256,6 @@ def test_raw_prompt_is_needed_for_a_question_template():
         D.distill_signal(data, tok, lambda b: None, cv.CEPOSettings(), "opsd")
     with pytest.raises(ValueError, match="algo: expected one of"):
         D.distill_signal(data, tok, lambda b: None, cv.CEPOSettings(), "cepo")
-    assert dataclasses.replace(cv.CEPOSettings(), algo="sdpo").algorithm.distills
 
 
 # ---- verl's own trainer on a CPU (tests/verl_real_harness.py): opsd (live teacher), sdpo (initial teacher,
@@ -246,11 +275,9 @@ def record_distill_stage(monkeypatch, log: list) -> None:
         responses = [b["responses"][i][mask[i]].tolist() for i in range(len(data))]
         pad = cv.advantages._pad_id(tokenizer)
         own = scorer(cv.teacher_batch(prompts, responses, pad, mask.shape[1], "cpu"))
-        again = None
-        if log:
-            first = log[0]
-            again = scorer(cv.teacher_batch(first["prompts"], first["responses"], pad, first["mask"].shape[1],
-                                            "cpu"))
+        first = log[0] if log else None
+        again = first and scorer(cv.teacher_batch(first["prompts"], first["responses"], pad,
+                                                  first["mask"].shape[1], "cpu"))
         calls = []
 
         def rec(batch):

@@ -36,6 +36,7 @@ from cepo_kernels.integrations.verl.distill import (
     actor_loss_fn,
     check_distill_settings,
     distill_stage,
+    teacher_worker_group,
     use_distill_loss_mode,
 )
 
@@ -72,6 +73,8 @@ class CEPOPPOTrainer(PPOTrainerSync):
             from verl.utils.config import omega_conf_to_dataclass
 
             settings = CEPOSettings.from_config(self.config.algorithm)
+            check_distill_settings(self.config.algorithm, settings)
+            teacher_worker_group(self, settings)  # refuses an initial teacher without verl's reference policy
             actor = omega_conf_to_dataclass(self.config.actor_rollout_ref.actor)
             self.actor_rollout_wg.set_loss_fn(actor_loss_fn(actor, settings))
 
