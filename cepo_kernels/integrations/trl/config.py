@@ -20,6 +20,8 @@ class CEPOConfig(GRPOConfig):
     eps_w: clip of the token weight exp(sign(A) Delta) to [1 - eps_w, 1 + eps_w].
     teacher_template: inserted between the prompt and the completion in the teachers' context, "{answer}"
         replaced by r+ (positive teacher) or r- (negative teacher); tokenised without special tokens.
+    teacher_sees_image: with a vision-language policy (a processor as processing_class), the teachers see
+        the prompt's image (default); False: the authors' image-blind CEPO teachers (docs/trl.md).
     answer_column: the dataset column with each prompt's reference answer (r+).
     teacher_batch_size: sequences per teacher forward (both teachers' rows together); None = 2 x
         per_device_train_batch_size.
@@ -39,6 +41,7 @@ class CEPOConfig(GRPOConfig):
     teacher_template: str = option_field("teacher_template", help=(
         "text inserted after the prompt in the teachers' context, {answer} = r+ or r-; any other {name} is "
         "refused ({question} too: TRL renders the prompt)"))
+    teacher_sees_image: bool = option_field("teacher_sees_image")
     answer_column: str = field(
         default="answer", metadata={"help": "CEPO: dataset column with the reference answer of each prompt."}
     )
