@@ -1,6 +1,6 @@
-"""CEPOTrainer with a vision-language policy (tiny Qwen2.5-VL and Qwen3-VL checkpoints written by save_tiny_vl,
-images drawn in code): TRL's own vision-language GRPO tests on GRPOTrainer and CEPOTrainer alike, and the
-teachers' log-probs against plain forwards of the model.
+"""CEPOTrainer with a vision-language policy (tiny Qwen2.5-VL and Qwen3-VL checkpoints written by
+save_tiny_vl, images drawn in code): TRL's own vision-language GRPO tests on GRPOTrainer and CEPOTrainer
+alike, and the teachers' log-probs against plain forwards of the model.
 
 Processor path: `load_processor(path)`, i.e. `VisionProcessor` (the checkpoint's tokenizer and PIL image
 processor composed, a transformers ProcessorMixin) in the CI venv, where torchvision does not import; where it
@@ -71,19 +71,21 @@ def digit_reward(completions, **kwargs):
     return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
 
 
-def make(kind, model_kind, checkpoints, tmp_path, *, model=None, dataset=None, cls=None, **kw):
+def make(kind, model_kind, checkpoints, tmp_path, *, model=None, dataset=None, cls=None, peft_config=None,
+         **kw):
     path = checkpoints[model_kind]
     trainer_cls = cls or (cepo_trl.GRPOTrainer if kind == "grpo" else cepo_trl.CEPOTrainer)
     cfg = cepo_trl.GRPOConfig if kind == "grpo" else cepo_trl.CEPOConfig
     args = tiny_config(cfg, tmp_path / kind, **{"learning_rate": 0.1, "max_steps": 2, "num_generations": 2,
                                                 "per_device_train_batch_size": 4, **kw})
-    return trainer_cls(model=model if model is not None else load_vision_model(path), reward_funcs=digit_reward,
-                       args=args, train_dataset=dataset if dataset is not None else vl_dataset(),
-                       processing_class=load_processor(path))
+    model = model if model is not None else load_vision_model(path)
+    return trainer_cls(model=model, reward_funcs=digit_reward, args=args,
+                       train_dataset=dataset if dataset is not None else vl_dataset(),
+                       processing_class=load_processor(path), peft_config=peft_config)
 
 
 def train_and_check(trainer, frozen=lambda name: False):
-    """Train; a loss was logged, every trainable parameter moved except those `frozen` names, which did not."""
+    """Train; a loss was logged, every parameter moved except the `frozen` names, which did not."""
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     assert trainer.state.log_history[-1]["train_loss"] is not None
@@ -128,11 +130,9 @@ def test_train_vlm_peft(checkpoints, tmp_path, kind, model_kind):
     weights do not move, the adapters do, and no adapter sits in the tower."""
     from peft import LoraConfig
 
-    tr = make(kind, model_kind, checkpoints, tmp_path)
-    tr = type(tr)(model=load_vision_model(checkpoints[model_kind]), reward_funcs=digit_reward, args=tr.args,
-                  train_dataset=vl_dataset(), processing_class=tr.processing_class,
-                  peft_config=LoraConfig(target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"],
-                                         exclude_modules=r".*visual.*"))
+    lora = LoraConfig(target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"],
+                      exclude_modules=r".*visual.*")
+    tr = make(kind, model_kind, checkpoints, tmp_path, peft_config=lora)
     names = [n for n, _ in tr.model.named_parameters()]
     assert not [n for n in names if "lora_" in n and tower(n)]
     assert [n for n in names if "lora_" in n]
@@ -189,7 +189,8 @@ class Captured(cepo_trl.CEPOTrainer):
         self.seen, self.outputs, self.answers = [], [], []
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *a, **k):
-        return [encode(self._tokenizer, COMPLETIONS[i % len(COMPLETIONS)]) for i in range(len(prompt_ids))], None
+        fixed = [encode(self._tokenizer, COMPLETIONS[i % len(COMPLETIONS)]) for i in range(len(prompt_ids))]
+        return fixed, None
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
@@ -261,8 +262,9 @@ def check_teachers(initial, tr, record, tensors, output, *, image=True):
 @pytest.mark.parametrize("kernels", [False, True], ids=["trl-head", "kernel-head"])
 @pytest.mark.parametrize("model_kind", VL_KINDS)
 def test_teacher_equals_plain_forward_with_image(checkpoints, tmp_path, model_kind, kernels):
-    """Both teachers of CEPOTrainer's pass equal one plain forward of the model on [prompt | " " + r | completion]
-    with the row's image, through TRL's head and through the kernels on the language model's lm_head."""
+    """Both teachers of CEPOTrainer's pass equal one plain forward of the model on
+    [prompt | " " + r | completion] with the row's image, through TRL's head and through the kernels on the
+    language model's lm_head."""
     run = teacher_run(checkpoints, tmp_path, model_kind, cepo_kernel_logprobs=kernels)
     check_teachers(*run)
 
@@ -274,8 +276,9 @@ def test_image_blind_option_equals_authors_construction(checkpoints, tmp_path):
 
 
 def test_teacher_that_sees_another_image_differs(checkpoints, tmp_path):
-    """Two runs whose datasets differ only in the images' pixels (same sizes, same completions): the image-aware
-    teachers' log-probs differ by far more than their tolerance; the image-blind teachers' are equal."""
+    """Two runs whose datasets differ only in the images' pixels (same sizes, same completions): the
+    image-aware teachers' log-probs differ by far more than their tolerance; the image-blind teachers' are
+    equal."""
     a = teacher_run(checkpoints, tmp_path / "a", "qwen2_5_vl", seed=0)
     b = teacher_run(checkpoints, tmp_path / "b", "qwen2_5_vl", seed=100)
     assert torch.equal(a[4]["prompt_ids"], b[4]["prompt_ids"]) and a[3]["rows"] == b[3]["rows"]
@@ -287,7 +290,7 @@ def test_teacher_that_sees_another_image_differs(checkpoints, tmp_path):
     tol = tolerance(plain(a[0], inputs, n, torch.float32), plain(copy.deepcopy(a[0]).double(), inputs, n,
                                                                    torch.float64))
     assert (a[3]["pos_logp"][i, :n] - b[3]["pos_logp"][i, :n]).abs().max() > 10 * tol
-    blind = [teacher_run(checkpoints, tmp_path / f"blind{s}", "qwen2_5_vl", seed=s, teacher_sees_image=False)[3]
-             for s in (0, 100)]
+    blind = [teacher_run(checkpoints, tmp_path / f"blind{s}", "qwen2_5_vl", seed=s,
+                         teacher_sees_image=False)[3] for s in (0, 100)]
     for side in ("pos_logp", "neg_logp"):
         assert torch.equal(blind[0][side], blind[1][side])

@@ -131,8 +131,8 @@ class VisionProcessor(ProcessorMixin):
 
     def apply_chat_template(self, conversation=None, chat_template=None, *, tokenize=False, return_dict=False,
                             return_tensors=None, padding=False, **kwargs):
-        """The tokenizer's chat template; with tokenize=True, the rendered text and the messages' images through
-        the processor (one conversation, or a list of them)."""
+        """The tokenizer's chat template; with tokenize=True, the rendered text and the messages' images
+        through the processor (one conversation, or a list of them)."""
         conversation = kwargs.pop("messages", conversation)
         if not tokenize:
             return self.tokenizer.apply_chat_template(conversation, chat_template=chat_template,
@@ -141,9 +141,10 @@ class VisionProcessor(ProcessorMixin):
         conversations = conversation if batched else [conversation]
         texts = [self.tokenizer.apply_chat_template(c, chat_template=chat_template, tokenize=False, **kwargs)
                  for c in conversations]
-        images = [[part["image"] for m in c if isinstance(m.get("content"), list) for part in m["content"]
-                   if isinstance(part, dict) and part.get("type") == "image" and part.get("image") is not None]
-                  for c in conversations]
+        parts = [[p for m in c if isinstance(m.get("content"), list) for p in m["content"]
+                  if isinstance(p, dict)] for c in conversations]
+        images = [[p["image"] for p in row if p.get("type") == "image" and p.get("image") is not None]
+                  for row in parts]
         out = self(text=texts, images=images if any(images) else None, return_tensors=return_tensors,
                    padding=padding)
         return out if return_dict else out["input_ids"]
@@ -155,7 +156,8 @@ class VisionProcessor(ProcessorMixin):
         return self.tokenizer.decode(*args, **kwargs)
 
     def save_pretrained(self, save_directory, **kwargs):
-        """The tokenizer and the image processor, as `save_tiny_vl` writes them (read back by load_processor)."""
+        """The tokenizer and the image processor, as `save_tiny_vl` writes them (`load_processor` reads
+        them back)."""
         self.tokenizer.save_pretrained(save_directory)
         self.image_processor.save_pretrained(save_directory)
         return [str(save_directory)]

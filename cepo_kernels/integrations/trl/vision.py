@@ -34,7 +34,7 @@ _OTHER_FIELDS = ("pixel_attention_mask", "spatial_shapes", "num_tiles", "image_s
 
 
 class VisionTeachers:
-    """Mixin of CEPOTrainer: teacher contexts and passes for a processor (`self._is_vlm`, set by GRPOTrainer)."""
+    """Mixin of CEPOTrainer: the teachers' contexts and passes with a processor (GRPOTrainer's `_is_vlm`)."""
 
     def _cepo_image_ids(self) -> tuple[int, ...]:
         """The placeholder ids the image-blind teacher overwrites (TRL resolves them at construction)."""
@@ -42,11 +42,10 @@ class VisionTeachers:
 
     def _cepo_vision_prompts(self, output) -> list:
         """One VisionPrompt per local row: the prompt columns of TRL's output with the row's images."""
-        other = [k for k in _OTHER_FIELDS if output.get(k) is not None]
-        if other or (output.get("pixel_values") is not None and output.get("image_grid_thw") is None):
-            raise ValueError(f"processing_class: CEPOTrainer's image-aware teachers support Qwen-VL models "
-                             f"(pixel_values with image_grid_thw and mm_token_type_ids); the batch holds "
-                             f"{sorted(k for k in (*QWEN_VL_FIELDS, *_OTHER_FIELDS) if output.get(k) is not None)}")
+        given = sorted(k for k in (*QWEN_VL_FIELDS, *_OTHER_FIELDS) if output.get(k) is not None)
+        if set(given) & set(_OTHER_FIELDS) or ("pixel_values" in given and "image_grid_thw" not in given):
+            raise ValueError(f"processing_class: CEPOTrainer's teachers support Qwen-VL models (pixel_values "
+                             f"with image_grid_thw and mm_token_type_ids); the batch holds {given}")
         prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"]
         P = prompt_ids.shape[1]
         mm = output.get("mm_token_type_ids")
