@@ -211,11 +211,12 @@ def teacher_run(checkpoints, tmp_path, model_kind, seed=0, **kw):
 
 
 def row_inputs(output, i, answer, tok, *, image=True, image_ids=()):
-    """Row i's [prompt | " " + answer | completion] from TRL's output, built here: the prompt without padding,
-    its images (pixel rows by image_grid_thw and num_images), mm_token_type_ids 1 on its image run only."""
+    """Row i's [prompt | " " + answer | completion] (answer None: the policy's) from TRL's output, built
+    here: the prompt without padding, its images (pixel rows by image_grid_thw and num_images),
+    mm_token_type_ids 1 on its image run only."""
     prompt = output["prompt_ids"][i][output["prompt_mask"][i].bool()].tolist()
     completion = output["completion_ids"][i][output["completion_mask"][i].bool()].tolist()
-    ids = torch.tensor([prompt + encode(tok, " " + answer) + completion])
+    ids = torch.tensor([prompt + ([] if answer is None else encode(tok, " " + answer)) + completion])
     if not image:  # the authors' image-blind teacher: placeholders -> pad, a plain count on the three axes
         for t in image_ids:
             ids[ids == t] = tok.pad_token_id
@@ -267,6 +268,34 @@ def test_teacher_equals_plain_forward_with_image(checkpoints, tmp_path, model_ki
     language model's lm_head."""
     run = teacher_run(checkpoints, tmp_path, model_kind, cepo_kernel_logprobs=kernels)
     check_teachers(*run)
+
+
+def test_kernel_head_policy_equals_plain_forward_with_image(checkpoints, tmp_path, monkeypatch):
+    """cepo_kernel_logprobs=True: the policy's log-probs in the loss (the kernels on the language model's
+    lm_head, TRL's multimodal fields sliced per micro-batch) equal one plain forward with the row's image."""
+    from cepo_kernels.integrations.trl.head import KernelHead
+
+    seen, real = [], KernelHead._cepo_policy_logprobs
+
+    def spy(self, targets, *args):
+        out = real(self, targets, *args)
+        seen.append((targets.clone(), out[0].detach().clone()))
+        return out
+
+    monkeypatch.setattr(KernelHead, "_cepo_policy_logprobs", spy)
+    initial, tr, _, _, output = teacher_run(checkpoints, tmp_path, "qwen3_vl", cepo_kernel_logprobs=True)
+    assert len(seen) == 1  # one micro-batch: the loss's forward, before the update
+    targets, logp = seen[0]
+    # TRL shuffles the generation batch before the loss: find each row by its completion (all distinct)
+    rows = range(len(targets))
+    where = [next(i for i in rows if torch.equal(output["completion_ids"][i], t)) for t in targets]
+    assert sorted(where) == list(rows)
+    m64 = copy.deepcopy(initial).double()
+    for j, i in enumerate(where):
+        inputs, completion = row_inputs(output, i, None, tr._tokenizer, image_ids=(tr._image_pad_token_id,))
+        n = len(completion)
+        p32, p64 = plain(initial, inputs, n, torch.float32), plain(m64, inputs, n, torch.float64)
+        assert (logp[j, :n].double() - p64).abs().max() <= tolerance(p32, p64), i
 
 
 def test_image_blind_option_equals_authors_construction(checkpoints, tmp_path):
