@@ -28,10 +28,10 @@ class CEPOConfig(GRPOConfig):
     cepo_kernel_logprobs: compute the per-token log-probs and entropies (policy with gradient, old policy and
         both teachers without) with `linear_logprobs` / `linear_teacher_logprobs` from the decoder's last
         hidden states and the lm_head weight, logits never materialised, instead of TRL's chunked LM head.
-        TRL's loss (every loss_type, KL, entropy terms) is applied to them unchanged. For text-only causal LMs
-        whose logits are lm_head(last hidden state) (no soft-capping or scaling), with a plain nn.Linear head
-        (no adapter on it; FSDP2 shards are gathered, ZeRO-3 runs it through the head module). A reference
-        model (beta > 0) keeps TRL's head.
+        TRL's loss (every loss_type, KL, entropy terms) is applied to them unchanged. For causal LMs (and
+        Qwen-VL's language model) whose logits are lm_head(last hidden state) (no soft-capping or scaling),
+        with a plain nn.Linear head (no adapter on it; FSDP2 shards are gathered, ZeRO-3 runs it through the
+        head module). A reference model (beta > 0) keeps TRL's head.
     """
 
     # the CEPO options: defaults, help and checks are step.options.CEPOOptions' (`self.options`)
