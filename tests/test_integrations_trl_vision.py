@@ -49,9 +49,9 @@ def draw(seed, size=(64, 64)):
     return im
 
 
-def vl_dataset(n=4, multi=False, seed=0):
-    """Conversational prompts with an `image` column (or `images`, two of different sizes per row), and the
-    reference answers CEPO's positive teacher reads."""
+def vl_dataset(n=4, multi=False, seed=0, mixed=False):
+    """Conversational prompts with an `image` column (or `images`: two of different sizes per row; mixed: one
+    image in the even rows, none in the odd ones), and the reference answers CEPO's positive teacher reads."""
     from datasets import Dataset
 
     rows = []
@@ -59,6 +59,8 @@ def vl_dataset(n=4, multi=False, seed=0):
         row = {"prompt": [{"role": "user", "content": "how many shapes?"}], "answer": str(i % 3 + 1)}
         if multi:
             row["images"] = [draw(seed + 2 * i), draw(seed + 2 * i + 1, (32, 64))]
+        elif mixed:
+            row["images"] = [] if i % 2 else [draw(seed + i)]
         else:
             row["image"] = draw(seed + i)
         rows.append(row)
@@ -199,11 +201,11 @@ class Captured(cepo_trl.CEPOTrainer):
         return output
 
 
-def teacher_run(checkpoints, tmp_path, model_kind, seed=0, **kw):
+def teacher_run(checkpoints, tmp_path, model_kind, seed=0, dataset=None, **kw):
     model = load_vision_model(checkpoints[model_kind])
     initial = copy.deepcopy(model).eval()
     tr = make("cepo", model_kind, checkpoints, tmp_path, model=model, cls=Captured, max_steps=1,
-              dataset=vl_dataset(seed=seed), **kw)
+              dataset=dataset if dataset is not None else vl_dataset(seed=seed), **kw)
     tr.train()
     (record, tensors), output = tr.seen[0], tr.outputs[0]
     assert tensors["rows"], "no teacher rows"
@@ -222,9 +224,11 @@ def row_inputs(output, i, answer, tok, *, image=True, image_ids=()):
             ids[ids == t] = tok.pad_token_id
         pos = torch.arange(ids.shape[1])[None, None].expand(3, 1, -1)
         return dict(input_ids=ids, position_ids=pos), completion
+    grid, num = output["image_grid_thw"], output["num_images"]
+    if not num[i]:  # a row without an image: text only
+        return dict(input_ids=ids), completion
     mm = torch.zeros_like(ids)
     mm[0, : len(prompt)] = (torch.tensor(prompt) == image_ids[0]).long()
-    grid, num = output["image_grid_thw"], output["num_images"]
     first = sum(num[:i])
     rows = grid.prod(-1).tolist()
     pv = output["pixel_values"][sum(rows[:first]) : sum(rows[: first + num[i]])]
@@ -298,10 +302,20 @@ def test_kernel_head_policy_equals_plain_forward_with_image(checkpoints, tmp_pat
         assert (logp[j, :n].double() - p64).abs().max() <= tolerance(p32, p64), i
 
 
-def test_image_blind_option_equals_authors_construction(checkpoints, tmp_path):
+@pytest.mark.parametrize("model_kind", VL_KINDS)
+def test_image_blind_option_equals_authors_construction(checkpoints, tmp_path, model_kind):
     """teacher_sees_image=False: placeholder ids -> pad id, no pixel_values, positions a plain count."""
-    run = teacher_run(checkpoints, tmp_path, "qwen3_vl", teacher_sees_image=False)
+    run = teacher_run(checkpoints, tmp_path, model_kind, teacher_sees_image=False)
     check_teachers(*run, image=False)
+
+
+def test_rows_with_and_without_an_image(checkpoints, tmp_path):
+    """A batch mixing prompts with an image and prompts without one (an empty `images` list): each row's
+    teachers get that row's image, or none, and equal its plain forward."""
+    initial, tr, record, tensors, output = teacher_run(checkpoints, tmp_path, "qwen3_vl",
+                                                       dataset=vl_dataset(n=2, mixed=True))
+    assert sorted(output["num_images"]) == [0, 0, 1, 1]
+    check_teachers(initial, tr, record, tensors, output)
 
 
 def test_teacher_that_sees_another_image_differs(checkpoints, tmp_path):
