@@ -337,3 +337,36 @@ def test_teacher_that_sees_another_image_differs(checkpoints, tmp_path):
                          teacher_sees_image=False)[3] for s in (0, 100)]
     for side in ("pos_logp", "neg_logp"):
         assert torch.equal(blind[0][side], blind[1][side])
+
+
+def test_two_processes_fsdp2_rank_without_teacher_rows(checkpoints, tmp_path):
+    """2 processes (torchrun, gloo, CPU) under FSDP2 (each decoder layer and vision block sharded): rank 0's
+    rows get teacher passes, rank 1's none (its group's completions are equal), so rank 1 runs the passes that
+    keep it in step with rank 0's four teacher forwards (FSDP2 gathers collectively, TRL's fused head gathers
+    the lm_head weight); the run ends, and rank 0's teachers equal the plain forward (house rule)."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(port),
+           str(root / "tests" / "trl_vision_dist.py"), str(checkpoints["qwen3_vl"]), str(tmp_path)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", "1"))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world_size"] == r1["world_size"] == 2 and r0["dtensors"] and r1["dtensors"]
+    assert (r0["rows"], r1["rows"]) == ([0, 1], [])
+    assert r0["teacher_rows"] == r1["teacher_rows"] == 2
+    assert r0["teacher_forwards"] == r1["teacher_forwards"] == 4
+    for got, p32, p64 in zip(r0["got"], r0["p32"], r0["p64"], strict=True):
+        got, p32, p64 = (torch.tensor(v, dtype=torch.float64) for v in (got, p32, p64))
+        assert (got - p64).abs().max() <= tolerance(p32, p64)

@@ -207,8 +207,7 @@ class CEPOTrainer(VisionTeachers, KernelHead, GRPOTrainer):
         with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             for s in range(0, n_chunks * chunk, chunk):
                 if s >= len(prefixes):  # keep in step with the other ranks' forwards
-                    with self.accelerator.autocast():
-                        self.model(input_ids=prompt_ids[:1, -1:], use_cache=False)
+                    self._cepo_idle_forward(input_ids=prompt_ids[:1, -1:])
                     continue
                 packed = pack(prefixes[s : s + chunk], responses[s : s + chunk], tok.pad_token_id,
                               device=completion_ids.device, resp_len=R)

@@ -49,6 +49,9 @@ class VisionTeachers:
         prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"]
         P = prompt_ids.shape[1]
         mm = output.get("mm_token_type_ids")
+        if mm is not None and bool(mm[:, P:].any()):
+            raise ValueError("CEPOTrainer: images inside the completions (tools returning images) are not "
+                             "supported by the teachers; the teachers read the prompts' images only")
         mm = torch.zeros_like(prompt_ids) if mm is None else mm[:, :P]
         pv, grid = output.get("pixel_values"), output.get("image_grid_thw")
         return split_prompts(prompt_ids.cpu(), prompt_mask.cpu(), mm_token_type_ids=mm.cpu(),
@@ -66,6 +69,18 @@ class VisionTeachers:
                                    neg_answers=neg_answers, template=options.teacher_template)
 
         return contexts
+
+    def _cepo_idle_forward(self, **inputs):
+        """A teacher forward whose result is discarded, run by a rank with fewer teacher chunks than another,
+        through the same head as the real ones: TRL's fused head all-gathers an FSDP2-sharded lm_head weight
+        (`full_tensor`), a collective the other ranks' teacher forwards make too (the kernels gather the head
+        once, after the chunks)."""
+        if self.args.cepo_kernel_logprobs:
+            head = {"logits_to_keep": 1}
+        else:
+            head = {"labels": torch.full_like(inputs["input_ids"], -100), "fused_lm_head": True}
+        with self.accelerator.autocast():
+            self.model(**inputs, **head, use_cache=False)
 
     def _cepo_vision_teacher_logprobs(self, output, ctx, n_chunks):
         """`_cepo_teacher_logprobs` for VisionContext prefixes: both teachers' log-probs [len(ctx.rows), R] in
@@ -88,8 +103,7 @@ class VisionTeachers:
                     batch = vision_pack([VisionContext(first)], [[pad]], pad_id=pad,
                                         image_token_ids=self._cepo_image_ids(), teacher_sees_image=sees,
                                         device=device)
-                    with self.accelerator.autocast():
-                        self.model(**batch.inputs, use_cache=False, logits_to_keep=1)
+                    self._cepo_idle_forward(**batch.inputs)
                     continue
                 batch = vision_pack(prefixes[s : s + chunk], responses[s : s + chunk], pad_id=pad,
                                     image_token_ids=self._cepo_image_ids(), teacher_sees_image=sees,
