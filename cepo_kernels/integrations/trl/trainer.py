@@ -16,6 +16,7 @@ from cepo_kernels.step import RolloutBatch, extract_boxed, pack, reweight
 
 __all__ = ["CEPOTrainer"]
 
+
 def _completion_text(completion) -> str:
     """The text of a TRL completion: a string, or a conversational list of messages (contents joined)."""
     if isinstance(completion, str):

@@ -25,7 +25,7 @@ from trl.models.utils import disable_gradient_checkpointing
 
 from cepo_kernels.step.vision import VisionContext, split_prompts, vision_contexts, vision_pack
 
-__all__ = ["VisionTeachers", "QWEN_VL_FIELDS"]
+__all__ = ["VisionTeachers", "QWEN_VL_FIELDS", "multimodal_chunk"]
 
 # the multimodal fields of TRL's output that the Qwen-VL path reads; any other one is refused
 QWEN_VL_FIELDS = ("pixel_values", "image_grid_thw", "num_images", "mm_token_type_ids")
