@@ -370,3 +370,10 @@ def test_two_processes_fsdp2_rank_without_teacher_rows(checkpoints, tmp_path):
     for got, p32, p64 in zip(r0["got"], r0["p32"], r0["p64"], strict=True):
         got, p32, p64 = (torch.tensor(v, dtype=torch.float64) for v in (got, p32, p64))
         assert (got - p64).abs().max() <= tolerance(p32, p64)
+
+
+def test_teacher_sees_image_is_checked_by_the_one_validator(tmp_path):
+    """CEPOConfig's teacher_sees_image is CEPOOptions' (the knob of cepo-train): a non-bool names it."""
+    assert tiny_config(cepo_trl.CEPOConfig, tmp_path).options.teacher_sees_image is True
+    with pytest.raises(TypeError, match="teacher_sees_image: expected a bool, got 'no'"):
+        tiny_config(cepo_trl.CEPOConfig, tmp_path, teacher_sees_image="no")
