@@ -145,11 +145,12 @@ def recording(base):
     return Recording
 
 
-def force_fsdp2_on_cpu():
+def force_fsdp2_on_cpu(wrap=("Qwen2DecoderLayer",)):
     """Makes accelerate take its FSDP2 path on CPU processes (gloo). accelerate 1.16 keeps a CPU run's
     distributed type MULTI_CPU whatever FSDP options it is given (`accelerate launch --use_fsdp` then runs
     DDP, silently), so the FSDP plugin is installed here by hand: the trainer's model is then `fully_shard`-ed
-    (each Qwen2 decoder layer and the root) and every parameter is a DTensor, which the script records."""
+    (each module of a class named in `wrap`, Qwen2's decoder layers by default, and the root) and every
+    parameter is a DTensor, which the script records."""
     import accelerate.state as st
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
@@ -160,7 +161,7 @@ def force_fsdp2_on_cpu():
         if "fsdp_plugin" in kwargs and self.distributed_type == DistributedType.MULTI_CPU:
             self.fsdp_plugin = kwargs["fsdp_plugin"] or FullyShardedDataParallelPlugin(
                 fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap",
-                transformer_cls_names_to_wrap=["Qwen2DecoderLayer"])
+                transformer_cls_names_to_wrap=list(wrap))
             self.distributed_type = DistributedType.FSDP
             st.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 

@@ -23,6 +23,8 @@ class CEPOConfig(GRPOConfig):
     eps_w: clip of the token weight exp(sign(A) Delta) to [1 - eps_w, 1 + eps_w].
     teacher_template: inserted between the prompt and the completion in the teachers' context, "{answer}"
         replaced by r+ (positive teacher) or r- (negative teacher); tokenised without special tokens.
+    teacher_sees_image: with a vision-language policy (a processor as processing_class), the teachers see
+        the prompt's image (default); False: the authors' image-blind CEPO teachers (docs/trl.md).
     answer_column: the dataset column with each prompt's reference answer (r+).
     teacher_batch_size: sequences per teacher forward (both teachers' rows together); None = 2 x
         per_device_train_batch_size.
@@ -35,10 +37,10 @@ class CEPOConfig(GRPOConfig):
     cepo_kernel_logprobs: compute the per-token log-probs and entropies (policy with gradient, old policy and
         both teachers without) with `linear_logprobs` / `linear_teacher_logprobs` from the decoder's last
         hidden states and the lm_head weight, logits never materialised, instead of TRL's chunked LM head.
-        TRL's loss (every loss_type, KL, entropy terms) is applied to them unchanged. For text-only causal LMs
-        whose logits are lm_head(last hidden state) (no soft-capping or scaling), with a plain nn.Linear head
-        (no adapter on it; FSDP2 shards are gathered, ZeRO-3 runs it through the head module). A reference
-        model (beta > 0) keeps TRL's head.
+        TRL's loss (every loss_type, KL, entropy terms) is applied to them unchanged. For causal LMs (and
+        Qwen-VL's language model) whose logits are lm_head(last hidden state) (no soft-capping or scaling),
+        with a plain nn.Linear head (no adapter on it; FSDP2 shards are gathered, ZeRO-3 runs it through the
+        head module). A reference model (beta > 0) keeps TRL's head.
     """
 
     # the CEPO options: defaults, help and checks are step.options.CEPOOptions' (`self.options`)
@@ -60,6 +62,7 @@ class CEPOConfig(GRPOConfig):
     sdpo_topk: int = option_field("sdpo_topk")
     sdpo_is_clip: float = option_field("sdpo_is_clip")
     distillation_weight: float = option_field("distillation_weight")
+    teacher_sees_image: bool = option_field("teacher_sees_image")
     answer_column: str = field(
         default="answer", metadata={"help": "CEPO: dataset column with the reference answer of each prompt."}
     )
