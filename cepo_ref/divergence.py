@@ -147,23 +147,32 @@ def linear_divergence_loss(hidden, teacher_hidden, weight, mask, *, bias=None, t
                            is_clip=is_clip, reduction=reduction, num_tokens=num_tokens, metrics=metrics)
 
 
-def sampled_token_kl_loss(logp, teacher_logp, mask, *, reduction="token-mean", num_tokens=None):
-    """The sampled-token surrogate of OPSD/SDPO: L_t = sg(logp_S - logp_T) * logp_S at the sampled token;
-    per_token is the KL estimate logp_S - logp_T (0 at masked tokens)."""
-    p = DivergenceParams(reduction=reduction)
+def sampled_token_kl_loss(logp, teacher_logp, mask, *, old_logp=None, is_clip=None, reduction="token-mean",
+                          num_tokens=None):
+    """The sampled-token surrogate of OPSD/SDPO: L_t = w_t sg(logp_S - logp_T) * logp_S at the sampled token,
+    w_t = 1 or min(exp(sg(logp_S - old_logp)), is_clip) (SDPO); per_token is the KL estimate logp_S - logp_T
+    (0 at masked tokens)."""
+    p = DivergenceParams(reduction=reduction, is_clip=is_clip)
     check_tensor("logp", logp, dtypes="float")
     check_tensor("teacher_logp", teacher_logp, dtypes="float", shape=logp.shape, device=logp.device)
-    batch = check_divergence_inputs(logp.shape, logp.device, 1, mask, None, None, p, num_tokens)
+    targets = None if old_logp is None else torch.zeros(logp.shape, dtype=torch.long, device=logp.device)
+    batch = check_divergence_inputs(logp.shape, logp.device, 1, mask, targets, old_logp, p, num_tokens,
+                                    float_dtype=torch.promote_types(logp.dtype, torch.float32))
     dt = torch.promote_types(logp.dtype, torch.float32)
     lp = logp.to(dt).reshape(batch.B, batch.T)
     est = (lp - teacher_logp.to(dt).reshape(lp.shape)).detach()
+    w = torch.ones_like(lp)
+    if is_clip is not None:
+        w = torch.exp(lp.detach() - batch.old_logp.to(dt)).clamp(max=p.is_clip)
     zero = torch.zeros_like(lp)
-    per_token = torch.where(batch.mask, est * lp, zero)
+    per_token = torch.where(batch.mask, w * est * lp, zero)
     m = batch.mask.to(dt)
     loss = _reduce(per_token, m, p.reduction, num_tokens, batch.flat)
     n = m.sum()
     est = torch.where(batch.mask, est, zero)
+    clipped = (w >= p.is_clip) if is_clip is not None else torch.zeros_like(batch.mask)
     metrics = {"num_tokens": float(n), "divergence_mean": float(est.sum() / n.clamp_min(1)),
-               "is_weight_mean": 1.0 if n > 0 else 0.0, "is_clip_frac": 0.0}
+               "is_weight_mean": float((w * m).sum() / n.clamp_min(1)),
+               "is_clip_frac": float((clipped.to(dt) * m).sum() / n.clamp_min(1))}
     shape = (-1,) if batch.flat else (batch.B, batch.T)
     return DivergenceOutput(loss, est.float().reshape(shape), metrics)

@@ -142,6 +142,34 @@ def test_loss_matches_cepo_ref_and_rows_without_a_peer_get_nothing(algo, topk):
     assert_close(torch.tensor(met["divergence_mean"]), *plain, name="divergence_mean")
 
 
+@pytest.mark.parametrize("mode", ["initial", "ema"])
+def test_teacher_copy_scores_with_its_own_head(mode):
+    """A teacher copy (initial without LoRA, ema) reads its hidden states through its own lm_head, not the
+    policy's: after the policy's head moves, the loss is the divergence with the copy's head."""
+    tok, model, batch, _, forward = _setup("opsd")
+    opts = CEPOOptions(algo="opsd", distill_teacher=mode)
+    teacher = Teacher(model, opts)
+    with torch.no_grad():  # the policy's head moves after the copy was made (a step of full fine-tuning)
+        lm_head(model)[0].add_(0.5 * torch.randn_like(lm_head(model)[0]))
+    ctx = distill_contexts(batch, opts, tok)
+    upd = DistillUpdate(ctx, opts, teacher, forward, batch.n_rows, "cpu")
+    h = forward(batch.prompt_ids, batch.responses)[0].detach()
+    targets, m = response_targets(batch.responses, h.shape[1], tok.pad_token_id, "cpu")
+    weight = lm_head(model)[0].detach()
+    loss = upd.loss(list(range(batch.n_rows)), h, weight, None, targets, m, None,
+                    upd.num_tokens(m, 0, batch.n_rows), 1.0, batch.responses)
+    with torch.no_grad():
+        th = forward(ctx.prefixes, batch.responses, teacher.copy)[0]
+    t_weight = lm_head(teacher.copy)[0]
+    assert not torch.equal(t_weight, weight)
+    refs = [cepo_ref.linear_divergence_loss(h.to(dt), th.to(dt), weight.to(dt), m, beta=0.5,
+                                            teacher_weight=t_weight.to(dt)).loss
+            for dt in (torch.float64, torch.float32)]
+    assert_close(loss, *refs, name="loss with the copy's head")
+    wrong = cepo_ref.linear_divergence_loss(h.double(), th.double(), weight.double(), m, beta=0.5).loss
+    assert abs(float(wrong) - float(refs[0])) > 100 * abs(float(loss) - float(refs[0]))
+
+
 class _Recorder(torch.optim.SGD):
     """lr 0: records the gradient each step sees, changes nothing."""
 

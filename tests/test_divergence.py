@@ -250,6 +250,36 @@ def test_sampled_token_kl_loss(reduction):
     assert k.metrics["num_tokens"] == r64.metrics["num_tokens"] == float(mask.sum())
 
 
+
+@pytest.mark.parametrize("is_clip", [0.9, 2.0])
+def test_sampled_token_kl_loss_is_weight(is_clip):
+    """SDPO's importance weight min(exp(sg(lp - old)), is_clip) on the sampled-token surrogate, on both sides
+    of the clip, against cepo_ref in fp64 (house rule): loss, gradient and the weight's metrics."""
+    g = torch.Generator().manual_seed(5)
+    x64 = torch.randn(3, 6, 200, generator=g, dtype=torch.float64)
+    tg = torch.randint(0, 200, (3, 6), generator=g)
+    mask = torch.rand(3, 6, generator=g) > 0.2
+    lp_t64 = cepo_ref.token_logprobs(torch.randn(3, 6, 200, generator=g, dtype=torch.float64), tg)
+    old64 = cepo_ref.token_logprobs(x64, tg) + torch.randn(3, 6, generator=g, dtype=torch.float64)
+    runs = {}
+    for name, lib, dt in (("kernel", cepo_kernels, torch.float32), ("ref64", cepo_ref, torch.float64),
+                          ("ref32", cepo_ref, torch.float32)):
+        x = x64.detach().to(dt).clone().requires_grad_()
+        out = lib.sampled_token_kl_loss(cepo_ref.token_logprobs(x, tg), lp_t64.to(dt), mask,
+                                        old_logp=old64.to(dt), is_clip=is_clip)
+        out.loss.backward()
+        runs[name] = (out, x.grad)
+    (k, gk), (r64, g64), (r32, g32) = runs["kernel"], runs["ref64"], runs["ref32"]
+    assert_close(k.loss, r64.loss, r32.loss, name="loss")
+    assert_close(gk, g64, g32, name="grad")
+    w64 = torch.exp(cepo_ref.token_logprobs(x64, tg) - old64).clamp(max=is_clip)[mask]
+    assert 0.0 < float((w64 >= is_clip).double().mean()) < 1.0  # both sides of the clip
+    for key in ("is_weight_mean", "is_clip_frac"):
+        assert_close(torch.tensor(k.metrics[key]), torch.tensor(r64.metrics[key]),
+                     torch.tensor(r32.metrics[key]), name=key)
+    with pytest.raises(ValueError, match="old_logp and is_clip"):
+        cepo_kernels.sampled_token_kl_loss(gk[..., 0], gk[..., 0], mask, is_clip=2.0)
+
 def test_opcheck():
     """Fake implementations, schemas and registered autograd of the operators (torch.library.opcheck)."""
     x, y = torch.randn(2, 3, 50, requires_grad=True), torch.randn(2, 3, 50)

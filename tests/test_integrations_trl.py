@@ -305,19 +305,6 @@ def test_peft_lora(tmp_path):
     assert any(s.get("rows") for s in tr.scored) and len(_losses(tr)) == 1
 
 
-def test_vision_language_processor_refused_at_construction(tmp_path):
-    from transformers import ProcessorMixin
-
-    class TextOnlyProcessor(ProcessorMixin):  # a processor (as a VLM's), for TRL: the multimodal path
-        attributes = ["tokenizer"]
-        tokenizer_class = "PreTrainedTokenizerFast"
-
-    proc = TextOnlyProcessor(tokenizer=tiny_tokenizer())
-    with pytest.raises(ValueError, match="processing_class: expected a text tokenizer, got a"):
-        cepo_trl.CEPOTrainer(model=tiny_model(0), reward_funcs=boxed_reward, train_dataset=tiny_dataset(),
-                             args=tiny_config(cepo_trl.CEPOConfig, tmp_path), processing_class=proc)
-
-
 def test_constructor_forms_of_grpo_trainer(tmp_path):
     """As GRPOTrainer accepts them: positional (model, reward_funcs, args), a model path with no
     processing_class (TRL loads the tokenizer saved beside it), and a list of reward functions with

@@ -15,11 +15,12 @@ import torch
 import cepo_kernels.rl.loop as loop_mod
 from cepo_kernels.rl.cli import main
 from cepo_kernels.rl.config import TrainConfig
+from cepo_kernels.rl.errors import RewardFunctionError
 from cepo_kernels.rl.options import parse_args
 from cepo_kernels.rl.reward import load_reward_fn
 from cepo_kernels.rl.rundir import RunDir, RunDirError
 from cepo_kernels.rl.task import build_tiny_model, build_tokenizer
-from cepo_kernels.rl.trainer import RewardFunctionError, Trainer
+from cepo_kernels.rl.trainer import Trainer
 
 FAST = dict(steps=2, prompts_per_step=2, group_size=2, max_new_tokens=3, micro_batch_size=8,
             mini_batch_prompts=0, sft_steps=0, eval_every=0, eval_size=4, progress=False, save_every=1,

@@ -78,6 +78,13 @@ def boxed_reward(completions, answer, **kwargs):
             for t, a in zip(texts, answer, strict=True)]
 
 
+def any_boxed(completions, **kwargs):
+    """1 for a completion with a \\boxed{} (about a quarter of a random model's tokens are), else 0: groups
+    with successful rollouts for SDPO's teacher."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [float("\\boxed" in t) for t in texts]
+
+
 def always_right(completions, **kwargs):
     return [1.0] * len(completions)
 
@@ -138,11 +145,12 @@ def recording(base):
     return Recording
 
 
-def force_fsdp2_on_cpu():
+def force_fsdp2_on_cpu(wrap=("Qwen2DecoderLayer",)):
     """Makes accelerate take its FSDP2 path on CPU processes (gloo). accelerate 1.16 keeps a CPU run's
     distributed type MULTI_CPU whatever FSDP options it is given (`accelerate launch --use_fsdp` then runs
     DDP, silently), so the FSDP plugin is installed here by hand: the trainer's model is then `fully_shard`-ed
-    (each Qwen2 decoder layer and the root) and every parameter is a DTensor, which the script records."""
+    (each module of a class named in `wrap`, Qwen2's decoder layers by default, and the root) and every
+    parameter is a DTensor, which the script records."""
     import accelerate.state as st
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
@@ -153,7 +161,7 @@ def force_fsdp2_on_cpu():
         if "fsdp_plugin" in kwargs and self.distributed_type == DistributedType.MULTI_CPU:
             self.fsdp_plugin = kwargs["fsdp_plugin"] or FullyShardedDataParallelPlugin(
                 fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap",
-                transformer_cls_names_to_wrap=["Qwen2DecoderLayer"])
+                transformer_cls_names_to_wrap=list(wrap))
             self.distributed_type = DistributedType.FSDP
             st.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
@@ -166,12 +174,14 @@ def main(out_dir: str, per_device: int, steps: int = 2):
     from cepo_kernels.integrations.trl import CEPOConfig, CEPOTrainer
 
     # CEPO_TEST_FSDP2=1: FSDP2 on 2+ processes; CEPO_TEST_KERNELS=1: cepo_kernel_logprobs;
-    # CEPO_TEST_GA: the gradient accumulation (and steps per generation)
+    # CEPO_TEST_GA: the gradient accumulation (and steps per generation); CEPO_TEST_ALGO: opsd or sdpo
+    # (top-5 + tail, its EMA teacher, rewarded for any \boxed{}) instead of cepo
     if os.environ.get("CEPO_TEST_FSDP2") == "1" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         force_fsdp2_on_cpu()
     ga = int(os.environ.get("CEPO_TEST_GA", "1"))
     zero3 = os.environ.get("CEPO_TEST_ZERO3") == "1" and int(os.environ.get("WORLD_SIZE", "1")) > 1
     # CEPO_TEST_ZERO3=1: DeepSpeed ZeRO-3 through accelerate (gloo on CPU), every parameter partitioned
+    algo = os.environ.get("CEPO_TEST_ALGO", "cepo")
     ds = ({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
            "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
            "zero_allow_untested_optimizer": True} if zero3 else None)
@@ -182,10 +192,12 @@ def main(out_dir: str, per_device: int, steps: int = 2):
                        max_steps=steps, lam0=0.5, t_warm=10, optim="sgd", lr_scheduler_type="constant",
                        max_grad_norm=0.0, ddp_timeout=60, gradient_accumulation_steps=ga, deepspeed=ds,
                        **({"ddp_backend": "gloo"} if zero3 else {}),
-                       cepo_kernel_logprobs=os.environ.get("CEPO_TEST_KERNELS") == "1")
+                       cepo_kernel_logprobs=os.environ.get("CEPO_TEST_KERNELS") == "1",
+                       **({"algo": algo, "sdpo_topk": 5} if algo != "cepo" else {}))
     model = tiny_model(0)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = recording(CEPOTrainer)(model=model, reward_funcs=boxed_reward, args=args,
+    trainer = recording(CEPOTrainer)(model=model, reward_funcs=any_boxed if algo == "sdpo" else boxed_reward,
+                                     args=args,
                                      train_dataset=tiny_dataset(), processing_class=tiny_tokenizer(),
                                      row_seeded=True)
     die = os.environ.get("CEPO_TEST_DIE_RANK")  # the failure test: this rank raises at its first generation
@@ -218,6 +230,10 @@ def main(out_dir: str, per_device: int, steps: int = 2):
         "updates": updates,
         "param_absmax": {n: float(p.abs().max()) for n, p in whole.items()},  # the resolution of an update
     }
+    last = getattr(trainer, "distill_last", None)
+    if last is not None:  # opsd / sdpo: the last batch's teacher contexts, rows numbered in the whole batch
+        result["distill"] = {str(last["batch"].offset + r): p
+                             for r, p in zip(last["rows"], last["prefixes"], strict=True)}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     import torch.distributed as dist

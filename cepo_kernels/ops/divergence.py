@@ -185,10 +185,11 @@ def _metrics(div, weight, mask, p, as_tensors):
     return dict(zip(names, values.unbind() if as_tensors else values.tolist(), strict=True))
 
 
-def sampled_token_kl_loss(logp, teacher_logp, mask, *, reduction="token-mean", num_tokens=None):
-    """The sampled-token reverse-KL surrogate of OPSD/SDPO: L_t = sg(logp_S - logp_T) * logp_S at the sampled
-    token (its gradient, (logp_S - logp_T) grad logp_S, is an unbiased estimate of grad KL(p_S || p_T) on
-    on-policy samples).
+def sampled_token_kl_loss(logp, teacher_logp, mask, *, old_logp=None, is_clip=None, reduction="token-mean",
+                          num_tokens=None):
+    """The sampled-token reverse-KL surrogate of OPSD/SDPO: L_t = w_t sg(logp_S - logp_T) * logp_S at the
+    sampled token (its gradient, (logp_S - logp_T) grad logp_S, is an unbiased estimate of grad KL(p_S || p_T)
+    on on-policy samples); w_t = 1, or SDPO's importance weight min(exp(sg(logp_S - old_logp)), is_clip).
 
     Built on the log-prob kernels: pass logp = token_logprobs(logits, targets) or linear_logprobs(hidden,
     weight, targets) (differentiable) and teacher_logp the teacher's log-probs of the same targets (e.g.
@@ -197,21 +198,27 @@ def sampled_token_kl_loss(logp, teacher_logp, mask, *, reduction="token-mean", n
     Args:
         logp: [B, T] / [N] float student log-probs of the sampled tokens (differentiable).
         teacher_logp: shaped like logp (no gradient). mask: [B, T] / [N] bool or 0/1.
+        old_logp, is_clip: both or neither: the rollout policy's log-probs (shaped like logp) and the cap > 0
+            of the importance weight.
         reduction, num_tokens: as the CEPO losses.
     Returns:
         DivergenceOutput(loss, per_token: the per-token KL estimate logp_S - logp_T (fp32, 0 at masked tokens,
-        detached), metrics: num_tokens, divergence_mean (the mean estimate), is_weight_mean 1,
-        is_clip_frac 0).
+        detached, before w), metrics: num_tokens, divergence_mean (the mean estimate), is_weight_mean,
+        is_clip_frac).
     """
     check_tensor("logp", logp, dtypes="float")
     check_tensor("teacher_logp", teacher_logp, dtypes="float", shape=logp.shape, device=logp.device)
-    p = DivergenceParams(reduction=reduction)
-    batch = check_divergence_inputs(logp.shape, logp.device, 1, mask, None, None, p, num_tokens)
+    p = DivergenceParams(reduction=reduction, is_clip=is_clip)
+    targets = None if old_logp is None else torch.zeros(logp.shape, dtype=torch.long, device=logp.device)
+    batch = check_divergence_inputs(logp.shape, logp.device, 1, mask, targets, old_logp, p, num_tokens)
     lp = logp.float().reshape(batch.B, batch.T)
     est = torch.where(batch.mask, lp.detach() - teacher_logp.detach().float().reshape(lp.shape), 0.0)
-    loss = reduce_loss(torch.where(batch.mask, est * lp, 0.0), batch.mask, p.reduction, num_tokens)
+    weight = torch.ones_like(est)
+    if p.is_clip is not None:  # stop-gradient, as divergence_loss's weight
+        weight = torch.clamp(torch.exp(lp.detach() - batch.old_logp), max=p.is_clip)
+    loss = reduce_loss(torch.where(batch.mask, weight * est * lp, 0.0), batch.mask, p.reduction, num_tokens)
     shape = (-1,) if batch.flat else (batch.B, batch.T)
     if p.reduction == "none":
         loss = loss.reshape(shape)
-    metrics = _metrics(est, torch.ones_like(est), batch.mask, p, False)
+    metrics = _metrics(est, weight, batch.mask, p, False)
     return DivergenceOutput(loss, est.reshape(shape), metrics)

@@ -61,8 +61,7 @@ class TrainConfig:
     task: str = opt("arith", "the embedded task, without --data: arith (one-digit a+b, a-b), digits "
                     "(operands up to 99, worked solution; needs --max-new-tokens 24) or count (multimodal: "
                     "how many shapes in a drawn image, a tiny Qwen3-VL-shaped model; docs/vision.md)")
-    teacher_sees_image: bool = opt(True, "vision-language policy: the teachers see the prompt's image "
-                                   "(off: the authors' image-blind CEPO teachers; docs/vision.md)")
+    teacher_sees_image: bool = option_field("teacher_sees_image")
     eval_data: str | None = opt(None, "held-out JSONL for the greedy evaluation; none: the last --eval-size "
                                 "problems of the data")
     prompt_key: str = opt("prompt", "the JSONL key of each problem's prompt")

@@ -7,6 +7,7 @@ import logging
 
 import torch
 
+from cepo_kernels.step import lm_head
 from cepo_kernels.step.contexts import to_device
 from cepo_kernels.step.distill import DistillContexts, Teacher, distill_contexts, distill_loss, zero_loss
 
@@ -52,8 +53,13 @@ class DistillUpdate:
         sel = to_device(torch.tensor(idx), h.device)
         teacher_h[sel, : th.shape[1]] = th.to(h.dtype)
         dm = m & self.rows_mask[to_device(torch.tensor(rows), h.device)][:, None]
+        tw = tb = None
+        if self.teacher.copy is not None:  # a copy (initial, ema) scores with its own head
+            tw, tb = lm_head(self.teacher.copy)
+            tw, tb = tw.to(weight.dtype), None if tb is None else tb.to(weight.dtype)
         out = distill_loss(h, teacher_h, weight, bias, targets, dm, self.options, old_logp=old_logp,
-                           temperature=temperature, num_tokens=num_tokens, metrics="tensor")
+                           temperature=temperature, num_tokens=num_tokens, metrics="tensor",
+                           teacher_weight=tw, teacher_bias=tb)
         n = dm.sum()
         self.tokens = self.tokens + n
         for k in DISTILL_METRICS:

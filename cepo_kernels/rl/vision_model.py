@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from transformers import ProcessorMixin
+
 from cepo_kernels.rl.task import CHARS, build_tokenizer, seeded_model
 
 __all__ = ["VL_KINDS", "PATCH", "MERGE", "VL_SPECIALS", "VL_CHAT_TEMPLATE", "build_vl_tokenizer",
@@ -104,33 +106,51 @@ def _check_kind(kind):
         raise ValueError(f"kind: expected one of {VL_KINDS}, got {kind!r}")
 
 
-class VisionProcessor:
+class VisionProcessor(ProcessorMixin):
     """A tokenizer and a Qwen-VL image processor composed, for machines where the processor class cannot load.
 
     `processor(text=[...], images=[...])`: one string per row (the chat template already applied, each image
-    as one `<|image_pad|>`) and the images in order of appearance (a flat list, or one list per row). Returns
-    what the Qwen-VL processor returns: input_ids and attention_mask (left-padded), pixel_values
-    [patches, C * temporal * patch^2], image_grid_thw [images, 3] and mm_token_type_ids (1 at image tokens).
-    Text with no placeholder at all and images gives the text's tokens and the images' tensors (the Qwen-VL
-    processor does the same; verl's agent loop relies on it); any other count than one per image is refused.
-    Images only: videos are refused.
+    as one `<|image_pad|>`) and the images in order of appearance (a flat list, or one list per row, None or
+    [] for a row without one). Returns what the Qwen-VL processor returns: input_ids and attention_mask
+    (left-padded), pixel_values [patches, C * temporal * patch^2], image_grid_thw [images, 3] and
+    mm_token_type_ids (1 at image tokens); with return_tensors=None (and no padding) the token fields are one
+    unpadded list per row, as a transformers processor gives them. Text with no placeholder at all and images
+    gives the text's tokens and the images' tensors (the Qwen-VL processor does the same; verl's agent loop
+    relies on it); any other count than one per image is refused. Images only: videos are refused.
+
+    A transformers `ProcessorMixin`, so that TRL's GRPOTrainer (which tells a processor from a tokenizer by
+    that class) takes it as `processing_class`: `apply_chat_template(conversations, tokenize=True,
+    return_dict=True)` renders the messages, takes the `{"type": "image", "image": <PIL image>}` items in
+    order, and calls the processor on both, as the Qwen-VL processor does; `save_pretrained` writes the
+    tokenizer and the image processor (what `load_processor` reads back; verl's checkpoint manager saves its
+    processor so).
     """
 
     def __init__(self, tokenizer, image_processor):
-        self.tokenizer, self.image_processor = tokenizer, image_processor
+        super().__init__(tokenizer, image_processor, chat_template=tokenizer.chat_template)
         self.image_token, self.video_token = IMAGE_TOKEN, VIDEO_TOKEN
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
-        self.chat_template = tokenizer.chat_template
 
-    def apply_chat_template(self, messages, **kwargs):
-        return self.tokenizer.apply_chat_template(messages, **kwargs)
-
-    def save_pretrained(self, path, **kwargs):
-        """The tokenizer (with its chat template) and the image processor into `path`, where
-        `load_processor` reads them back (verl's checkpoint manager saves its processor so)."""
-        self.tokenizer.save_pretrained(path, **kwargs)
-        self.image_processor.save_pretrained(path, **kwargs)
+    def apply_chat_template(self, conversation=None, chat_template=None, *, tokenize=False, return_dict=False,
+                            return_tensors=None, padding=False, **kwargs):
+        """The tokenizer's chat template; with tokenize=True, the rendered text and the messages' images
+        through the processor (one conversation, or a list of them)."""
+        conversation = kwargs.pop("messages", conversation)
+        if not tokenize:
+            return self.tokenizer.apply_chat_template(conversation, chat_template=chat_template,
+                                                      tokenize=False, **kwargs)
+        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        conversations = conversation if batched else [conversation]
+        texts = [self.tokenizer.apply_chat_template(c, chat_template=chat_template, tokenize=False, **kwargs)
+                 for c in conversations]
+        parts = [[p for m in c if isinstance(m.get("content"), list) for p in m["content"]
+                  if isinstance(p, dict)] for c in conversations]
+        images = [[p["image"] for p in row if p.get("type") == "image" and p.get("image") is not None]
+                  for row in parts]
+        out = self(text=texts, images=images if any(images) else None, return_tensors=return_tensors,
+                   padding=padding)
+        return out if return_dict else out["input_ids"]
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
@@ -138,13 +158,21 @@ class VisionProcessor:
     def decode(self, *args, **kwargs):
         return self.tokenizer.decode(*args, **kwargs)
 
-    def __call__(self, text, images=None, videos=None, return_tensors="pt", padding=True, **kwargs):
+    def save_pretrained(self, save_directory, **kwargs):
+        """The tokenizer and the image processor, as `save_tiny_vl` writes them (`load_processor` reads
+        them back)."""
+        self.tokenizer.save_pretrained(save_directory)
+        self.image_processor.save_pretrained(save_directory)
+        return [str(save_directory)]
+
+    def __call__(self, text=None, images=None, videos=None, return_tensors="pt", padding=True, **kwargs):
         from transformers import BatchFeature
 
         if videos:
             raise ValueError(f"videos: VisionProcessor handles images only; got {len(videos)} video(s)")
         texts = [text] if isinstance(text, str) else list(text)
-        flat = [im for item in (images or []) for im in (item if isinstance(item, (list, tuple)) else [item])]
+        flat = [im for item in (images or []) if item is not None
+                for im in (item if isinstance(item, (list, tuple)) else [item])]
         data = {}
         if flat:
             data = dict(self.image_processor(images=flat, return_tensors="pt"))
@@ -160,7 +188,13 @@ class VisionProcessor:
         for t in texts:
             parts = t.split(IMAGE_TOKEN)
             expanded.append(parts[0] + "".join(IMAGE_TOKEN * next(counts) + p for p in parts[1:]))
-        enc = self.tokenizer(expanded, padding=padding, return_tensors="pt", **kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if k in ("add_special_tokens", "truncation", "max_length",
+                                                             "padding_side")}
+        enc = self.tokenizer(expanded, padding=padding, return_tensors=return_tensors, **kwargs)
+        if return_tensors is None:  # one unpadded list per row
+            mm = [[int(i == self.image_token_id) + 2 * int(i == self.video_token_id) for i in row]
+                  for row in enc["input_ids"]]
+            return BatchFeature({**enc, **data, "mm_token_type_ids": mm})
         ids = enc["input_ids"]
         mm = (ids == self.image_token_id).long() + 2 * (ids == self.video_token_id).long()
         return BatchFeature({**enc, **data, "mm_token_type_ids": mm}, tensor_type=return_tensors)

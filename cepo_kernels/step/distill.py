@@ -46,9 +46,13 @@ def successful_peer(rewards, group: list[int], row: int) -> int | None:
     return next((i for i in group if i != row and rewards[i] >= SUCCESS), None)
 
 
-def distill_contexts(batch: RolloutBatch, options: CEPOOptions, tokenizer) -> DistillContexts:
+def distill_contexts(batch: RolloutBatch, options: CEPOOptions, tokenizer, render=None) -> DistillContexts:
     """The teacher contexts of this process's rows with a valid token (OPSD: all; SDPO: those with a
-    successful peer). Needs the batch's texts, rewards and references."""
+    successful peer). Needs the batch's texts, rewards and references.
+
+    render(i, message) -> token ids: row i's context for a {question} template's filled-in user message, for
+    a front end whose prompts are more than one question and a system prompt (TRL's conversations, rendered
+    by TRL); None: `teacher_prefix`'s chat template with batch.system_prompt."""
     algo = options.algorithm
     if not algo.distills:
         raise ValueError(f"options.algo: expected a distillation algorithm, got {algo.name!r}")
@@ -68,21 +72,27 @@ def distill_contexts(batch: RolloutBatch, options: CEPOOptions, tokenizer) -> Di
                 continue
             answer, template = batch.texts[peer], options.sdpo_template
         question = "" if batch.questions is None else batch.questions[i]
-        key = (question, answer)
+        key = (question, answer) if render is None else (tuple(batch.prompt_ids[i]), question, answer)
         if key not in memo:
-            memo[key] = teacher_prefix(tokenizer, question, batch.prompt_ids[i], answer, template,
-                                       batch.system_prompt)
+            if render is not None and "{question}" in template:
+                message = template.replace("{question}", question).replace("{answer}", answer)
+                memo[key] = list(render(i, message))
+            else:
+                memo[key] = teacher_prefix(tokenizer, question, batch.prompt_ids[i], answer, template,
+                                           batch.system_prompt)
         rows.append(i)
         prefixes.append(memo[key])
     return DistillContexts(rows, prefixes)
 
 
 def distill_loss(hidden, teacher_hidden, weight, bias, targets, mask, options: CEPOOptions, *, old_logp=None,
-                 temperature: float = 1.0, num_tokens=None, metrics="tensor"):
+                 temperature: float = 1.0, num_tokens=None, metrics="tensor", teacher_weight=None,
+                 teacher_bias=None):
     """The algorithm's divergence (a DivergenceOutput) of the student's hidden [b, R, H] against the
     teacher's [b, R, H] at the tokens of `mask`: OPSD's full JSD, or SDPO's top-k JSD with its importance
     weight (needs old_logp [b, R]). Token-mean over num_tokens (default: mask's count). A top-k of at least
-    the vocabulary is the full JSD (the tail is empty)."""
+    the vocabulary is the full JSD (the tail is empty). teacher_weight, teacher_bias: a teacher copy's own
+    lm_head (None: the student's)."""
     algo = options.algorithm
     kw = {}
     if algo.context == "peer":
@@ -93,7 +103,8 @@ def distill_loss(hidden, teacher_hidden, weight, bias, targets, mask, options: C
                   topk_from="student", add_tail=True)
     return linear_divergence_loss(hidden, teacher_hidden, weight, mask, bias=bias, beta=options.distill_beta,
                                   temperature=temperature, reduction="token-mean", num_tokens=num_tokens,
-                                  metrics=metrics, **kw)
+                                  metrics=metrics, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
+                                  **kw)
 
 
 class Teacher:

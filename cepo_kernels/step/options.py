@@ -54,6 +54,9 @@ class CEPOOptions:
         "with --cot-teacher: tokens of the best correct and of the r- rollout used as r+ and r-"))
     cot_suffix: bool = field(default=False, metadata=_help(
         "with --cot-teacher: the last cot_prefix_len tokens instead of the first"))
+    teacher_sees_image: bool = field(default=True, metadata=_help(
+        "vision-language policy: the teachers see the prompt's image (off: the authors' image-blind CEPO "
+        "teachers; docs/vision.md)"))
     # opsd / sdpo (step.distill): the student-teacher divergence
     opsd_template: str = field(default=OPSD_TEMPLATE, metadata=_help(
         "opsd: the teacher's user message, {question} and {answer} = the reference solution"))

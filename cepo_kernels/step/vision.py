@@ -150,16 +150,17 @@ class VisionBatch(NamedTuple):
 
 def vision_pack(contexts: list[VisionContext], responses: list[list[int]], *, pad_id: int,
                 image_token_ids: tuple[int, ...], teacher_sees_image: bool = True, device="cpu",
-                features: dict | None = None) -> VisionBatch:
+                features: dict | None = None, resp_len: int | None = None) -> VisionBatch:
     """The inputs of one forward over [prompt | answer | response] per row (module docstring for the two
     modes). image_token_ids: the placeholder ids overwritten when teacher_sees_image is False (Qwen-VL:
     <|image_pad|> and <|video_pad|>). features (from `encode_images`, holding every image prompt of the
-    rows): the vision tower's outputs go to the model as `mm_encoder_outputs` instead of pixel_values."""
+    rows): the vision tower's outputs go to the model as `mm_encoder_outputs` instead of pixel_values.
+    resp_len: the responses' columns (default: the longest response), as `contexts.pack`."""
     if len(contexts) != len(responses):
         raise ValueError(f"contexts and responses: expected the same number of rows, got {len(contexts)} and "
                          f"{len(responses)}")
     prefixes = [list(c.prompt.input_ids) + list(c.answer) for c in contexts]
-    packed = pack(prefixes, responses, pad_id, device)
+    packed = pack(prefixes, responses, pad_id, device, resp_len=resp_len)
     ids, attn, L = packed.input_ids, packed.attention_mask, packed.start
     tokens = int(sum(len(p) + min(len(r), packed.targets.shape[1]) for p, r in zip(prefixes, responses,
                                                                                     strict=True)))

@@ -19,8 +19,17 @@ What changes against GRPO, after TRL has generated and scored a batch (docs/meth
    `step.delta_metrics` (`cepo/delta_mean`, `cepo/delta_std`, `cepo/delta_mean_pos`, `cepo/delta_mean_neg`,
    `cepo/frac_wrong_dir`, over all processes' tokens with A != 0) go into TRL's metrics.
 
+Vision-language policies (Qwen2.5-VL, Qwen3-VL; a processor as processing_class, `image` / `images`
+dataset columns as GRPOTrainer takes them): the teachers' contexts keep the prompt's image
+(`teacher_sees_image`, default True; False: the authors' image-blind teachers), built by `step.vision`
+(integrations/trl/vision.py, docs/trl.md).
+
 Supported TRL: >= 1.16, < 1.17 (the hooks used are GRPOTrainer's `_calculate_rewards` and
 `_generate_and_score_completions`, which are not a public API). CEPO_TRL_ALLOW_ANY_VERSION=1 tries another.
+
+`CEPOConfig(algo="opsd" | "sdpo")` runs the distribution-matching relatives instead
+(integrations/trl/distill.py, docs/trl.md "OPSD and SDPO"); `FusedSDPOTrainer` is TRL's own experimental
+SDPOTrainer with its self-distillation loss on the fused divergence kernel (integrations/trl/sdpo.py).
 """
 
 from __future__ import annotations
@@ -35,4 +44,13 @@ from cepo_kernels.integrations.trl.config import CEPOConfig  # noqa: E402
 from cepo_kernels.integrations.trl.trainer import CEPOTrainer  # noqa: E402
 
 __all__ = ["CEPOConfig", "CEPOTrainer", "check_trl_version", "TRL_MIN", "TRL_BELOW", "GRPOConfig",
-           "GRPOTrainer"]
+           "GRPOTrainer", "FusedSDPOTrainer"]
+
+
+def __getattr__(name):
+    # TRL's experimental SDPOTrainer is imported only when FusedSDPOTrainer is asked for
+    if name == "FusedSDPOTrainer":
+        from cepo_kernels.integrations.trl.sdpo import FusedSDPOTrainer
+
+        return FusedSDPOTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -98,8 +98,11 @@ class KernelHead:
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
                                            batch_size=None, compute_entropy=False, compute_aux_loss=False,
                                            **multimodal):
+        from cepo_kernels.integrations.trl.vision import multimodal_chunk
+
+        fields = multimodal_chunk(multimodal, 0, 0)  # None: a field the kernel path does not slice
         if (not self.args.cepo_kernel_logprobs or compute_aux_loss or model is self.ref_model
-                or any(v is not None for v in multimodal.values())):
+                or fields is None):
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
                 compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **multimodal)
@@ -107,7 +110,8 @@ class KernelHead:
         logps, entropies = [], []
         for s in range(0, input_ids.size(0), batch_size):
             ids, attn = input_ids[s : s + batch_size], attention_mask[s : s + batch_size]
-            hidden = self._cepo_hidden(model, ids, attn, logits_to_keep)
+            hidden = self._cepo_hidden(model, ids, attn, logits_to_keep,
+                                       **multimodal_chunk(multimodal, s, s + batch_size))
             targets = ids[:, -logits_to_keep:]
             # after the forward: FSDP2 may hold the root unsharded then
             lp, ent = self._cepo_apply(partial(self._cepo_policy_logprobs, targets), hidden)

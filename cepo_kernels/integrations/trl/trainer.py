@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import torch
 from accelerate.utils import gather_object
-from transformers import ProcessorMixin
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id
 
 from cepo_kernels.integrations.trl.config import CEPOConfig
+from cepo_kernels.integrations.trl.distill import DistillMixin
 from cepo_kernels.integrations.trl.head import KernelHead
+from cepo_kernels.integrations.trl.vision import VisionTeachers
 from cepo_kernels.step import RolloutBatch, extract_boxed, pack, reweight
 
 __all__ = ["CEPOTrainer"]
-
-_VLM_REFUSED = ("processing_class: expected a text tokenizer, got a (vision-language) processor; "
-                "CEPOTrainer's teacher contexts do not carry image inputs yet: use a text-only model and "
-                "tokenizer")
 
 
 def _completion_text(completion) -> str:
@@ -34,7 +31,7 @@ def _completion_text(completion) -> str:
     return "".join(parts)
 
 
-class CEPOTrainer(KernelHead, GRPOTrainer):
+class CEPOTrainer(DistillMixin, VisionTeachers, KernelHead, GRPOTrainer):
     """GRPOTrainer with CEPO's per-token advantages (see the module docstring). Same arguments as GRPOTrainer,
     with `args` a CEPOConfig, plus `answer_extractor`: the function giving a rejected completion's answer
     (default: the content of its last \\boxed{...}, as cepo-train).
@@ -53,12 +50,7 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
         if args is None:  # as GRPOTrainer builds its default GRPOConfig
             name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = CEPOConfig(f"{name.split('/')[-1]}-CEPO")
-        processing_class = kwargs.get("processing_class", rest[2] if len(rest) > 2 else None)
-        if isinstance(processing_class, ProcessorMixin):
-            raise ValueError(_VLM_REFUSED)
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
-        if getattr(self, "_is_vlm", False):  # a processor TRL loaded itself
-            raise ValueError(_VLM_REFUSED)
         if cepo_observer is not None and not callable(cepo_observer):
             raise TypeError(f"cepo_observer: expected a callable or None, got {type(cepo_observer).__name__}")
         self.cepo_observer = cepo_observer
@@ -70,7 +62,7 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
             )
         self.answer_extractor = answer_extractor or extract_boxed
         column = self.args.answer_column
-        for split, ds in (("train_dataset", self.train_dataset),):
+        for split, ds in (("train_dataset", self.train_dataset),) if self.args.reads_answers else ():
             names = getattr(ds, "column_names", None)
             if isinstance(names, list) and column not in names:
                 raise ValueError(
@@ -82,6 +74,7 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
         self.cepo_last: dict | None = None
         if self.args.cepo_kernel_logprobs:
             self._cepo_head()  # fail at construction, not mid-training, on a model the kernels cannot serve
+        self._distill_init()  # algo opsd / sdpo (integrations/trl/distill.py); nothing for cepo
 
     def cepo_generation(self) -> int:
         """The 0-based index of the current generation (rollout) batch: TRL generates once every
@@ -110,6 +103,8 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
         scored, self._cepo_scored = self._cepo_scored, None
         if scored is None:
             raise RuntimeError("CEPOTrainer: the batch's rewards were not seen (has GRPOTrainer changed?)")
+        if self._distill_on():  # opsd / sdpo: teacher contexts instead of CEPO's advantages (GRPO's stay)
+            return self._distill_scored(output, *scored)
         output["advantages"] = self._cepo_advantages(output, *scored)
         return output
 
@@ -131,7 +126,8 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
         record = {"step": step, "lam": options.lam(step), "neg_answers": [], "neg_how": [], "neg_index": [],
                   "teacher_rows_local": 0, "teacher_rows": 0, "teacher_forwards": 0}
         result = reweight(batch, self._cepo_scorer(output, record), options, step, tokenizer=self._tokenizer,
-                          extract=self.answer_extractor, gather=self._cepo_gathered)
+                          extract=self.answer_extractor, gather=self._cepo_gathered,
+                          contexts=self._cepo_vision_contexts(output))  # None: the text layout
         if result.negatives is not None:
             negatives = result.negatives
             record.update(neg_answers=[n.answer for n in negatives], neg_how=[n.how for n in negatives],
@@ -157,12 +153,12 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
         if with_texts:
             rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
             rewards = rewards.masked_fill(torch.isnan(rewards_per_func).all(dim=1), float("nan")).tolist()
-            if any(self.args.answer_column not in x for x in inputs):
+            if self.args.reads_answers and any(self.args.answer_column not in x for x in inputs):
                 raise ValueError(f"answer_column: expected every example to have a column "
                                  f"{self.args.answer_column!r} (reference answers), got keys "
                                  f"{sorted(inputs[0])}")
             texts = gather_object([_completion_text(c) for c in completions])
-            references = gather_object([str(x[self.args.answer_column]) for x in inputs])
+            references = gather_object([str(x.get(self.args.answer_column, "")) for x in inputs])
             if len(texts) != len(rewards) or len(texts) % G:
                 raise RuntimeError(
                     f"CEPOTrainer: {len(texts)} gathered completions, {len(rewards)} rewards, group size {G}"
@@ -184,7 +180,8 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
             chunk = self.args.teacher_batch_size or 2 * self.args.per_device_train_batch_size
             n_chunks = -(-2 * int(counts.max()) // chunk)
             record["teacher_forwards"] = n_chunks
-            pos, neg = self._cepo_teacher_logprobs(output, ctx, n_chunks)
+            teachers = self._cepo_vision_teacher_logprobs if self._is_vlm else self._cepo_teacher_logprobs
+            pos, neg = teachers(output, ctx, n_chunks)
             return {} if pos is None else {"pos": pos, "neg": neg}
 
         return score
@@ -215,8 +212,7 @@ class CEPOTrainer(KernelHead, GRPOTrainer):
         with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             for s in range(0, n_chunks * chunk, chunk):
                 if s >= len(prefixes):  # keep in step with the other ranks' forwards
-                    with self.accelerator.autocast():
-                        self.model(input_ids=prompt_ids[:1, -1:], use_cache=False)
+                    self._cepo_idle_forward(input_ids=prompt_ids[:1, -1:])
                     continue
                 packed = pack(prefixes[s : s + chunk], responses[s : s + chunk], tok.pad_token_id,
                               device=completion_ids.device, resp_len=R)

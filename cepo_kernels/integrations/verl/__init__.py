@@ -11,6 +11,9 @@ Registered through verl's own extension points, nothing patched:
   `compute_log_prob` (no gradient, the rollout temperature) on the rows with A != 0 while lambda > 0 and
   writes A_hat per token into `advantages`; verl's PPO loss, clip and KL options then apply unchanged.
 
+OPSD and SDPO (`algorithm.adv_estimator=opsd|sdpo`, same trainer): the teacher contexts scored in the
+driver, the registered policy losses `opsd` / `sdpo` in the actor (`integrations/verl/distill.py`).
+
 The CEPO options live under `algorithm.cepo` (`+algorithm.cepo.lam0=0.5` etc., see `CEPOSettings`).
 A vision-language policy's teacher batches carry the rows' images (`vision`, `teacher_sees_image`).
 The per-batch work (`cepo_reweight`) is a function of a verl `DataProto` and a log-prob scorer, so it runs
@@ -41,9 +44,12 @@ from cepo_kernels.integrations.verl.advantages import (  # noqa: E402
     teacher_batch,
     worker_group_scorer,
 )
+from cepo_kernels.integrations.verl.distill import DISTILL_ALGOS, register_policy_losses  # noqa: E402
 from cepo_kernels.integrations.verl.estimators import register_estimators  # noqa: E402
 
 register_estimators()
+register_policy_losses()
 
-__all__ = ["ALGOS", "CEPOSettings", "cepo_active", "cepo_reweight", "check_verl_version", "negatives_by_uid",
-           "register_estimators", "sequence_advantage", "teacher_batch", "worker_group_scorer"]
+__all__ = ["ALGOS", "DISTILL_ALGOS", "CEPOSettings", "cepo_active", "cepo_reweight", "check_verl_version",
+           "negatives_by_uid", "register_estimators", "register_policy_losses", "sequence_advantage",
+           "teacher_batch", "worker_group_scorer"]

@@ -8,6 +8,7 @@ so that `algorithm.adv_estimator=cepo` on verl's stock trainer is never GRPO in 
 from __future__ import annotations
 
 from cepo_kernels.integrations.verl.advantages import ALGOS, is_active
+from cepo_kernels.integrations.verl.distill import DISTILL_ALGOS
 
 __all__ = ["register_estimators"]
 
@@ -37,10 +38,11 @@ _REGISTERED: dict = {}
 
 
 def register_estimators() -> None:
-    """Registers `cepo` and `rlsd` once (idempotent: a second import registers the same functions)."""
+    """Registers `cepo`, `rlsd`, `opsd` and `sdpo` once (idempotent: a second import registers the same
+    functions). opsd / sdpo: the GRPO A of SDPO's optional PPO share (opsd does not use it)."""
     from verl.trainer.ppo import core_algos
 
-    for name in ALGOS:
+    for name in ALGOS + DISTILL_ALGOS:
         fn = _REGISTERED.setdefault(name, _estimator(name))
         if core_algos.ADV_ESTIMATOR_REGISTRY.get(name) is not fn:
             core_algos.register_adv_est(name)(fn)
