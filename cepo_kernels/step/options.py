@@ -75,9 +75,6 @@ class CEPOOptions:
         "sdpo: the importance weight min(exp(logp - logp_old), is_clip) at the sampled token (> 0)"))
     distillation_weight: float = field(default=1.0, metadata=_help(
         "sdpo: loss = (1 - w) GRPO + w distillation, w in [0, 1] (TRL's distillation_weight)"))
-    teacher_sees_image: bool = field(default=True, metadata=_help(
-        "vision-language policy: the teachers see the prompt's image (off: the authors' image-blind CEPO "
-        "teachers; docs/vision.md)"))
 
     def __post_init__(self):
         w = self.where
