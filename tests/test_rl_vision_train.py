@@ -120,3 +120,40 @@ def test_teacher_sees_image_knob_reaches_the_teachers(tmp_path):
         deltas[flag] = (row["response_len_mean"], row["reward_mean"], row["delta_mean_pos"])
     (len_a, rew_a, d_a), (len_b, rew_b, d_b) = deltas.values()
     assert (len_a, rew_a) == (len_b, rew_b) and d_a != d_b
+
+
+def test_count_run_resumed_equals_the_uninterrupted_run(tmp_path):
+    """A `--task count` run stopped after 2 of 3 steps and resumed (the warm-up is not run again: the
+    checkpoint holds the warmed-up weights) gives the same metrics and weights as the run without a stop."""
+    reward = tmp_path / "reward.py"  # responses of odd length score 1: A != 0, so the update and teachers run
+    reward.write_text("def f(text, ref):\n    return float(len(text) % 2)\n")
+    args = ["--task", "count", "--steps", "3", "--prompts-per-step", "2", "--group-size", "4",
+            "--sft-steps", "5", "--sft-batch-size", "8", "--lam0", "1", "--t-warm", "8", "--save-every", "0",
+            "--reward-fn", f"{reward}:f", *FAST]
+    straight = make_trainer(parse_args([*args, "--out-dir", str(tmp_path / "straight")]))
+    try:
+        straight.train()
+    finally:
+        straight.close()
+    first = make_trainer(parse_args([*args, "--out-dir", str(tmp_path / "split")]))
+    try:
+        first.train(stop_after=2)
+    finally:
+        first.close()
+    resumed = make_trainer(parse_args(["--resume", str(tmp_path / "split")]))
+    try:
+        assert isinstance(resumed, VisionTrainer) and resumed.step_idx == 2
+        resumed.train()
+    finally:
+        resumed.close()
+    a, b = _metrics(tmp_path / "straight"), _metrics(tmp_path / "split")
+    assert [r["step"] for r in b] == [1, 2, 3]
+    assert all(r["teacher_tokens"] > 0 and r["loss"] != 0.0 for r in a)  # the steps did train
+    for ra, rb in zip(a, b, strict=True):
+        for k in ("loss", "lambda", "lr", "reward_mean", "delta_mean", "entropy", "grad_norm",
+                  "teacher_tokens", "policy_tokens", "response_len_mean", "vision_encoder_calls"):
+            assert ra[k] == rb[k], (ra["step"], k, ra[k], rb[k])
+    params = zip(straight.model.named_parameters(), resumed.model.named_parameters(), strict=True)
+    for (n, p), (_, q) in params:
+        assert torch.equal(p, q), n
+    assert load_processor(tmp_path / "split" / "final_model").image_token_id is not None
