@@ -157,3 +157,24 @@ def test_count_run_resumed_equals_the_uninterrupted_run(tmp_path):
     for (n, p), (_, q) in params:
         assert torch.equal(p, q), n
     assert load_processor(tmp_path / "split" / "final_model").image_token_id is not None
+
+
+def test_shared_prompt_cache_counts_its_saving(tmp_path):
+    """The group's image prompt runs once per pass with --share-prefix (the default): teacher_tokens and
+    policy_tokens count each [prompt | answer] once per group, --no-share-prefix runs every row in full; the
+    same rollouts either way (the model is the same before step 1's update; that the shared path's log-probs
+    equal the plain path's is tests/test_step_vision.py's)."""
+    reward = tmp_path / "reward.py"
+    reward.write_text("def f(text, ref):\n    return float(len(text) % 2)\n")
+    rows = {}
+    for flag in ("--share-prefix", "--no-share-prefix"):
+        out = tmp_path / flag
+        assert main(["--task", "count", "--steps", "1", "--prompts-per-step", "2", "--group-size", "4",
+                     "--sft-steps", "5", "--sft-batch-size", "8", "--lam0", "1", "--reward-fn", f"{reward}:f",
+                     "--out-dir", str(out), flag, *FAST]) == 0
+        (rows[flag],) = _metrics(out)
+    a, b = rows.values()
+    assert a["response_len_mean"] == b["response_len_mean"] and a["reward_mean"] == b["reward_mean"]
+    assert 0 < a["teacher_tokens"] < a["teacher_tokens_naive"] == b["teacher_tokens_naive"]
+    assert b["teacher_tokens"] == b["teacher_tokens_naive"]
+    assert a["policy_tokens"] < a["policy_tokens_naive"] == b["policy_tokens_naive"] == b["policy_tokens"]
