@@ -178,3 +178,17 @@ def test_shared_prompt_cache_counts_its_saving(tmp_path):
     assert 0 < a["teacher_tokens"] < a["teacher_tokens_naive"] == b["teacher_tokens_naive"]
     assert b["teacher_tokens"] == b["teacher_tokens_naive"]
     assert a["policy_tokens"] < a["policy_tokens_naive"] == b["policy_tokens_naive"] == b["policy_tokens"]
+
+
+def test_count_task_has_its_own_warm_up_default(tmp_path):
+    """--task count warms up for 400 steps unless --sft-steps (or a config file) says otherwise; the text
+    tasks keep TrainConfig's 150, and the resolved value is what a resumed run reads back."""
+    from cepo_kernels.rl.config import TrainConfig
+
+    assert parse_args(["--task", "count"]).sft_steps == 400
+    assert parse_args(["--task", "count", "--sft-steps", "7"]).sft_steps == 7
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"task": "count", "sft_steps": 20}))
+    assert parse_args(["--config", str(cfg_file)]).sft_steps == 20
+    assert parse_args([]).sft_steps == parse_args(["--task", "digits", "--max-new-tokens", "24"]).sft_steps
+    assert parse_args([]).sft_steps == TrainConfig().sft_steps == 150
