@@ -10,8 +10,9 @@ hooks for prompts that hold images (docs/vision.md).
 - teachers: `vision_contexts` and `vision_forward(sees_image=cfg.teacher_sees_image)`;
 - shared prefixes (--share-prefix, on by default): each group's [prompt | answer] runs once and its key/value
   cache serves the group's responses (`vision_forward(share=True)`), as the text path's context_hidden;
-- the embedded default (`--task count`): a tiny Qwen3-VL built from a config, the count task, and a
-  supervised warm-up on \\boxed{k} (tower trained with the rest), frozen tower after it.
+- the embedded default (`--task count`): a tiny Qwen3-VL built from a config, the count task on a 3 x 3 grid
+  (1 to 9 shapes), and a supervised warm-up on \\boxed{k} (tower trained with the rest; 400 steps by
+  default, options.TASK_DEFAULTS), frozen tower after it.
 
 Not done here: truncation of long prompts (an image cannot be cut).
 """
