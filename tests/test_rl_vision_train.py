@@ -163,7 +163,7 @@ def test_shared_prompt_cache_counts_its_saving(tmp_path):
     """The group's image prompt runs once per pass with --share-prefix (the default): teacher_tokens and
     policy_tokens count each [prompt | answer] once per group, --no-share-prefix runs every row in full; the
     same rollouts either way (the model is the same before step 1's update; that the shared path's log-probs
-    equal the plain path's is tests/test_step_vision.py's)."""
+    equal the plain path's is tests/test_step_vision_shared.py's)."""
     reward = tmp_path / "reward.py"
     reward.write_text("def f(text, ref):\n    return float(len(text) % 2)\n")
     rows = {}
