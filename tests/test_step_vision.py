@@ -369,4 +369,3 @@ def test_policy_update_gradient_equals_plain_forward(vl):
         err, err32 = (got[k].double() - p64[k]).abs().max(), (p32[k].double() - p64[k]).abs().max()
         assert err <= 2 * err32 + 16 * torch.finfo(torch.float32).eps * (1 + p64[k].abs().max()), k
         assert p64[k].abs().max() > 0, k  # the gradient reaches the vision tower
-
