@@ -142,6 +142,25 @@ def test_lora_leaves_the_vision_tower_frozen():
     assert any(n.endswith("visual.blocks.0.mlp.gate_proj") for n, _ in model.named_modules())
 
 
+def test_lora_on_a_text_model_passes_no_vision_exclusion():
+    """A text model has no `visual` modules: no exclusion is passed, so peft has nothing to warn about."""
+    import warnings
+    from types import SimpleNamespace
+
+    from cepo_kernels.rl.model import apply_lora
+    from cepo_kernels.rl.task import build_tiny_model, build_tokenizer
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    cfg = SimpleNamespace(lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_targets=targets)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = apply_lora(build_tiny_model(build_tokenizer()), cfg)
+    assert not [w for w in caught if "exclude_modules" in str(w.message)]
+    assert model.peft_config["default"].exclude_modules is None
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
 def test_composed_processor_reads_a_processor_chat_template(tmp_path):
     """A released Qwen-VL checkpoint may keep its chat template only in the processor's chat_template.json."""
     import json

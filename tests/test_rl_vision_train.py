@@ -120,3 +120,75 @@ def test_teacher_sees_image_knob_reaches_the_teachers(tmp_path):
         deltas[flag] = (row["response_len_mean"], row["reward_mean"], row["delta_mean_pos"])
     (len_a, rew_a, d_a), (len_b, rew_b, d_b) = deltas.values()
     assert (len_a, rew_a) == (len_b, rew_b) and d_a != d_b
+
+
+def test_count_run_resumed_equals_the_uninterrupted_run(tmp_path):
+    """A `--task count` run stopped after 2 of 3 steps and resumed (the warm-up is not run again: the
+    checkpoint holds the warmed-up weights) gives the same metrics and weights as the run without a stop."""
+    reward = tmp_path / "reward.py"  # responses of odd length score 1: A != 0, so the update and teachers run
+    reward.write_text("def f(text, ref):\n    return float(len(text) % 2)\n")
+    args = ["--task", "count", "--steps", "3", "--prompts-per-step", "2", "--group-size", "4",
+            "--sft-steps", "5", "--sft-batch-size", "8", "--lam0", "1", "--t-warm", "8", "--save-every", "0",
+            "--reward-fn", f"{reward}:f", *FAST]
+    straight = make_trainer(parse_args([*args, "--out-dir", str(tmp_path / "straight")]))
+    try:
+        straight.train()
+    finally:
+        straight.close()
+    first = make_trainer(parse_args([*args, "--out-dir", str(tmp_path / "split")]))
+    try:
+        first.train(stop_after=2)
+    finally:
+        first.close()
+    resumed = make_trainer(parse_args(["--resume", str(tmp_path / "split")]))
+    try:
+        assert isinstance(resumed, VisionTrainer) and resumed.step_idx == 2
+        resumed.train()
+    finally:
+        resumed.close()
+    a, b = _metrics(tmp_path / "straight"), _metrics(tmp_path / "split")
+    assert [r["step"] for r in b] == [1, 2, 3]
+    assert all(r["teacher_tokens"] > 0 and r["loss"] != 0.0 for r in a)  # the steps did train
+    for ra, rb in zip(a, b, strict=True):
+        for k in ("loss", "lambda", "lr", "reward_mean", "delta_mean", "entropy", "grad_norm",
+                  "teacher_tokens", "policy_tokens", "response_len_mean", "vision_encoder_calls"):
+            assert ra[k] == rb[k], (ra["step"], k, ra[k], rb[k])
+    params = zip(straight.model.named_parameters(), resumed.model.named_parameters(), strict=True)
+    for (n, p), (_, q) in params:
+        assert torch.equal(p, q), n
+    assert load_processor(tmp_path / "split" / "final_model").image_token_id is not None
+
+
+def test_shared_prompt_cache_counts_its_saving(tmp_path):
+    """The group's image prompt runs once per pass with --share-prefix (the default): teacher_tokens and
+    policy_tokens count each [prompt | answer] once per group, --no-share-prefix runs every row in full; the
+    same rollouts either way (the model is the same before step 1's update; that the shared path's log-probs
+    equal the plain path's is tests/test_step_vision_shared.py's)."""
+    reward = tmp_path / "reward.py"
+    reward.write_text("def f(text, ref):\n    return float(len(text) % 2)\n")
+    rows = {}
+    for flag in ("--share-prefix", "--no-share-prefix"):
+        out = tmp_path / flag
+        assert main(["--task", "count", "--steps", "1", "--prompts-per-step", "2", "--group-size", "4",
+                     "--sft-steps", "5", "--sft-batch-size", "8", "--lam0", "1", "--reward-fn", f"{reward}:f",
+                     "--out-dir", str(out), flag, *FAST]) == 0
+        (rows[flag],) = _metrics(out)
+    a, b = rows.values()
+    assert a["response_len_mean"] == b["response_len_mean"] and a["reward_mean"] == b["reward_mean"]
+    assert 0 < a["teacher_tokens"] < a["teacher_tokens_naive"] == b["teacher_tokens_naive"]
+    assert b["teacher_tokens"] == b["teacher_tokens_naive"]
+    assert a["policy_tokens"] < a["policy_tokens_naive"] == b["policy_tokens_naive"] == b["policy_tokens"]
+
+
+def test_count_task_has_its_own_warm_up_default(tmp_path):
+    """--task count warms up for 400 steps unless --sft-steps (or a config file) says otherwise; the text
+    tasks keep TrainConfig's 150, and the resolved value is what a resumed run reads back."""
+    from cepo_kernels.rl.config import TrainConfig
+
+    assert parse_args(["--task", "count"]).sft_steps == 400
+    assert parse_args(["--task", "count", "--sft-steps", "7"]).sft_steps == 7
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"task": "count", "sft_steps": 20}))
+    assert parse_args(["--config", str(cfg_file)]).sft_steps == 20
+    assert parse_args([]).sft_steps == parse_args(["--task", "digits", "--max-new-tokens", "24"]).sft_steps
+    assert parse_args([]).sft_steps == TrainConfig().sft_steps == 150

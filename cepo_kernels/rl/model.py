@@ -4,6 +4,7 @@ LoRA, gradient checkpointing, export."""
 from __future__ import annotations
 
 import random
+import re
 import resource
 from pathlib import Path
 
@@ -76,14 +77,17 @@ def prepare_model(model, cfg, device, dtype):
 
 
 # a vision-language model's vision tower stays frozen, as in the authors' runs (Qwen2.5-VL's vision MLP has
-# gate_proj / up_proj / down_proj too); text models have no such module
+# gate_proj / up_proj / down_proj too); text models have no such module, and get no exclusion (peft warns
+# about an exclusion that matches nothing)
 VISION_TOWER = r".*visual.*"
 
 
 def apply_lora(model, cfg):
     from peft import LoraConfig, get_peft_model
 
-    names = {n.split(".")[-1] for n, _ in model.named_modules()}
+    modules = [n for n, _ in model.named_modules()]
+    names = {n.split(".")[-1] for n in modules}
+    tower = any(re.fullmatch(VISION_TOWER, n) for n in modules)
     targets = [t for t in cfg.lora_targets if t in names]
     if not targets:
         raise ValueError(
@@ -95,7 +99,7 @@ def apply_lora(model, cfg):
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=targets,
-        exclude_modules=VISION_TOWER,
+        exclude_modules=VISION_TOWER if tower else None,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)

@@ -62,6 +62,11 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+# an embedded task's defaults where they differ from TrainConfig's (applied by parse_args to the options not
+# given): the count task's 3 x 3 images take a longer warm-up before its greedy answers read the image
+TASK_DEFAULTS = {"count": {"sft_steps": 400}}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         allow_abbrev=False,
@@ -76,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         base, _ = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
-        text = f"{f.metadata['help']} (default: {f.default!r})"
+        text = f"{f.metadata['help']} (default: {f.default!r}"
+        text += "".join(f"; --task {t}: {d[f.name]!r}" for t, d in TASK_DEFAULTS.items() if f.name in d) + ")"
         if base is bool:
             parser.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text
@@ -102,6 +108,9 @@ def parse_args(argv=None) -> TrainConfig:
     given = {k for k, v in values.items() if getattr(defaults, k, None) != v}
     values.update({k: v for k, v in args.items() if v is not None})
     given |= {k for k, v in args.items() if v is not None}
+    if not values.get("resume") and not values.get("data"):  # an embedded task's own defaults
+        task = values.get("task", defaults.task)
+        values.update({k: v for k, v in TASK_DEFAULTS.get(task, {}).items() if k not in given})
     if values.get("resume"):
         from cepo_kernels.rl.checkpoint import STATE, read_state, resolve_checkpoint
 
@@ -145,4 +154,4 @@ def merge_resumed(saved: dict, given: dict) -> dict:
     return {**kept, **given}
 
 
-__all__ = ["build_parser", "check_given", "load_config_file", "merge_resumed", "parse_args"]
+__all__ = ["TASK_DEFAULTS", "build_parser", "check_given", "load_config_file", "merge_resumed", "parse_args"]

@@ -8,16 +8,19 @@ hooks for prompts that hold images (docs/vision.md).
   step over the step's distinct prompts (`encode_images`) and its outputs reused by every pass; the tower is
   frozen (as the authors' `.*visual.*` exclusion), so the reuse is exact;
 - teachers: `vision_contexts` and `vision_forward(sees_image=cfg.teacher_sees_image)`;
-- the embedded default (`--task count`): a tiny Qwen3-VL built from a config, the count task, and a
-  supervised warm-up on \\boxed{k} (tower trained with the rest), frozen tower after it.
+- shared prefixes (--share-prefix, on by default): each group's [prompt | answer] runs once and its key/value
+  cache serves the group's responses (`vision_forward(share=True)`), as the text path's context_hidden;
+- the embedded default (`--task count`): a tiny Qwen3-VL built from a config, the count task on a 3 x 3 grid
+  (1 to 9 shapes), and a supervised warm-up on \\boxed{k} (tower trained with the rest; 400 steps by
+  default, options.TASK_DEFAULTS), frozen tower after it.
 
-Not done here: the shared key/value cache of a group's prompt (every context runs in full; the vision tower's
-share is done) and truncation of long prompts (an image cannot be cut).
+Not done here: truncation of long prompts (an image cannot be cut).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -38,7 +41,7 @@ from cepo_kernels.rl.vision_model import (
 )
 from cepo_kernels.rl.vision_task import count_problems, load_image_jsonl, render_image_prompts
 from cepo_kernels.step.contexts import encode, response_targets
-from cepo_kernels.step.forward import lm_head
+from cepo_kernels.step.forward import SharedPrefixUnsupported, lm_head
 from cepo_kernels.step.vision import (
     VisionContext,
     encode_images,
@@ -52,7 +55,10 @@ from cepo_kernels.step.vision import (
 
 __all__ = ["is_vision_run", "VisionTrainer", "vision_generate", "make_trainer"]
 
+log = logging.getLogger("cepo_kernels.rl")
+
 COUNT_EVAL = 64  # held-out problems of the count task
+COUNT_GRID = 3  # the count task's images: 3 x 3 cells (9 language-model tokens), 1 to 9 shapes
 
 
 def is_vision_run(cfg) -> bool:
@@ -88,7 +94,7 @@ class VisionTrainer(Trainer):
     def load_problems(self):
         cfg = self.cfg
         if cfg.data is None:
-            probs = count_problems(512 + COUNT_EVAL, seed=cfg.seed)
+            probs = count_problems(512 + COUNT_EVAL, seed=cfg.seed, grid=COUNT_GRID)
             return probs[:-COUNT_EVAL], probs[-COUNT_EVAL:]
         probs = load_image_jsonl(cfg.data, cfg.prompt_key, cfg.answer_key)
         if cfg.eval_data is not None:
@@ -103,7 +109,7 @@ class VisionTrainer(Trainer):
         if cfg.model is None:
             tok = build_vl_tokenizer()
             model = build_tiny_vl_model(tok, "qwen3_vl", seed=cfg.seed)
-            self.processor = VisionProcessor(tok, build_image_processor("qwen3_vl"))
+            self.processor = VisionProcessor(tok, build_image_processor("qwen3_vl", side=COUNT_GRID))
         else:
             self.processor = load_processor(cfg.model)
             model = load_vision_model(Path(cfg.model).resolve(), dtype=self.dtype, device=self.device)
@@ -146,6 +152,16 @@ class VisionTrainer(Trainer):
                 self._encode([c.prompt for c in contexts])
             features = {id(c.prompt): self._features[id(c.prompt)] for c in contexts
                         if id(c.prompt) in self._features} if sees_image else None
+            # a group's [prompt | answer] once, its key/value cache shared (as Trainer.forward's text path)
+            share = self.share_prefix and not (torch.is_grad_enabled() and self.cfg.gradient_checkpointing)
+            if share:
+                try:
+                    return vision_forward(self.model, sees_image=sees_image, features=features or None,
+                                          share=True, **kw)(contexts, responses)
+                except SharedPrefixUnsupported as e:
+                    self.share_prefix = False
+                    log.warning("shared prefixes are not supported for this model (%s): running every "
+                                "context in full", e)
             return vision_forward(self.model, sees_image=sees_image, features=features or None,
                                   **kw)(contexts, responses)
 

@@ -22,6 +22,12 @@ Use with the scoring phase: `scoring.policy_logprobs` and `scoring.teacher_logpr
 (built per row by `vision_contexts`), and the log-probs come from the language model's lm_head
 (`forward.lm_head`) through the fused kernels, as for a text policy.
 
+Shared prefixes (`vision_shared_hidden`, `vision_forward(share=True)`): each distinct [prompt | answer] (one
+per group for the policy, one per group and answer for a teacher) runs once with its image, its key/value
+cache is repeated for the rows that continue it, and only the response tokens run on top, at the prefix's
+last M-RoPE position + 1, + 2, ... on every axis (the continuation rule above; no image token follows the
+prefix, so DeepStack adds nothing to the response pass).
+
 The vision tower once per step: `encode_images(model, prompts)` runs it once over the distinct prompt objects
 (one per group) and `vision_forward(..., features=...)` passes its outputs to every later pass as
 `mm_encoder_outputs` instead of `pixel_values` (exact while the tower is frozen, as under LoRA).
@@ -34,12 +40,12 @@ from typing import NamedTuple
 
 import torch
 
-from cepo_kernels.step.contexts import TeacherContexts, check_template, encode, pack
-from cepo_kernels.step.forward import base_model
+from cepo_kernels.step.contexts import TeacherContexts, check_template, encode, pack, response_targets
+from cepo_kernels.step.forward import SharedPrefixUnsupported, base_model
 
 __all__ = ["VisionPrompt", "split_prompts", "VisionContext", "vision_contexts", "VisionBatch", "vision_pack",
            "EncoderOutput", "encode_images", "continue_positions", "multimodal_model", "vision_hidden",
-           "vision_forward"]
+           "vision_shared_hidden", "vision_forward"]
 
 
 class VisionPrompt(NamedTuple):
@@ -263,16 +269,79 @@ def vision_hidden(model, batch: VisionBatch) -> torch.Tensor:
     return out.last_hidden_state[:, batch.start - 1 : batch.start - 1 + R]
 
 
+def _prefix_positions(inner, inputs: dict) -> torch.Tensor:
+    """[3, b, L] M-RoPE positions of a left-padded prefix batch: the packed ones (text only, image-blind) or
+    the model's own get_rope_index over the image runs (what its forward computes without position_ids)."""
+    pos = inputs.get("position_ids")
+    if pos is not None:
+        return pos if pos.ndim == 3 else pos[None].expand(3, -1, -1)
+    pos, _ = inner.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                  image_grid_thw=inputs["image_grid_thw"],
+                                  attention_mask=inputs["attention_mask"])
+    return pos
+
+
+def vision_shared_hidden(model, contexts: list[VisionContext], responses: list[list[int]], *, pad_id: int,
+                         image_token_ids: tuple[int, ...], device, sees_image: bool = True,
+                         features: dict | None = None) -> tuple[torch.Tensor, int, int]:
+    """(hidden [n, R, H], tokens run, tokens of the plain path) as `vision_forward`'s, each distinct context
+    (same prompt object, same answer) run once with its image and its key/value cache reused by its rows'
+    responses (module docstring). Raises SharedPrefixUnsupported where the cache cannot be repeated."""
+    if len(contexts) != len(responses):
+        raise ValueError(f"contexts and responses: expected the same number of rows, got {len(contexts)} and "
+                         f"{len(responses)}")
+    naive = sum(c.n_tokens + len(r) for c, r in zip(contexts, responses, strict=True))
+    distinct: dict = {}
+    for c in contexts:
+        distinct.setdefault((id(c.prompt), c.answer), (len(distinct), c))
+    prefixes = [c for _, c in distinct.values()]
+    owner = [distinct[(id(c.prompt), c.answer)][0] for c in contexts]
+    tokens = sum(c.n_tokens for c in prefixes) + sum(map(len, responses))
+    inner = multimodal_model(model)
+    try:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=inner.config.get_text_config())
+    except (ImportError, TypeError) as e:
+        raise SharedPrefixUnsupported(f"no DynamicCache for this model ({e})") from None
+    if not hasattr(cache, "reorder_cache"):
+        raise SharedPrefixUnsupported(f"{type(cache).__name__} cannot be repeated per response")
+    batch = vision_pack(prefixes, [[] for _ in prefixes], pad_id=pad_id, image_token_ids=image_token_ids,
+                        teacher_sees_image=sees_image, device=device, features=features)
+    L = batch.start  # the prefixes only (pack adds one response column)
+    cut = ("input_ids", "attention_mask", "mm_token_type_ids", "position_ids")
+    inputs = {k: v[..., :L] if k in cut else v for k, v in batch.inputs.items()}
+    pos = _prefix_positions(inner, inputs)
+    inputs["position_ids"] = pos
+    arg = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+    out = inner(**inputs, use_cache=True, **{arg: cache})
+    rows = torch.tensor(owner, dtype=torch.long, device=pos.device)
+    first = out.last_hidden_state[:, -1][rows]  # [n, H]: the state that predicts response token 0
+    R = max([len(r) for r in responses] + [1])
+    if R == 1:
+        return first[:, None], tokens, naive
+    cache.reorder_cache(rows)  # [g, ...] -> [n, ...]
+    rids, rmask = response_targets(responses, R - 1, pad_id, device)
+    attn = torch.cat([inputs["attention_mask"][rows], rmask.long()], dim=1)
+    steps = torch.arange(1, R, device=pos.device, dtype=pos.dtype)
+    rpos = pos[:, rows, -1:] + steps  # [3, n, R - 1]: last prefix position + 1, + 2, ... on every axis
+    out = inner(input_ids=rids, attention_mask=attn, position_ids=rpos, use_cache=True, **{arg: cache})
+    return torch.cat([first[:, None], out.last_hidden_state], dim=1), tokens, naive
+
+
 def vision_forward(model, *, pad_id: int, image_token_ids: tuple[int, ...], device, sees_image: bool = True,
-                   features: dict | None = None):
+                   features: dict | None = None, share: bool = False):
     """The `forward(contexts, responses) -> (hidden [n, R, H], tokens run, tokens of the plain path)` of
     `scoring.policy_logprobs` / `scoring.teacher_logprobs` for `VisionContext` contexts. The policy's forward
     always sees the image (sees_image=True); the teachers' takes sees_image=teacher_sees_image. features
-    (`encode_images`): the vision tower's outputs computed once, reused here instead of running it again."""
+    (`encode_images`): the vision tower's outputs computed once, reused here instead of running it again.
+    share: each distinct context runs once, its key/value cache reused (`vision_shared_hidden`)."""
+    kw = dict(pad_id=pad_id, image_token_ids=image_token_ids, device=device, features=features)
 
     def forward(contexts, responses):
-        batch = vision_pack(contexts, responses, pad_id=pad_id, image_token_ids=image_token_ids,
-                            teacher_sees_image=sees_image, device=device, features=features)
+        if share:
+            return vision_shared_hidden(model, contexts, responses, sees_image=sees_image, **kw)
+        batch = vision_pack(contexts, responses, teacher_sees_image=sees_image, **kw)
         return vision_hidden(model, batch), batch.tokens, batch.tokens
 
     return forward
