@@ -5,6 +5,7 @@ import json
 import math
 import random
 
+import pytest
 import torch
 
 from cepo_kernels.rl.cli import main
@@ -100,6 +101,14 @@ def test_count_task_with_a_text_model_is_refused(tmp_path, capsys):
                *FAST])
     assert rc == 2
     assert "--task count needs a vision-language policy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("algo", ["opsd", "sdpo"])
+def test_distillation_with_a_vision_policy_is_refused(tmp_path, capsys, algo):
+    rc = main(["--task", "count", "--algo", algo, "--out-dir", str(tmp_path / "run"), *FAST])
+    assert rc == 2
+    assert f"algo: --algo {algo} is text-only in cepo-train" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_teacher_sees_image_knob_reaches_the_teachers(tmp_path):

@@ -80,6 +80,9 @@ def make_trainer(cfg, **kwargs):
     if cfg.task == "count" and cfg.data is None and not vision:
         raise ValueError(f"task: --task count needs a vision-language policy (the embedded one, or --model a "
                          f"Qwen-VL directory), got --model {cfg.model!r} without a vision_config")
+    if vision and cfg.algo in ("opsd", "sdpo"):
+        raise ValueError(f"algo: --algo {cfg.algo} is text-only in cepo-train (its teacher contexts carry no "
+                         f"image); a vision-language policy takes cepo, rlsd or grpo")
     return (VisionTrainer if vision else Trainer)(cfg, **kwargs)
 
 
