@@ -61,7 +61,7 @@ def probes(tokenizer, prompts: list[list[int]], responses: list[list[int]], refe
         box = resp.index(box_id)
         reasoning, ref_ids = resp[:box], encode(tokenizer, ref)
         eqs = [k for k, t in enumerate(reasoning) if t in eq_ids]
-        for k in range(eqs[-1] + 1 if eqs else 0):  # the prefix ends at or before the last "="
+        for k in range(eqs[-1] + 2 if eqs else 0):  # the prefix ends at or before the last "="
             out.append(Probe(prompt + reasoning[:k] + [box_id], ref_ids, "premature", j))
         context = prompt + reasoning + [box_id]
         own = tokenizer.decode(resp[box + 1:], skip_special_tokens=True).split("}")[0]
