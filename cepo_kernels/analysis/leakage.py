@@ -21,7 +21,8 @@ positions the rise of log p(reference) - log p(own answer), the preference for t
 does not give. A method that copies the answer from a teacher that was shown it raises the reference
 where the reasoning cannot support it (premature, contradicting); one that learns the task raises it
 where the reasoning supports it. Paired by seed against CEPO (analysis.stats). Writes OUT/leakage.json
-and OUT/leakage.md.
+and OUT/leakage.md; each seed's numbers are kept in OUT/leakage/seed<k>.json (reused on the next call, so
+the models of a measured seed can be deleted).
 """
 
 from __future__ import annotations
@@ -196,6 +197,25 @@ def measure_seed(out: Path, seed: int, algos: list[str], log=print) -> dict:
             trainer.close()
 
 
+def cached_seed(out: Path, seed: int, algos: list[str]) -> dict:
+    """measure_seed, kept in OUT/leakage/seed<k>.json and reused while it holds every finished run of the
+    seed (so the models of measured seeds can be deleted and the command run again)."""
+    import json
+
+    path = out / "leakage" / f"seed{seed}.json"
+    done = [a for a in algos if (run_dir(out, a, seed) / "summary.json").is_file()]
+    if path.is_file():
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        if set(done) <= set(cached.get("runs", {})):
+            cached["runs"] = {a: cached["runs"][a] for a in algos if a in cached["runs"]}
+            return cached
+    result = measure_seed(out, seed, algos)
+    if result:
+        path.parent.mkdir(exist_ok=True)
+        write_json(path, result)
+    return result
+
+
 METRICS = ("rise_premature", "rise_contradicting", "rise_preference", "rise_supported", "final_boxed_share")
 NAMES = {"rise_premature": "premature: rise of log p(ref)",
          "rise_contradicting": "after wrong reasoning: rise of log p(ref)",
@@ -276,7 +296,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     try:
-        per_seed = {s: r for s in seeds if (r := measure_seed(out, s, algos))}
+        per_seed = {s: r for s in seeds if (r := cached_seed(out, s, algos))}
     except ValueError as e:
         print(f"leakage: {e}", file=sys.stderr)
         return 2
