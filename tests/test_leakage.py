@@ -43,6 +43,11 @@ def test_probes_of_a_worked_solution():
     assert con.problem == own.problem == 1 and con.context == own.context
     assert con.answer == _ids("85") and own.answer == _ids("75")
     assert len(rows) == 16 + 16 + 3
+    shown = [_prompt("47+38= 85"), _prompt("47+38= 85")]
+    more = probes(TOK, [prompt, prompt], [right, wrong], ["85", "85"], BOX, hinted=shown)
+    assert more[:2] == [Probe(shown[0] + right[: right.index(BOX) + 1], _ids("85"), "hinted", 0),
+                        Probe(sup.context, _ids("85"), "plain", 0)]
+    assert [r for r in more if r.kind not in ("hinted", "plain")] == rows
 
 
 def test_probes_of_the_arith_box_and_of_no_box():
@@ -81,12 +86,14 @@ def test_answer_logprobs_against_float64():
 def test_kind_means_by_hand():
     rows = [Probe([], [], "premature", 0), Probe([], [], "premature", 0), Probe([], [], "premature", 1),
             Probe([], [], "contradicting", 1), Probe([], [], "contradicting_own", 1),
-            Probe([], [], "supported", 0)]
-    out = kind_means(rows, [-1.0, -3.0, -4.0, -2.5, -0.5, -0.25])
+            Probe([], [], "supported", 0), Probe([], [], "hinted", 0), Probe([], [], "plain", 0),
+            Probe([], [], "hinted", 1), Probe([], [], "plain", 1)]
+    out = kind_means(rows, [-1.0, -3.0, -4.0, -2.5, -0.5, -0.25, -0.5, -2.0, -1.0, -1.5])
     # each problem's probes averaged first: premature = mean(mean(-1, -3), -4) = -3
     assert out == {"premature": -3.0, "premature_problems": 2, "contradicting": -2.5,
                    "contradicting_problems": 1, "contradicting_own": -0.5, "contradicting_own_problems": 1,
-                   "supported": -0.25, "supported_problems": 1, "preference": -2.0}
+                   "supported": -0.25, "supported_problems": 1, "preference": -2.0, "hinted": -0.75,
+                   "hinted_problems": 2, "plain": -1.75, "plain_problems": 2, "hint_gain": 1.0}
 
 
 TINY = ["--steps", "2", "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "4",
@@ -108,6 +115,7 @@ def test_leakage_end_to_end(tmp_path, capsys):
     assert runs["cepo"]["initial"] == runs["opsd"]["initial"]
     summary = json.loads((out / "runs" / "cepo-seed0" / "summary.json").read_text())
     assert seed["eval_accuracy_start"] == summary["eval_accuracy_start"]
+    assert runs["cepo"]["hint_gain_initial"] == runs["cepo"]["initial"]["hint_gain"]
     for r in runs.values():
         for kind in ("contradicting", "supported"):
             if f"rise_{kind}" in r:

@@ -20,7 +20,10 @@ Per run: each kind's mean log-prob (initial, final, rise = final - initial), and
 positions the rise of log p(reference) - log p(own answer), the preference for the answer the reasoning
 does not give. A method that copies the answer from a teacher that was shown it raises the reference
 where the reasoning cannot support it (premature, contradicting); one that learns the task raises it
-where the reasoning supports it. Paired by seed against CEPO (analysis.stats). Writes OUT/leakage.json
+where the reasoning supports it. Also the hint gain: log p(reference) after the whole reasoning with the
+reference shown in the CEPO r+ teacher's context (cfg.teacher_template) minus without it, for the initial
+and the final model: how much a teacher made of these weights knows from the answer it is shown.
+Paired by seed against CEPO (analysis.stats). Writes OUT/leakage.json
 and OUT/leakage.md; each seed's numbers are kept in OUT/leakage/seed<k>.json (reused on the next call, so
 the models of a measured seed can be deleted).
 """
@@ -39,7 +42,7 @@ import torch
 from cepo_kernels.analysis.runs import read_summary, run_dir
 from cepo_kernels.analysis.stats import paired_stats
 from cepo_kernels.runfiles import atomic_write, write_json
-from cepo_kernels.step.contexts import encode
+from cepo_kernels.step.contexts import encode, teacher_prefix
 
 KINDS = ("premature", "contradicting", "supported")
 
@@ -52,8 +55,10 @@ class Probe(NamedTuple):
 
 
 def probes(tokenizer, prompts: list[list[int]], responses: list[list[int]], references: list[str],
-           box_id: int) -> list[Probe]:
-    """The probes of greedy responses (see the module doc). A response without a box token gets none."""
+           box_id: int, hinted: list[list[int]] | None = None) -> list[Probe]:
+    """The probes of greedy responses (see the module doc). A response without a box token gets none.
+    With `hinted` (each prompt with the reference shown, the CEPO r+ teacher's context), also the kinds
+    "hinted" and "plain": log p(reference) after the whole reasoning with and without the reference shown."""
     eq_ids = set(encode(tokenizer, "="))
     out = []
     for j, (prompt, resp, ref) in enumerate(zip(prompts, responses, references, strict=True)):
@@ -61,6 +66,9 @@ def probes(tokenizer, prompts: list[list[int]], responses: list[list[int]], refe
             continue
         box = resp.index(box_id)
         reasoning, ref_ids = resp[:box], encode(tokenizer, ref)
+        if hinted is not None:
+            out.append(Probe(hinted[j] + reasoning + [box_id], ref_ids, "hinted", j))
+            out.append(Probe(prompt + reasoning + [box_id], ref_ids, "plain", j))
         eqs = [k for k, t in enumerate(reasoning) if t in eq_ids]
         for k in range(eqs[-1] + 2 if eqs else 0):  # the prefix ends at or before the last "="
             out.append(Probe(prompt + reasoning[:k] + [box_id], ref_ids, "premature", j))
@@ -113,6 +121,9 @@ def kind_means(rows: list[Probe], logps: list[float]) -> dict:
     for kind, probs in per.items():
         out[kind] = statistics.fmean(statistics.fmean(v) for v in probs.values())
         out[f"{kind}_problems"] = len(probs)
+    shown = [j for j in per.get("hinted", {}) if j in per.get("plain", {})]
+    if shown:
+        out["hint_gain"] = statistics.fmean(per["hinted"][j][0] - per["plain"][j][0] for j in shown)
     both = [j for j in per.get("contradicting_own", {}) if j in per.get("contradicting", {})]
     if both:
         out["preference"] = statistics.fmean(per["contradicting"][j][0] - per["contradicting_own"][j][0]
@@ -166,7 +177,11 @@ def measure_seed(out: Path, seed: int, algos: list[str], log=print) -> dict:
             resp = generate(init, prompts, pad_id=tok.pad_token_id, eos_id=trainer.eos_ids,
                             max_new_tokens=trainer.cfg.max_new_tokens, greedy=True, chunk=256)
             box_id = tok.convert_tokens_to_ids("\\boxed{")
-            rows = probes(tok, prompts, resp, [p.answer for p in trainer.eval_set], box_id)
+            refs = [p.answer for p in trainer.eval_set]
+            hinted = [teacher_prefix(tok, trainer.question(p), q, p.answer, trainer.cfg.teacher_template,
+                                     trainer.cfg.system_prompt) for p, q in zip(trainer.eval_set, prompts,
+                                                                                 strict=True)]
+            rows = probes(tok, prompts, resp, refs, box_id, hinted)
             base = answer_logprobs(init, rows, tok.pad_token_id)
             result = {}
             for algo in algos:
@@ -186,6 +201,7 @@ def measure_seed(out: Path, seed: int, algos: list[str], log=print) -> dict:
                 result[algo] = {
                     "initial": b, "final": f,
                     **{f"rise_{k}": f[k] - b[k] for k in (*KINDS, "preference") if k in b and k in f},
+                    "hint_gain_initial": b.get("hint_gain"), "hint_gain_final": f.get("hint_gain"),
                     "final_boxed_share": sum("\\boxed{" in t for t in texts) / len(texts),
                     "final_examples": texts[:3],
                 }
@@ -216,11 +232,13 @@ def cached_seed(out: Path, seed: int, algos: list[str]) -> dict:
     return result
 
 
-METRICS = ("rise_premature", "rise_contradicting", "rise_preference", "rise_supported", "final_boxed_share")
+METRICS = ("rise_premature", "rise_contradicting", "rise_preference", "rise_supported", "hint_gain_final",
+           "final_boxed_share")
 NAMES = {"rise_premature": "premature: rise of log p(ref)",
          "rise_contradicting": "after wrong reasoning: rise of log p(ref)",
          "rise_preference": "after wrong reasoning: rise of log p(ref) - log p(own)",
          "rise_supported": "after right reasoning: rise of log p(ref)",
+         "hint_gain_final": "final: log p(ref) with the reference shown minus without",
          "final_boxed_share": "final greedy responses with a box"}
 
 
@@ -229,8 +247,8 @@ def summarize(per_seed: dict, algos: list[str]) -> dict:
     out = {"per_algo": {}, "paired_vs_cepo": {}}
     for algo in algos:
         for m in METRICS:
-            vals = [r["runs"][algo][m] for r in per_seed.values() if algo in r.get("runs", {})
-                    and m in r["runs"][algo]]
+            vals = [r["runs"][algo][m] for r in per_seed.values()
+                    if r.get("runs", {}).get(algo, {}).get(m) is not None]
             if vals:
                 out["per_algo"].setdefault(algo, {})[m] = {
                     "mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
@@ -238,8 +256,8 @@ def summarize(per_seed: dict, algos: list[str]) -> dict:
             if algo == "cepo":
                 continue
             diffs = {s: r["runs"][algo][m] - r["runs"]["cepo"][m] for s, r in per_seed.items()
-                     if algo in r.get("runs", {}) and "cepo" in r["runs"] and m in r["runs"][algo]
-                     and m in r["runs"]["cepo"]}
+                     if r.get("runs", {}).get(algo, {}).get(m) is not None
+                     and r["runs"].get("cepo", {}).get(m) is not None}
             if diffs:
                 out["paired_vs_cepo"].setdefault(algo, {})[m] = {"per_seed": diffs,
                                                                  **paired_stats(list(diffs.values()))}
@@ -250,11 +268,16 @@ def markdown(summary: dict, per_seed: dict, algos: list[str]) -> str:
     counts = next((r for r in per_seed.values() if r.get("runs")), {})
     any_run = next(iter(counts.get("runs", {}).values()), {}).get("initial", {})
     n = {k: any_run.get(f"{k}_problems", 0) for k in KINDS}
+    gains = [r["runs"][a]["hint_gain_initial"] for r in per_seed.values() for a in list(r.get("runs", {}))[:1]
+             if r["runs"][a].get("hint_gain_initial") is not None]
+    hint = (f"{statistics.fmean(gains):+.3f} ± {statistics.stdev(gains) if len(gains) > 1 else 0.0:.3f} over "
+            f"{len(gains)} seeds" if gains else "-")
     lines = ["Leakage diagnostic (cepo_kernels/analysis/leakage.py): log p(reference answer) teacher-forced "
              "after the initial policy's own greedy reasoning, final model minus initial model, nats; per "
              "run the mean over held-out problems, then mean ± std over seeds. Problems of seed "
              f"{next(iter(per_seed), '-')}: premature {n['premature']}, wrong reasoning "
-             f"{n['contradicting']}, right reasoning {n['supported']}.", "",
+             f"{n['contradicting']}, right reasoning {n['supported']}. Hint gain of the initial models: "
+             f"{hint}.", "",
              "| algo | runs | " + " | ".join(NAMES[m] for m in METRICS) + " |",
              "|---|---|" + "---|" * len(METRICS)]
     for algo in algos:
