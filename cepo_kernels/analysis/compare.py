@@ -317,7 +317,7 @@ def compare(base: dict, out: Path, algos: list[str], seeds: list[int], last: int
     from cepo_kernels.analysis.plots import plot_curves
 
     plot_curves([run_dir(out, a, s) for a in algos for s in seeds], out / "curves.png",
-                title=f"CEPO vs GRPO vs RLSD, {len(seeds)} seeds each (mean ± std band)")
+                title=f"{' vs '.join(a.upper() for a in algos)}, {len(seeds)} seeds each (mean ± std band)")
     write_json(machine_path, machine)
     log(table)
     log(f"cepo-compare: wrote {out / 'table.md'}, {out / 'results.json'}, {out / 'curves.png'}")
