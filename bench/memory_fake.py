@@ -224,9 +224,11 @@ def one_step(model, head, shape):
     assert V == w.shape[0]
 
 
-def trace(head, mode="full", dtype=torch.bfloat16, shape=ANCHOR, optimizer=False, build_fn=build):
+def trace(head, mode="full", dtype=torch.bfloat16, shape=ANCHOR, optimizer=False, build_fn=build,
+          step_fn=one_step):
     """{peak, weights, after_step} in bytes for one step (and one AdamW step when `optimizer`); build_fn(mode,
-    dtype) gives the model on the meta device (bench/memory_fake_vl.py passes a vision-language one)."""
+    dtype) gives the model on the meta device (bench/memory_fake_vl.py passes a vision-language one);
+    step_fn(model, head, shape) is the step (bench/memory_fake_distill.py passes OPSD's and SDPO's)."""
     model = build_fn(mode, dtype)
     with FakeTensorMode():
         model = to_fake(model, mode)
@@ -240,11 +242,11 @@ def trace(head, mode="full", dtype=torch.bfloat16, shape=ANCHOR, optimizer=False
         _common.WORKSPACE_HOOKS.append(tracker.workspace)
         try:
             with tracker:
-                one_step(model, head, shape)
+                step_fn(model, head, shape)
                 if opt is not None:
                     opt.step()
                     opt.zero_grad(set_to_none=False)  # the gradients stay allocated (the next step's)
-                    one_step(model, head, shape)  # the second step holds the optimizer state throughout
+                    step_fn(model, head, shape)  # the second step holds the optimizer state throughout
         finally:
             _common.WORKSPACE_HOOKS.remove(tracker.workspace)
         peak = tracker.peak

@@ -114,12 +114,12 @@ def divergence_loss(logits, teacher_logits, mask, *, beta=0.5, temperature=1.0, 
     def mean(x):
         return float(torch.where(valid, x.detach(), zero).sum() / n.clamp_min(1))
 
-    clipped = (weight >= p.is_clip) if p.is_clip is not None else torch.zeros_like(valid)
-    values = {"num_tokens": float(n), "divergence_mean": mean(div), "is_weight_mean": mean(weight),
-              "is_clip_frac": mean(clipped.to(dt))}
-    if metrics is False:
-        values = {}
-    elif metrics == "tensor":
+    values = {}
+    if metrics is not False:  # (reads the values back: not under fake tensors, bench/memory_fake_distill.py)
+        clipped = (weight >= p.is_clip) if p.is_clip is not None else torch.zeros_like(valid)
+        values = {"num_tokens": float(n), "divergence_mean": mean(div), "is_weight_mean": mean(weight),
+                  "is_clip_frac": mean(clipped.to(dt))}
+    if metrics == "tensor":
         values = {k: torch.tensor(v) for k, v in values.items()}
     shape = (-1,) if batch.flat else (B, T)
     return DivergenceOutput(loss, per_token.detach().float().reshape(shape), values)

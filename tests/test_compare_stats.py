@@ -98,3 +98,24 @@ def test_credit_diagnostic_against_uniform():
     table = compare.table_markdown(out, results, ["cepo", "grpo"], [0, 1, 2], 5)
     assert "| cepo | 0.610 ± 0.010 | 0.400 ± 0.000 | +0.210 [" in table
     assert "| grpo | - | 0.400 ± 0.000 | - | - | - | - | 0 |" in table
+
+
+def test_against_the_untrained_model():
+    def run(start, end):
+        return {"eval_accuracy_end": end, "reward_end": 0.5, "eval_accuracy_start": start,
+                "credit_first_wrong_share": None, "credit_first_wrong_baseline": None}
+
+    # opsd: every seed below its step-0 accuracy (5 of 5: sign p = 2 / 32); cepo: +0.05, 0, +0.1, -0.05, 0
+    starts = [0.15, 0.25, 0.2, 0.1, 0.4]
+    gains = [0.05, 0, 0.1, -0.05, 0]
+    results = {"cepo": {s: run(a, a + d) for s, (a, d) in enumerate(zip(starts, gains, strict=True))},
+               "opsd": {s: run(a, 0.0) for s, a in enumerate(starts)}}
+    out = compare.summarize(results, ["cepo", "opsd"], list(range(5)))
+    down = out["vs_start"]["opsd"]
+    assert [down["per_seed"][str(s)] for s in range(5)] == [-a for a in starts]
+    assert down["mean"] == pytest.approx(-0.22) and (down["wins"], down["ties"], down["losses"]) == (0, 0, 5)
+    assert down["sign_test_p"] == pytest.approx(2 / 32) and down["wilcoxon_p"] == pytest.approx(2 / 32)
+    up = out["vs_start"]["cepo"]
+    assert up["mean"] == pytest.approx(0.02) and (up["wins"], up["ties"], up["losses"]) == (2, 2, 1)
+    table = compare.table_markdown(out, results, ["cepo", "opsd"], list(range(5)), 5)
+    assert "| opsd | -0.220 [" in table and "| 0 / 0 / 5 | 0.062 | 0.062 | 0: -0.150," in table

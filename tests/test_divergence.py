@@ -393,3 +393,22 @@ def test_flat_inputs_and_tensor_metrics(backend):
         assert float(flat.metrics[k]) == pytest.approx(v, rel=1e-6)
     mean = cepo_kernels.divergence_loss(x, y, m, beta=0.3, num_tokens=torch.tensor(10.0)).loss
     torch.testing.assert_close(mean, full.per_token.sum() / 10)
+
+
+def test_reference_without_metrics_reads_nothing_back():
+    """cepo_ref.divergence_loss(metrics=False): the same loss, no metrics, and no value read back (so it
+    runs under fake tensors, as bench/memory_fake_distill.py traces it)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    g = torch.Generator().manual_seed(0)
+    z, zt = torch.randn(2, 3, 11, generator=g), torch.randn(2, 3, 11, generator=g)
+    mask, tgt = torch.ones(2, 3, dtype=torch.bool), torch.zeros(2, 3, dtype=torch.long)
+    kw = dict(topk=4, targets=tgt, old_logp=torch.zeros(2, 3), is_clip=2.0)
+    off = cepo_ref.divergence_loss(z, zt, mask, metrics=False, **kw)
+    on = cepo_ref.divergence_loss(z, zt, mask, **kw)
+    assert off.metrics == {} and on.metrics["num_tokens"] == 6.0
+    assert torch.equal(off.loss, on.loss) and torch.equal(off.per_token, on.per_token)
+    with FakeTensorMode():
+        fake = cepo_ref.divergence_loss(torch.empty(2, 3, 11), torch.empty(2, 3, 11),
+                                        torch.ones(2, 3, dtype=torch.bool), metrics=False)
+        assert fake.loss.shape == () and fake.per_token.shape == (2, 3)

@@ -113,6 +113,14 @@ def summarize(results: dict, algos: list[str], seeds: list[int]) -> dict:
                 continue
             out["paired"].setdefault(f"cepo-{base}", {})[metric] = {
                 "per_seed": {str(s): v for s, v in diffs.items()}, **paired_stats(list(diffs.values()))}
+    # each algorithm against the untrained model (its own held-out accuracy at step 0), per seed
+    for algo in algos:
+        gains = {s: results[algo][s]["eval_accuracy_end"] - results[algo][s]["eval_accuracy_start"]
+                 for s in seeds if s in results[algo] and results[algo][s]["eval_accuracy_start"] is not None
+                 and results[algo][s]["eval_accuracy_end"] is not None}
+        if gains:
+            out.setdefault("vs_start", {})[algo] = {
+                "per_seed": {str(s): v for s, v in gains.items()}, **paired_stats(list(gains.values()))}
     # the credit diagnostic against its uniform baseline, per seed (the teachers' runs only)
     for algo in algos:
         gaps = {s: results[algo][s][CREDIT_KEYS[0]] - results[algo][s][CREDIT_KEYS[1]] for s in seeds
@@ -160,6 +168,16 @@ def table_markdown(summary: dict, results: dict, algos: list[str], seeds: list[i
                 lines.append(f"| {name} | {names[m]} | {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, "
                              f"{d['ci95'][1]:+.3f}] | {d['wins']} / {d['ties']} / {d['losses']} | "
                              f"{d['sign_test_p']:.3f} | {d['wilcoxon_p']:.3f} | {seeds_txt} |")
+    if summary.get("vs_start"):
+        lines += ["", "Against the untrained model (held-out accuracy at the end minus at step 0, per seed; "
+                  "the same interval and tests; W / T / L: seeds above / level with / below step 0):", "",
+                  "| algo | mean change [95% CI] | W / T / L | sign p | Wilcoxon p | per seed |",
+                  "|---|---|---|---|---|---|"]
+        for algo, d in summary["vs_start"].items():
+            seeds_txt = ", ".join(f"{k}: {v:+.3f}" for k, v in d["per_seed"].items())
+            lines.append(f"| {algo} | {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | "
+                         f"{d['wins']} / {d['ties']} / {d['losses']} | {d['sign_test_p']:.3f} | "
+                         f"{d['wilcoxon_p']:.3f} | {seeds_txt} |")
     credit = [(a, summary["per_algo"].get(a, {})) for a in algos]
     if any("credit_first_wrong_baseline" in st for _, st in credit):
         lines += ["", "Credit diagnostic (wrong responses with A != 0): the share of |A_hat - A| on the "
@@ -299,7 +317,7 @@ def compare(base: dict, out: Path, algos: list[str], seeds: list[int], last: int
     from cepo_kernels.analysis.plots import plot_curves
 
     plot_curves([run_dir(out, a, s) for a in algos for s in seeds], out / "curves.png",
-                title=f"CEPO vs GRPO vs RLSD, {len(seeds)} seeds each (mean ± std band)")
+                title=f"{' vs '.join(a.upper() for a in algos)}, {len(seeds)} seeds each (mean ± std band)")
     write_json(machine_path, machine)
     log(table)
     log(f"cepo-compare: wrote {out / 'table.md'}, {out / 'results.json'}, {out / 'curves.png'}")
