@@ -6,6 +6,8 @@ Processor path: `load_processor(path)`, i.e. `VisionProcessor` (the checkpoint's
 processor composed, a transformers ProcessorMixin) in the CI venv, where torchvision does not import; where it
 does, `load_processor` returns transformers' `AutoProcessor` (Qwen2_5_VLProcessor / Qwen3VLProcessor) and
 these tests run on it instead. Either way GRPOTrainer tokenises the prompts, generates and scores through it.
+`test_processor_path_trains_and_teachers_equal_plain_forward` names the processor: `VisionProcessor` in every
+venv, `AutoProcessor` where torchvision imports (skipped elsewhere; docs/vision.md says where it ran).
 
 Tolerances (house rule, as tests/test_step_vision.py): the teacher's log-probs are compared with a float64 run
 of the same model on one plain forward; the error may be at most twice the float32 plain forward's own error
@@ -74,7 +76,7 @@ def digit_reward(completions, **kwargs):
 
 
 def make(kind, model_kind, checkpoints, tmp_path, *, model=None, dataset=None, cls=None, peft_config=None,
-         **kw):
+         processor=None, **kw):
     path = checkpoints[model_kind]
     trainer_cls = cls or (cepo_trl.GRPOTrainer if kind == "grpo" else cepo_trl.CEPOTrainer)
     cfg = cepo_trl.GRPOConfig if kind == "grpo" else cepo_trl.CEPOConfig
@@ -83,7 +85,7 @@ def make(kind, model_kind, checkpoints, tmp_path, *, model=None, dataset=None, c
     model = model if model is not None else load_vision_model(path)
     return trainer_cls(model=model, reward_funcs=digit_reward, args=args,
                        train_dataset=dataset if dataset is not None else vl_dataset(),
-                       processing_class=load_processor(path), peft_config=peft_config)
+                       processing_class=processor or load_processor(path), peft_config=peft_config)
 
 
 def train_and_check(trainer, frozen=lambda name: False):
@@ -309,13 +311,61 @@ def test_image_blind_option_equals_authors_construction(checkpoints, tmp_path, m
     check_teachers(*run, image=False)
 
 
-def test_rows_with_and_without_an_image(checkpoints, tmp_path):
-    """A batch mixing prompts with an image and prompts without one (an empty `images` list): each row's
-    teachers get that row's image, or none, and equal its plain forward."""
-    initial, tr, record, tensors, output = teacher_run(checkpoints, tmp_path, "qwen3_vl",
-                                                       dataset=vl_dataset(n=2, mixed=True))
+PROCESSOR_KINDS = ["VisionProcessor", "AutoProcessor"]
+PROCESSOR_CLASS = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
+
+
+def named_processor(processor_kind, path):
+    """`VisionProcessor` (the checkpoint's tokenizer and PIL image processor, whatever imports) or
+    transformers' `AutoProcessor` (skipped where torchvision does not import)."""
+    from transformers import AutoProcessor, AutoTokenizer, Qwen2VLImageProcessorPil
+    from transformers.utils import is_torchvision_available
+
+    from cepo_kernels.rl.vision_model import VisionProcessor
+
+    if processor_kind == "VisionProcessor":
+        return VisionProcessor(AutoTokenizer.from_pretrained(path, local_files_only=True),
+                               Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True))
+    if not is_torchvision_available():
+        pytest.skip("torchvision does not import beside this torch (docs/vision.md)")
+    return AutoProcessor.from_pretrained(path, local_files_only=True)
+
+
+@pytest.mark.parametrize("processor_kind", PROCESSOR_KINDS)
+def test_rows_with_and_without_an_image(checkpoints, tmp_path, processor_kind):
+    """A batch mixing prompts with an image and prompts without one (an empty `images` list): with
+    VisionProcessor each row's teachers get that row's image, or none, and equal its plain forward. With
+    AutoProcessor TRL 1.16 itself stops at the batch (GRPOTrainer alike): it passes None for an image-less
+    row, which transformers 5.25's Qwen-VL processor refuses (docs/trl.md)."""
+    proc = named_processor(processor_kind, checkpoints["qwen3_vl"])
+    kw = dict(dataset=vl_dataset(n=2, mixed=True), processor=proc)
+    if processor_kind == "AutoProcessor":
+        with pytest.raises(TypeError, match=r"entries is supported but got type=<class 'NoneType'>"):
+            teacher_run(checkpoints, tmp_path, "qwen3_vl", **kw)
+        return
+    initial, tr, record, tensors, output = teacher_run(checkpoints, tmp_path, "qwen3_vl", **kw)
     assert sorted(output["num_images"]) == [0, 0, 1, 1]
     check_teachers(initial, tr, record, tensors, output)
+
+
+@pytest.mark.parametrize("processor_kind", PROCESSOR_KINDS)
+@pytest.mark.parametrize("model_kind", VL_KINDS)
+def test_processor_path_trains_and_teachers_equal_plain_forward(checkpoints, tmp_path, model_kind,
+                                                                processor_kind):
+    """The named processor as `processing_class`: a two-step CEPOTrainer run trains (every language-model
+    parameter moves, the frozen tower's do not), and both teachers equal one plain forward with the image."""
+    proc = named_processor(processor_kind, checkpoints[model_kind])
+    expected = PROCESSOR_CLASS[model_kind] if processor_kind == "AutoProcessor" else "VisionProcessor"
+    assert type(proc).__name__ == expected
+    model = load_vision_model(checkpoints[model_kind])
+    model.model.visual.requires_grad_(False)
+    tr = make("cepo", model_kind, checkpoints, tmp_path / "train", model=model, processor=proc)
+    train_and_check(tr, frozen=tower)
+    assert tr.cepo_last["teacher_rows"] > 0
+    run = teacher_run(checkpoints, tmp_path / "teachers", model_kind,
+                      processor=named_processor(processor_kind, checkpoints[model_kind]))
+    assert type(run[1].processing_class).__name__ == expected
+    check_teachers(*run)
 
 
 def test_teacher_that_sees_another_image_differs(checkpoints, tmp_path):
