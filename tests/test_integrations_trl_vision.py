@@ -6,8 +6,9 @@ Processor path: `load_processor(path)`, i.e. `VisionProcessor` (the checkpoint's
 processor composed, a transformers ProcessorMixin) in the CI venv, where torchvision does not import; where it
 does, `load_processor` returns transformers' `AutoProcessor` (Qwen2_5_VLProcessor / Qwen3VLProcessor) and
 these tests run on it instead. Either way GRPOTrainer tokenises the prompts, generates and scores through it.
-`test_processor_path_trains_and_teachers_equal_plain_forward` names the processor: `VisionProcessor` in every
-venv, `AutoProcessor` where torchvision imports (skipped elsewhere; docs/vision.md says where it ran).
+`test_processor_path_trains_and_teachers_equal_plain_forward` and `test_rows_with_and_without_an_image` name
+the processor: `VisionProcessor` in every venv, `AutoProcessor` where torchvision imports (skipped elsewhere;
+docs/vision.md says where it ran).
 
 Tolerances (house rule, as tests/test_step_vision.py): the teacher's log-probs are compared with a float64 run
 of the same model on one plain forward; the error may be at most twice the float32 plain forward's own error
