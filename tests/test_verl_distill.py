@@ -3,8 +3,6 @@ cepo_ref, the teacher contexts and signal on a verl DataProto scored by an in-pr
 (tests/verl_helpers.py), and a short run of verl's own trainer on a CPU (tests/verl_real_harness.py) for
 each algorithm."""
 
-import faulthandler
-import os
 
 import pytest
 
@@ -250,28 +248,12 @@ def test_raw_prompt_is_needed_for_a_question_template():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    import ray
-    import transfer_queue as tq
     import verl_real_harness as H
 
-    env = H.ray_env()
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update({k: v for k, v in env.items() if k != "PYTHONPATH"})
-    import verl_cpu_plugin
-    from verl.plugin.platform import platform_manager
-
-    import cepo_kernels.integrations.verl.trainer  # noqa: F401  (registers trainer_mode=cepo in the driver)
-
-    previous = platform_manager._current_platform
-    platform_manager.set_platform(verl_cpu_plugin.PlatformCPU())
-    faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)
     tmp = tmp_path_factory.mktemp("verl_distill")
-    ray.init(num_cpus=10, num_gpus=2, include_dashboard=False, runtime_env={"env_vars": env},
-             log_to_driver=False)
-    try:
-        tq.init(H.config(str(tmp / "model"), str(tmp / "train.parquet"), "grpo", 2, 1).transfer_queue)
+    with H.ray_session(tmp, WATCHDOG_S):
         out = {}
-        try:
+        with H.transfer_queue(tmp):
             # templates in the tiny tokenizer's words (a context decodes back to its text)
             for algo, options in (("opsd", {"opsd_template": "'{question} plus {answer} ?'"}),
                                   ("sdpo", {"sdpo_template": "'{question} is {answer} ?'",
@@ -281,18 +263,7 @@ def runs(tmp_path_factory):
                     record_distill_stage(mp, stages)
                     out[algo] = H.run(mp, tmp, algo, 2, 2, **options)
                     out[algo]["distill"] = stages
-        finally:
-            tq.close()
         yield out
-    finally:
-        ray.shutdown()
-        faulthandler.cancel_dump_traceback_later()
-        platform_manager._current_platform = previous
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.mark.parametrize("algo", ["opsd", "sdpo"])

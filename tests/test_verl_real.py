@@ -3,8 +3,6 @@ logical CPUs), a TransferQueue server (one storage unit), verl's FSDP2 actor wor
 data-parallel ranks (gloo, sdpa), the trainer `get_trainer_cls` returns, KL in the loss, two steps each, a
 batch that verl pads. Stubbed: the rollout server, the reward loop, the checkpoint engine."""
 
-import faulthandler
-import os
 
 import pytest
 
@@ -29,28 +27,12 @@ WATCHDOG_S = 900  # the whole module (Ray, four runs, shutdown): past this, stac
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    import ray
-    import transfer_queue as tq
     import verl_real_harness as H
 
-    env = H.ray_env()
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update({k: v for k, v in env.items() if k != "PYTHONPATH"})
-    import verl_cpu_plugin
-    from verl.plugin.platform import platform_manager
-
-    import cepo_kernels.integrations.verl.trainer  # noqa: F401  (registers trainer_mode=cepo in the driver)
-
-    previous = platform_manager._current_platform
-    platform_manager.set_platform(verl_cpu_plugin.PlatformCPU())
-    faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)
     tmp = tmp_path_factory.mktemp("verl_real")
-    ray.init(num_cpus=10, num_gpus=2, include_dashboard=False, runtime_env={"env_vars": env},
-             log_to_driver=False)
-    try:
-        tq.init(H.config(str(tmp / "model"), str(tmp / "train.parquet"), "grpo", 2, 1).transfer_queue)
+    with H.ray_session(tmp, WATCHDOG_S):
         out = {}
-        try:
+        with H.transfer_queue(tmp):
             with pytest.MonkeyPatch.context() as mp:
                 out["cepo"] = H.run(mp, tmp, "cepo", 2, 2, lam0=0.5, t_warm=1)  # lambda: 0.5, then 0
             with pytest.MonkeyPatch.context() as mp:
@@ -59,18 +41,7 @@ def runs(tmp_path_factory):
                 out["grpo"] = H.run(mp, tmp, "grpo", 2, 2)
             with pytest.MonkeyPatch.context() as mp:
                 out["cepo_1rank"] = H.run(mp, tmp, "cepo", 1, 1, lam0=0.5, t_warm=1)
-        finally:
-            tq.close()
         yield out
-    finally:
-        ray.shutdown()
-        faulthandler.cancel_dump_traceback_later()
-        platform_manager._current_platform = previous
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def by_row(run, step):

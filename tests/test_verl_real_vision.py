@@ -17,9 +17,7 @@ What is not verl's own, and why:
   are drawn at multiples of 32 pixels, so its resize would leave them as they are).
 """
 
-import faulthandler
 import io
-import os
 import types
 
 import pytest
@@ -116,29 +114,13 @@ SAVE = ["trainer.save_freq=2", "actor_rollout_ref.actor.checkpoint.save_contents
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    import ray
-    import transfer_queue as tq
     import verl_real_harness as H
 
-    env = H.ray_env()
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update({k: v for k, v in env.items() if k != "PYTHONPATH"})
-    import verl_cpu_plugin
-    from verl.plugin.platform import platform_manager
-
-    import cepo_kernels.integrations.verl.trainer  # noqa: F401  (registers trainer_mode=cepo in the driver)
-
-    previous = platform_manager._current_platform
-    platform_manager.set_platform(verl_cpu_plugin.PlatformCPU())
-    faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)
     tmp = tmp_path_factory.mktemp("verl_real_vision")
-    ray.init(num_cpus=10, num_gpus=2, include_dashboard=False, runtime_env={"env_vars": env},
-             log_to_driver=False)
     model = lambda path: save_tiny_vl(path, "qwen3_vl", seed=0)  # noqa: E731
-    try:
-        tq.init(H.config(str(tmp / "model"), str(tmp / "train.parquet"), "grpo", 2, 1).transfer_queue)
+    with H.ray_session(tmp, WATCHDOG_S):
         out = {}
-        try:
+        with H.transfer_queue(tmp):
             for name, steps, sees, save in (("aware", 2, "true", SAVE), ("blind", 1, "false", [])):
                 ckpt = [f"trainer.default_local_dir={tmp / name}"] + save
                 with pytest.MonkeyPatch.context() as mp:
@@ -146,18 +128,7 @@ def runs(tmp_path_factory):
                                       writer=vision_writer, overrides=OVERRIDES + ckpt, lam0=0.5, t_warm=4,
                                       teacher_sees_image=sees)
                 out[name]["dir"] = tmp / name
-        finally:
-            tq.close()
         yield out
-    finally:
-        ray.shutdown()
-        faulthandler.cancel_dump_traceback_later()
-        platform_manager._current_platform = previous
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_verls_trainer_ran_with_a_vision_processor(runs):

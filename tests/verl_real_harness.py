@@ -9,6 +9,8 @@ does) and the checkpoint engine (weight sync to the absent rollout server).
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import os
 
 import torch
@@ -306,3 +308,48 @@ def key_of(writer: RolloutWriter, key: str) -> tuple[int, int]:
 
 
 __all__ = ["N", "PROMPTS", "RESPONSES", "T", "RolloutWriter", "config", "key_of", "ray_env", "run"]
+
+
+@contextlib.contextmanager
+def ray_session(tmp, watchdog_s: int):
+    """Ray on this CPU as the real-verl tests run it: verl's CPU platform plugin, the adapter's trainer
+    registered, a watchdog (past watchdog_s, stacks are dumped and the process exits); everything is put back
+    on exit. Inside, `transfer_queue(tmp)` starts verl's TransferQueue."""
+    import ray
+
+    env = ray_env()
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update({k: v for k, v in env.items() if k != "PYTHONPATH"})
+    import verl_cpu_plugin
+    from verl.plugin.platform import platform_manager
+
+    import cepo_kernels.integrations.verl.trainer  # noqa: F401  (registers trainer_mode=cepo in the driver)
+
+    previous = platform_manager._current_platform
+    platform_manager.set_platform(verl_cpu_plugin.PlatformCPU())
+    faulthandler.dump_traceback_later(watchdog_s, exit=True)
+    ray.init(num_cpus=10, num_gpus=2, include_dashboard=False, runtime_env={"env_vars": env},
+             log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        faulthandler.cancel_dump_traceback_later()
+        platform_manager._current_platform = previous
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def transfer_queue(tmp):
+    """verl's TransferQueue, configured as `config` does, closed on exit."""
+    import transfer_queue as tq
+
+    tq.init(config(str(tmp / "model"), str(tmp / "train.parquet"), "grpo", 2, 1).transfer_queue)
+    try:
+        yield
+    finally:
+        tq.close()
